@@ -1,0 +1,684 @@
+"""Persistence: the profiles and a durable task queue in one SQLite file (aiosqlite).
+
+One writer connection per server process does every write inside `BEGIN IMMEDIATE`
+(so concurrent server processes queue on SQLite's lock instead of failing an upgrade),
+and a read-only connection serves the GET endpoints beside it, which WAL allows.
+Profile submissions are group-committed: whoever holds the write lock commits every
+submission waiting for it in one transaction, and each caller gets its answer only
+after that commit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+
+logger = logging.getLogger("profile_app.db")
+
+Clock = Callable[[], float]
+
+
+class TaskStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+UNFINISHED = (TaskStatus.QUEUED, TaskStatus.RUNNING)
+
+
+class StorageUnavailable(RuntimeError):
+    """Raised when SQLite cannot serve a request (locked past the timeout, disk full, read-only)."""
+
+
+class QueueFull(RuntimeError):
+    """Raised when accepting a task would pass the limit of unfinished tasks."""
+
+
+class IdempotencyConflict(RuntimeError):
+    """Raised when an Idempotency-Key is reused with a different request body."""
+
+
+class IdempotencyInProgress(RuntimeError):
+    """Raised when an Idempotency-Key arrives again while its first request is being handled."""
+
+
+# Each entry moves the schema one version up; PRAGMA user_version records how far it got.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE profiles (
+        user_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        interests TEXT NOT NULL,
+        bio TEXT NOT NULL,
+        rev INTEGER NOT NULL,
+        task_id TEXT,
+        matches TEXT,
+        matches_computed_at REAL,
+        updated_at REAL NOT NULL
+    );
+    CREATE INDEX profiles_rev ON profiles (rev);
+    CREATE TABLE tasks (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        id TEXT NOT NULL UNIQUE,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        status TEXT NOT NULL,
+        executor TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        max_attempts INTEGER NOT NULL,
+        created_at REAL NOT NULL,
+        run_after REAL NOT NULL,
+        started_at REAL,
+        finished_at REAL,
+        lease_owner TEXT,
+        lease_until REAL,
+        error TEXT,
+        progress REAL,
+        result TEXT
+    );
+    CREATE INDEX tasks_claimable ON tasks (kind, run_after, seq) WHERE status = 'queued';
+    CREATE INDEX tasks_status ON tasks (status, seq);
+    CREATE INDEX tasks_kind ON tasks (kind, seq);
+    CREATE INDEX tasks_leased ON tasks (lease_until) WHERE status = 'running';
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    INSERT INTO meta (key, value) VALUES ('instance_id', lower(hex(randomblob(8))));
+    CREATE TABLE idempotency_keys (
+        key TEXT PRIMARY KEY,
+        request_hash TEXT NOT NULL,
+        response TEXT NOT NULL,
+        created_at REAL NOT NULL
+    );
+    """,
+)
+
+TASK_COLUMNS = (
+    "seq, id, kind, payload, status, executor, attempts, max_attempts, created_at, run_after, "
+    "started_at, finished_at, lease_owner, error, progress, result"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One row of the task queue."""
+
+    seq: int
+    id: str
+    kind: str
+    payload: dict[str, Any]
+    status: TaskStatus
+    executor: str
+    attempts: int
+    max_attempts: int
+    created_at: float
+    run_after: float
+    started_at: float | None
+    finished_at: float | None
+    lease_owner: str | None
+    error: str | None
+    progress: float | None
+    result: Any
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> TaskRecord:
+        values = list(row)
+        values[3] = json.loads(values[3])
+        values[4] = TaskStatus(values[4])
+        values[15] = None if values[15] is None else json.loads(values[15])
+        return cls(*values)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRecord:
+    user_id: str
+    name: str
+    interests: list[str]
+    bio: str
+    task_id: str | None
+    matches: list[dict[str, Any]] | None
+    matches_computed_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task to enqueue."""
+
+    kind: str
+    payload: dict[str, Any]
+    executor: str
+    max_attempts: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(slots=True)
+class ProfileSubmission:
+    """One POST /profile waiting for the group commit; `outcome` is filled in by it."""
+
+    profile: dict[str, Any]
+    task: NewTask
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    response: dict[str, Any] | None = None
+    outcome: dict[str, Any] | Exception | None = None
+
+
+def request_hash(document: Any) -> str:
+    """A stable hash of a JSON document, for comparing idempotent requests."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def lease_owner_id() -> str:
+    """Who holds a lease: host and pid (to tell a dead local process) and a random token."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def _owner_is_dead(owner: str) -> bool:
+    """True only when the owner certainly is gone: a process of this host that no longer runs."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, _token = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # an earlier incarnation that had our pid; our own owner id is never passed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class Transaction:
+    """The writes a task kind may make when its attempt succeeds, in the finishing transaction."""
+
+    def __init__(self, conn: aiosqlite.Connection, now: float) -> None:
+        self._conn = conn
+        self.now = now
+
+    async def enqueue(self, task: NewTask) -> None:
+        await _insert_task(self._conn, task, self.now)
+
+    async def set_matches(self, user_id: str, task_id: str, matches: list[dict[str, Any]]) -> bool:
+        """Store matches on the profile if `task_id` is still its latest match task."""
+        cursor = await self._conn.execute(
+            "UPDATE profiles SET matches = ?, matches_computed_at = ? WHERE user_id = ? AND task_id = ?",
+            (json.dumps(matches), self.now, user_id, task_id),
+        )
+        return cursor.rowcount == 1
+
+
+SuccessEffect = Callable[[Transaction, TaskRecord, Any], Awaitable[None]]
+
+
+async def _insert_task(conn: aiosqlite.Connection, task: NewTask, now: float) -> None:
+    await conn.execute(
+        "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after)"
+        " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
+        (task.id, task.kind, json.dumps(task.payload), task.executor, task.max_attempts, now, now),
+    )
+
+
+def _sqlite_failure(exc: sqlite3.Error) -> StorageUnavailable:
+    return StorageUnavailable(f"the database is unavailable: {exc}")
+
+
+class Database:
+    """The profile store and task queue of one server process."""
+
+    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0, clock: Clock = time.time) -> None:
+        self.path = path
+        self.clock = clock
+        self.busy_timeout_s = busy_timeout_s
+        self.owner = lease_owner_id()
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._write_lock = anyio.Lock()
+        self._pending: list[ProfileSubmission] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Database:
+        try:
+            self._writer = await self._connect(read_only=False)
+            await self._migrate(self._writer)
+            self._reader = await self._connect(read_only=True)
+        except sqlite3.Error as exc:
+            await self.aclose()
+            raise _sqlite_failure(exc) from exc
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        self._reader = self._writer = None
+
+    async def _connect(self, *, read_only: bool) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        if read_only:
+            await conn.execute("PRAGMA query_only = 1")
+        else:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a 202 must survive power loss, not only a process crash.
+            await conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    @staticmethod
+    async def _migrate(conn: aiosqlite.Connection) -> None:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = await (await conn.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
+            if version > len(MIGRATIONS):
+                raise StorageUnavailable(
+                    f"the database schema is version {version}, newer than this server knows"
+                )
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in filter(str.strip, script.split(";")):
+                    await conn.execute(statement)
+                await conn.execute(f"PRAGMA user_version = {number}")
+                logger.info("database schema migrated to version %d", number)
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+        await conn.execute("COMMIT")
+
+    @property
+    def _w(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise StorageUnavailable("the database is not open")
+        return self._writer
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StorageUnavailable("the database is not open")
+        return self._reader
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """One write transaction; the lock keeps other coroutines' statements out of it."""
+        async with self._write_lock, self._locked_transaction() as conn:
+            yield conn
+
+    @asynccontextmanager
+    async def _locked_transaction(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A write transaction for a caller that already holds the write lock."""
+        conn = self._w
+        try:
+            await conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise _sqlite_failure(exc) from exc
+        try:
+            yield conn
+            with anyio.CancelScope(shield=True):
+                await conn.execute("COMMIT")
+        except BaseException as exc:
+            with anyio.CancelScope(shield=True):
+                if conn.in_transaction:
+                    await conn.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.Error):
+                raise _sqlite_failure(exc) from exc
+            raise
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> Iterable[sqlite3.Row]:
+        try:
+            return await self._r.execute_fetchall(sql, params)
+        except sqlite3.Error as exc:
+            raise _sqlite_failure(exc) from exc
+
+    # -- profiles --------------------------------------------------------------------------
+
+    async def submit_profile(
+        self, submission: ProfileSubmission, *, max_unfinished: int, idempotency_ttl_s: float
+    ) -> dict[str, Any]:
+        """Store the profile and queue its task, durably; return the response to send.
+
+        Raises QueueFull, IdempotencyConflict, IdempotencyInProgress or StorageUnavailable.
+        """
+        self._pending.append(submission)
+        # Group commit: whoever gets the lock first commits every submission waiting.
+        async with self._write_lock:
+            if submission.outcome is None:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._commit_submissions(batch, max_unfinished, idempotency_ttl_s)
+                except BaseException as exc:
+                    failure = exc if isinstance(exc, Exception) else StorageUnavailable("cancelled")
+                    for item in batch:
+                        item.outcome = failure
+                    if not isinstance(exc, Exception):
+                        raise
+        outcome = submission.outcome
+        if isinstance(outcome, Exception):
+            raise outcome
+        assert outcome is not None
+        return outcome
+
+    async def _commit_submissions(
+        self, batch: list[ProfileSubmission], max_unfinished: int, idempotency_ttl_s: float
+    ) -> None:
+        async with self._locked_transaction() as conn:
+            outcomes = await self._apply_submissions(
+                conn, batch, self.clock(), max_unfinished, idempotency_ttl_s
+            )
+        for item, outcome in zip(batch, outcomes, strict=True):
+            item.outcome = outcome
+
+    @staticmethod
+    async def _apply_submissions(
+        conn: aiosqlite.Connection,
+        batch: list[ProfileSubmission],
+        now: float,
+        max_unfinished: int,
+        idempotency_ttl_s: float,
+    ) -> list[dict[str, Any] | Exception]:
+        rows = await conn.execute_fetchall(
+            "SELECT (SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'running')),"
+            " (SELECT COALESCE(MAX(rev), 0) FROM profiles)"
+        )
+        unfinished, rev = next(iter(rows))
+        keys_in_batch: set[str] = set()
+        outcomes: list[dict[str, Any] | Exception] = []
+        for item in batch:
+            key = item.idempotency_key
+            if key is not None:
+                if key in keys_in_batch:
+                    outcomes.append(IdempotencyInProgress(key))
+                    continue
+                keys_in_batch.add(key)
+                found = await conn.execute_fetchall(
+                    "SELECT request_hash, response FROM idempotency_keys WHERE key = ? AND created_at > ?",
+                    (key, now - idempotency_ttl_s),
+                )
+                if found:
+                    ((stored_hash, stored_response),) = found
+                    if stored_hash != item.request_hash:
+                        outcomes.append(IdempotencyConflict(key))
+                    else:
+                        outcomes.append(json.loads(stored_response))
+                    continue
+            if unfinished >= max_unfinished:
+                outcomes.append(QueueFull(f"{unfinished} unfinished tasks"))
+                continue
+            unfinished += 1
+            rev += 1
+            profile = item.profile
+            await conn.execute(
+                "INSERT INTO profiles (user_id, name, interests, bio, rev, task_id, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
+                " name = excluded.name, interests = excluded.interests, bio = excluded.bio,"
+                " rev = excluded.rev, task_id = excluded.task_id, updated_at = excluded.updated_at,"
+                " matches = NULL, matches_computed_at = NULL",
+                (
+                    profile["user_id"],
+                    profile["name"],
+                    json.dumps(profile["interests"]),
+                    profile["bio"],
+                    rev,
+                    item.task.id,
+                    now,
+                ),
+            )
+            await _insert_task(conn, item.task, now)
+            assert item.response is not None
+            if key is not None:
+                await conn.execute(
+                    "INSERT OR REPLACE INTO idempotency_keys (key, request_hash, response, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (key, item.request_hash, json.dumps(item.response), now),
+                )
+            outcomes.append(item.response)
+        return outcomes
+
+    async def store_profiles(self, profiles: Iterable[dict[str, Any]]) -> int:
+        """Store profiles without queueing tasks (for `seed`); returns how many."""
+        async with self._transaction() as conn:
+            ((rev,),) = await conn.execute_fetchall("SELECT COALESCE(MAX(rev), 0) FROM profiles")
+            now = self.clock()
+            rows = [
+                (p["user_id"], p["name"], json.dumps(p["interests"]), p["bio"], rev + i, now)
+                for i, p in enumerate(profiles, start=1)
+            ]
+            await conn.executemany(
+                "INSERT INTO profiles (user_id, name, interests, bio, rev, updated_at)"
+                " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
+                " name = excluded.name, interests = excluded.interests, bio = excluded.bio,"
+                " rev = excluded.rev, updated_at = excluded.updated_at, task_id = NULL,"
+                " matches = NULL, matches_computed_at = NULL",
+                rows,
+            )
+        return len(rows)
+
+    async def get_profile(self, user_id: str) -> ProfileRecord | None:
+        rows = list(
+            await self._read(
+                "SELECT user_id, name, interests, bio, task_id, matches, matches_computed_at"
+                " FROM profiles WHERE user_id = ?",
+                (user_id,),
+            )
+        )
+        if not rows:
+            return None
+        user_id, name, interests, bio, task_id, matches, computed_at = rows[0]
+        return ProfileRecord(
+            user_id=user_id,
+            name=name,
+            interests=json.loads(interests),
+            bio=bio,
+            task_id=task_id,
+            matches=None if matches is None else json.loads(matches),
+            matches_computed_at=computed_at,
+        )
+
+    async def forget_idempotency_keys(self, older_than_s: float) -> int:
+        async with self._transaction() as conn:
+            cursor = await conn.execute(
+                "DELETE FROM idempotency_keys WHERE created_at <= ?", (self.clock() - older_than_s,)
+            )
+            return cursor.rowcount
+
+    # -- tasks: enqueue and read -------------------------------------------------------------
+
+    async def enqueue(self, task: NewTask) -> None:
+        async with self._transaction() as conn:
+            await _insert_task(conn, task, self.clock())
+
+    async def get_task(self, task_id: str) -> TaskRecord | None:
+        rows = list(await self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)))
+        return TaskRecord.from_row(rows[0]) if rows else None
+
+    async def list_tasks(
+        self,
+        *,
+        status: TaskStatus | None = None,
+        kind: str | None = None,
+        before_seq: int | None = None,
+        limit: int = 50,
+    ) -> list[TaskRecord]:
+        """Tasks newest first, optionally filtered, starting below `before_seq`."""
+        clauses, params = [], []
+        for clause, value in (("status = ?", status), ("kind = ?", kind), ("seq < ?", before_seq)):
+            if value is not None:
+                clauses.append(clause)
+                params.append(value)
+        where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
+        rows = await self._read(
+            f"SELECT {TASK_COLUMNS} FROM tasks {where} ORDER BY seq DESC LIMIT ?", (*params, limit)
+        )
+        return [TaskRecord.from_row(row) for row in rows]
+
+    async def count_unfinished(self) -> dict[TaskStatus, int]:
+        rows = await self._read(
+            "SELECT status, COUNT(*) FROM tasks WHERE status IN ('queued', 'running') GROUP BY status"
+        )
+        counts = dict.fromkeys(UNFINISHED, 0)
+        counts.update({TaskStatus(status): count for status, count in rows})
+        return counts
+
+    # -- tasks: the dispatcher's side ----------------------------------------------------------
+
+    async def claim(self, kind: str, executor: str, limit: int, lease_s: float) -> list[TaskRecord]:
+        """Take up to `limit` due tasks of `kind` with a lease, in one statement."""
+        if limit <= 0:
+            return []
+        async with self._transaction() as conn:
+            now = self.clock()
+            rows = await conn.execute_fetchall(
+                "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?,"
+                " lease_until = ?, started_at = ?, executor = ?, progress = NULL"
+                " WHERE id IN (SELECT id FROM tasks WHERE status = 'queued' AND kind = ?"
+                " AND run_after <= ? ORDER BY run_after, seq LIMIT ?)"
+                f" RETURNING {TASK_COLUMNS}",
+                (self.owner, now + lease_s, now, executor, kind, now, limit),
+            )
+        return sorted((TaskRecord.from_row(row) for row in rows), key=lambda task: task.seq)
+
+    async def renew_leases(self, task_ids: Sequence[str], lease_s: float) -> set[str]:
+        """Extend this process's leases; returns the ids still running under them."""
+        if not task_ids:
+            return set()
+        marks = ",".join("?" * len(task_ids))
+        async with self._transaction() as conn:
+            rows = await conn.execute_fetchall(
+                f"UPDATE tasks SET lease_until = ? WHERE id IN ({marks}) AND status = 'running'"
+                " AND lease_owner = ? RETURNING id",
+                (self.clock() + lease_s, *task_ids, self.owner),
+            )
+        return {task_id for (task_id,) in rows}
+
+    async def still_running(self, task_ids: Sequence[str]) -> set[str]:
+        """Which of this process's tasks are still running under its lease (not cancelled)."""
+        if not task_ids:
+            return set()
+        marks = ",".join("?" * len(task_ids))
+        rows = await self._read(
+            f"SELECT id FROM tasks WHERE id IN ({marks}) AND status = 'running' AND lease_owner = ?",
+            (*task_ids, self.owner),
+        )
+        return {task_id for (task_id,) in rows}
+
+    async def succeed(self, task: TaskRecord, result: Any, effect: SuccessEffect | None) -> bool:
+        """Store the result once: only the attempt that holds the lease can finish the task."""
+        async with self._transaction() as conn:
+            now = self.clock()
+            cursor = await conn.execute(
+                "UPDATE tasks SET status = 'succeeded', finished_at = ?, result = ?, error = NULL,"
+                " progress = 1, lease_owner = NULL, lease_until = NULL"
+                " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
+                (now, json.dumps(result), task.id, self.owner, task.attempts),
+            )
+            if cursor.rowcount != 1:
+                return False
+            if effect is not None:
+                await effect(Transaction(conn, now), task, result)
+        return True
+
+    async def fail(self, task: TaskRecord, error: str, retry_in_s: float | None) -> TaskStatus | None:
+        """End the attempt with `error`: queue a retry after `retry_in_s`, or fail the task."""
+        async with self._transaction() as conn:
+            now = self.clock()
+            retry = retry_in_s is not None and task.attempts < task.max_attempts
+            rows = await conn.execute_fetchall(
+                "UPDATE tasks SET status = ?, error = ?, run_after = ?, finished_at = ?,"
+                " lease_owner = NULL, lease_until = NULL"
+                " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
+                " RETURNING status",
+                (
+                    TaskStatus.QUEUED if retry else TaskStatus.FAILED,
+                    error,
+                    now + (retry_in_s or 0.0),
+                    None if retry else now,
+                    task.id,
+                    self.owner,
+                    task.attempts,
+                ),
+            )
+        return TaskStatus(rows[0][0]) if rows else None  # type: ignore[index]
+
+    async def release(self, tasks: Sequence[TaskRecord]) -> int:
+        """Give unfinished attempts back to the queue without charging them (shutdown drain)."""
+        if not tasks:
+            return 0
+        async with self._transaction() as conn:
+            cursor = await conn.executemany(
+                "UPDATE tasks SET status = 'queued', attempts = attempts - 1, run_after = ?,"
+                " lease_owner = NULL, lease_until = NULL, progress = NULL"
+                " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
+                [(self.clock(), task.id, self.owner, task.attempts) for task in tasks],
+            )
+            return cursor.rowcount
+
+    async def cancel(self, task_id: str) -> TaskRecord | None:
+        """Cancel a queued or running task; None when it does not exist or already finished."""
+        async with self._transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "UPDATE tasks SET status = 'cancelled', finished_at = ?, lease_owner = NULL,"
+                " lease_until = NULL WHERE id = ? AND status IN ('queued', 'running')"
+                f" RETURNING {TASK_COLUMNS}",
+                (self.clock(), task_id),
+            )
+        return TaskRecord.from_row(next(iter(rows))) if rows else None
+
+    async def retry(self, task_id: str) -> TaskRecord | None:
+        """Queue a finished task again with a fresh set of attempts."""
+        async with self._transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "UPDATE tasks SET status = 'queued', attempts = 0, run_after = ?, finished_at = NULL,"
+                " error = NULL, progress = NULL, result = NULL"
+                " WHERE id = ? AND status IN ('failed', 'cancelled') RETURNING " + TASK_COLUMNS,
+                (self.clock(), task_id),
+            )
+        return TaskRecord.from_row(next(iter(rows))) if rows else None
+
+    async def recover_lost(self) -> int:
+        """Put back running tasks whose lease ran out or whose local owner process is gone."""
+        now = self.clock()
+        owners = await self._read("SELECT DISTINCT lease_owner FROM tasks WHERE status = 'running'")
+        dead = [owner for (owner,) in owners if owner and owner != self.owner and _owner_is_dead(owner)]
+        marks = ",".join("?" * len(dead)) or "NULL"
+        async with self._transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "UPDATE tasks SET"
+                " status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,"
+                " finished_at = CASE WHEN attempts >= max_attempts THEN ? ELSE NULL END,"
+                " error = 'attempt ' || attempts || ' was lost: its server process stopped',"
+                " run_after = ?, lease_owner = NULL, lease_until = NULL"
+                f" WHERE status = 'running' AND (lease_until < ? OR lease_owner IN ({marks}))"
+                " RETURNING id",
+                (now, now, now, *dead),
+            )
+        recovered = len(list(rows))
+        if recovered:
+            logger.warning("took back %d task(s) from lost server processes", recovered)
+        return recovered
+
+    async def set_progress(self, task_id: str, attempt: int, fraction: float) -> None:
+        async with self._transaction() as conn:
+            await conn.execute(
+                "UPDATE tasks SET progress = ? WHERE id = ? AND attempts = ? AND status = 'running'",
+                (fraction, task_id, attempt),
+            )

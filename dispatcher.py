@@ -1,0 +1,366 @@
+"""The executor of one server process: claims due tasks from the durable queue and runs them.
+
+It lives in the app's lifespan task group. Each claimed task runs as one attempt on its
+kind's runner (loop, thread or process) inside a cancel scope with the kind's time limit.
+A housekeeping loop renews this process's leases (heartbeat), stops attempts whose task
+was cancelled, takes back tasks whose server process died, and writes progress.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum, auto
+from typing import Any
+
+import anyio
+from anyio import BrokenWorkerProcess, CancelScope
+from anyio.abc import TaskGroup
+
+from db import Database, NewTask, StorageUnavailable, TaskRecord, TaskStatus
+from executors import (
+    Call,
+    CallResult,
+    KindRegistry,
+    Placement,
+    Runner,
+    TaskContext,
+    TaskKind,
+    runners_for,
+)
+
+logger = logging.getLogger("profile_app.dispatcher")
+
+MAX_ERROR_CHARS = 500
+
+
+AttemptObserver = Callable[[str, str, float], None]
+"""Called with (kind, outcome, wall seconds) after every attempt, e.g. to count it in metrics."""
+
+
+class UnknownKind(LookupError):
+    """Raised when submitting a task of a kind this app has not registered."""
+
+
+class _StopReason(Enum):
+    CANCELLED = auto()  # DELETE /tasks/{id}, or the lease was lost to another process
+    DRAIN = auto()  # shutdown: give the task back without charging the attempt
+
+
+@dataclass(slots=True)
+class _Attempt:
+    task: TaskRecord
+    kind: TaskKind
+    scope: CancelScope = field(default_factory=CancelScope)
+    stop_reason: _StopReason | None = None
+
+    def stop(self, reason: _StopReason) -> None:
+        self.stop_reason = self.stop_reason or reason
+        self.scope.cancel()
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorConfig:
+    lease_s: float = 10.0
+    poll_interval_s: float = 0.5
+    process_workers: int = 2
+    process_nice: int = 10
+    inline: bool = False
+    idempotency_ttl_s: float = 24 * 3600.0
+
+
+def one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {text}"[:MAX_ERROR_CHARS]
+
+
+class Executor:
+    """Runs the queue's tasks for one server process."""
+
+    def __init__(
+        self,
+        db: Database,
+        kinds: KindRegistry,
+        config: ExecutorConfig,
+        *,
+        on_attempt_end: AttemptObserver | None = None,
+    ) -> None:
+        self.db = db
+        self._on_attempt_end = on_attempt_end
+        self.kinds = kinds
+        self.config = config
+        self._runners: dict[Placement, Runner] = runners_for(
+            process_workers=config.process_workers,
+            process_nice=config.process_nice,
+            inline=config.inline,
+        )
+        self._attempts: dict[str, _Attempt] = {}
+        self._live_progress: dict[str, tuple[int, float]] = {}
+        self._wakeup = anyio.Event()
+        self._accepting = True
+        self._task_group: TaskGroup | None = None
+        self._drained = anyio.Event()
+        self._idle = anyio.Event()
+
+    # -- what the web layer uses -----------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """False once shutdown has begun: new work should be refused."""
+        return self._accepting
+
+    def new_task(self, kind_name: str, payload: dict[str, Any]) -> NewTask:
+        try:
+            kind = self.kinds[kind_name]
+        except KeyError:
+            raise UnknownKind(kind_name) from None
+        return NewTask(kind.name, payload, kind.placement.value, kind.max_attempts)
+
+    async def submit(self, kind_name: str, payload: dict[str, Any]) -> str:
+        """Queue a task durably and return its id."""
+        task = self.new_task(kind_name, payload)
+        await self.db.enqueue(task)
+        await self.submitted()
+        return task.id
+
+    async def submitted(self) -> None:
+        """Tell the executor new work is queued (in inline mode, run it now)."""
+        if self.config.inline:
+            await self._run_due_inline()
+        else:
+            self._wakeup.set()
+
+    async def cancel(self, task_id: str) -> TaskRecord | None:
+        """Cancel a queued or running task; a running process attempt is killed at once."""
+        task = await self.db.cancel(task_id)
+        attempt = self._attempts.get(task_id)
+        if task is not None and attempt is not None:
+            attempt.stop(_StopReason.CANCELLED)
+        return task
+
+    async def wait(self, task_id: str, timeout_s: float, poll_s: float = 0.05) -> TaskRecord:
+        """Wait until the task has finished; raises TimeoutError after `timeout_s`."""
+        with anyio.fail_after(timeout_s):
+            while True:
+                task = await self.db.get_task(task_id)
+                if task is None:
+                    raise LookupError(task_id)
+                if task.status not in (TaskStatus.QUEUED, TaskStatus.RUNNING):
+                    return task
+                await anyio.sleep(poll_s)
+
+    def running_count(self) -> int:
+        return len(self._attempts)
+
+    # -- the dispatcher --------------------------------------------------------------------
+
+    async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Claim and run tasks until `drain` is called; start it with `task_group.start`."""
+        await self._recover()
+        async with anyio.create_task_group() as task_group:
+            self._task_group = task_group
+            task_status.started()
+            if self.config.inline:
+                await self._run_due_inline()
+                await self._drained.wait()
+                return
+            task_group.start_soon(self._housekeeping)
+            while self._accepting:
+                started = await self._claim_and_start(task_group)
+                if not started:
+                    with anyio.move_on_after(self.config.poll_interval_s):
+                        await self._wakeup.wait()
+                    self._wakeup = anyio.Event()
+            # Leases are still renewed while the drain lets running attempts finish.
+            await self._drained.wait()
+            task_group.cancel_scope.cancel()
+
+    async def drain(self, grace_s: float) -> None:
+        """Stop claiming, let running attempts finish for `grace_s`, then give the rest back."""
+        self._accepting = False
+        self._wakeup.set()
+        with anyio.move_on_after(grace_s):
+            await self._until_idle()
+        leftover = list(self._attempts.values())
+        for attempt in leftover:
+            attempt.stop(_StopReason.DRAIN)
+        with anyio.move_on_after(5):
+            await self._until_idle()
+        if leftover:
+            logger.info("shutdown: gave %d running task(s) back to the queue", len(leftover))
+        self._drained.set()
+
+    async def _until_idle(self) -> None:
+        if self._attempts:
+            self._idle = anyio.Event()
+            await self._idle.wait()
+
+    async def _recover(self) -> None:
+        try:
+            await self.db.recover_lost()
+        except StorageUnavailable as exc:
+            logger.warning("could not take back lost tasks: %s", exc)
+
+    def _free_slots(self, kind: TaskKind) -> int:
+        running_of_kind = sum(1 for attempt in self._attempts.values() if attempt.kind is kind)
+        free = kind.concurrency - running_of_kind
+        if kind.placement is Placement.PROCESS:
+            running_in_processes = sum(
+                1 for attempt in self._attempts.values() if attempt.kind.placement is Placement.PROCESS
+            )
+            free = min(free, self.config.process_workers - running_in_processes)
+        return free
+
+    async def _claim_and_start(self, task_group: TaskGroup) -> int:
+        started = 0
+        for kind in self.kinds:
+            try:
+                claimed = await self.db.claim(
+                    kind.name, kind.placement.value, self._free_slots(kind), self.config.lease_s
+                )
+            except StorageUnavailable as exc:
+                logger.warning("could not claim %s tasks: %s", kind.name, exc)
+                return started
+            for task in claimed:
+                attempt = _Attempt(task, kind)
+                self._attempts[task.id] = attempt
+                task_group.start_soon(self._run_attempt, attempt, name=f"task {task.id}")
+                started += 1
+        return started
+
+    async def _run_due_inline(self) -> None:
+        """Inline mode: claim and run everything due, one after another, retries at once."""
+        while True:
+            started = 0
+            for kind in self.kinds:
+                for task in await self.db.claim(kind.name, kind.placement.value, 1, self.config.lease_s):
+                    attempt = _Attempt(task, kind)
+                    self._attempts[task.id] = attempt
+                    await self._run_attempt(attempt, retry_delay_s=0.0)
+                    started += 1
+            if not started:
+                return
+
+    def _context(self, task: TaskRecord) -> TaskContext:
+        def report(fraction: float) -> None:
+            self._live_progress[task.id] = (task.attempts, fraction)
+
+        return TaskContext(task.id, task.kind, task.attempts, str(self.db.path), report)
+
+    async def _run_attempt(self, attempt: _Attempt, retry_delay_s: float | None = None) -> None:
+        task, kind = attempt.task, attempt.kind
+        error: str | None = None
+        outcome: CallResult | None = None
+        started = time.monotonic()
+        logger.info(
+            "task %s (%s) attempt %d/%d started", task.id, kind.name, task.attempts, task.max_attempts
+        )
+        try:
+            with attempt.scope:
+                try:
+                    with anyio.fail_after(kind.time_limit_s):
+                        outcome = await self._runners[kind.placement](
+                            Call(kind, task.payload, self._context(task))
+                        )
+                except TimeoutError:
+                    error = f"time limit of {kind.time_limit_s:g} s exceeded: the attempt was stopped"
+                except BrokenWorkerProcess:
+                    error = "the worker process died (crash, kill or out of memory)"
+                except Exception as exc:  # the task boundary: any error of the task is its outcome
+                    error = one_line(exc)
+            with CancelScope(shield=True):
+                result = await self._finish(attempt, outcome, error, retry_delay_s)
+            if self._on_attempt_end is not None:
+                self._on_attempt_end(kind.name, result, time.monotonic() - started)
+        finally:
+            self._attempts.pop(task.id, None)
+            self._live_progress.pop(task.id, None)
+            if not self._attempts:
+                self._idle.set()
+
+    async def _finish(
+        self, attempt: _Attempt, outcome: CallResult | None, error: str | None, retry_delay_s: float | None
+    ) -> str:
+        """Record how the attempt ended; returns that outcome's name."""
+        task, kind = attempt.task, attempt.kind
+        try:
+            if attempt.stop_reason is _StopReason.DRAIN:
+                await self.db.release([task])
+                return "released"
+            if attempt.stop_reason is _StopReason.CANCELLED:
+                logger.info("task %s (%s) attempt %d stopped: cancelled", task.id, kind.name, task.attempts)
+                return TaskStatus.CANCELLED.value
+            if error is None and outcome is not None:
+                return await self._succeed(attempt, outcome)
+            assert error is not None
+            delay = kind.retry_backoff_s * 2 ** (task.attempts - 1)
+            status = await self.db.fail(task, error, delay if retry_delay_s is None else retry_delay_s)
+            retrying = status is TaskStatus.QUEUED
+            logger.warning(
+                "task %s (%s) attempt %d/%d failed: %s%s",
+                task.id,
+                kind.name,
+                task.attempts,
+                task.max_attempts,
+                error,
+                "; will retry" if retrying else "",
+            )
+            return "retrying" if retrying else TaskStatus.FAILED.value
+        except StorageUnavailable as exc:
+            # The lease runs out and the task is taken back: nothing accepted is lost.
+            logger.error("task %s: could not store the outcome of its attempt: %s", task.id, exc)
+            return "unrecorded"
+
+    async def _succeed(self, attempt: _Attempt, outcome: CallResult) -> str:
+        task, kind = attempt.task, attempt.kind
+        try:
+            stored = await self.db.succeed(task, outcome.value, kind.on_success)
+        except (TypeError, ValueError) as exc:  # the result is not JSON: a defect of the task
+            await self.db.fail(task, f"the result could not be stored: {one_line(exc)}", None)
+            return TaskStatus.FAILED.value
+        if not stored:
+            logger.info("task %s (%s): result dropped, the attempt no longer held it", task.id, kind.name)
+            return "dropped"
+        logger.info("task %s (%s) succeeded (cpu %.3f s)", task.id, kind.name, outcome.cpu_s)
+        self._wakeup.set()  # a success may have queued follow-up work
+        return TaskStatus.SUCCEEDED.value
+
+    # -- housekeeping: heartbeat, cancellations, recovery, progress ----------------------------
+
+    async def _housekeeping(self) -> None:
+        tick_s = min(0.25, self.config.lease_s / 4)
+        renew_every = max(1, math.floor(self.config.lease_s / 3 / tick_s))
+        recover_every = max(1, math.floor(self.config.lease_s / 2 / tick_s))
+        gc_every = max(1, math.floor(3600 / tick_s))
+        for tick in itertools.count(1):
+            await anyio.sleep(tick_s)
+            try:
+                await self._stop_cancelled()
+                await self._flush_progress()
+                if tick % renew_every == 0:
+                    await self.db.renew_leases(list(self._attempts), self.config.lease_s)
+                if tick % recover_every == 0 and await self.db.recover_lost():
+                    self._wakeup.set()
+                if tick % gc_every == 0:
+                    await self.db.forget_idempotency_keys(self.config.idempotency_ttl_s)
+            except StorageUnavailable as exc:
+                logger.warning("housekeeping skipped a beat: %s", exc)
+
+    async def _stop_cancelled(self) -> None:
+        ids = list(self._attempts)
+        if not ids:
+            return
+        still_ours = await self.db.still_running(ids)
+        for task_id in ids:
+            attempt = self._attempts.get(task_id)
+            if task_id not in still_ours and attempt is not None and attempt.stop_reason is None:
+                attempt.stop(_StopReason.CANCELLED)
+
+    async def _flush_progress(self) -> None:
+        pending, self._live_progress = self._live_progress, {}
+        for task_id, (attempt, fraction) in pending.items():
+            await self.db.set_progress(task_id, attempt, fraction)

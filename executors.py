@@ -1,0 +1,355 @@
+"""Task kinds and where they run: the public API for adding work to profile_app.
+
+A kind is a function plus where it runs and its limits::
+
+    kinds = KindRegistry()
+
+    @kinds.kind(runs_on=Placement.PROCESS, time_limit_s=30, max_attempts=5)
+    def resize(path: str, width: int) -> dict:
+        ...
+        report_progress(0.5)
+        ...
+
+    app = create_app(settings, kinds=kinds)      # profile_app.create_app
+    task_id = await executor.submit("resize", {"path": p, "width": 640})
+
+`loop` kinds are `async def` functions awaited on the event loop (only for code that
+awaits and never blocks), `thread` kinds run on a worker thread with a limiter of
+their own (blocking I/O), `process` kinds run in a worker process at a lower OS
+priority (CPU work), killed when they pass their time limit or are cancelled.
+The payload is a JSON object passed as keyword arguments; the return value must be
+JSON-serialisable and is stored with the task.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeVar
+
+import anyio
+import anyio.to_process
+import anyio.to_thread
+from anyio import CapacityLimiter
+
+from db import SuccessEffect
+
+logger = logging.getLogger("profile_app.executors")
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Placement(StrEnum):
+    """Where a task kind runs."""
+
+    LOOP = "loop"
+    THREAD = "thread"
+    PROCESS = "process"
+
+
+@dataclass(frozen=True, slots=True)
+class TaskKind:
+    """A registered kind of task: the function, where it runs, and its limits."""
+
+    name: str
+    func: Callable[..., Any]
+    placement: Placement
+    time_limit_s: float
+    max_attempts: int
+    concurrency: int
+    retry_backoff_s: float
+    on_success: SuccessEffect | None = None
+    reason: str = ""
+
+
+DEFAULT_CONCURRENCY = {Placement.LOOP: 100, Placement.THREAD: 8, Placement.PROCESS: os.cpu_count() or 2}
+
+
+class KindRegistry:
+    """The task kinds an app knows, by name."""
+
+    def __init__(self, kinds: Iterable[TaskKind] = ()) -> None:
+        self._kinds: dict[str, TaskKind] = {}
+        for kind in kinds:
+            self.add(kind)
+
+    def add(self, kind: TaskKind) -> TaskKind:
+        if kind.name in self._kinds:
+            raise ValueError(f"task kind {kind.name!r} is already registered")
+        self._kinds[kind.name] = kind
+        return kind
+
+    def kind(
+        self,
+        name: str | None = None,
+        *,
+        runs_on: Placement | str | None = None,
+        time_limit_s: float = 60.0,
+        max_attempts: int = 3,
+        concurrency: int | None = None,
+        retry_backoff_s: float = 1.0,
+        on_success: SuccessEffect | None = None,
+    ) -> Callable[[F], F]:
+        """Register the decorated function as a task kind (named after it by default).
+
+        `runs_on` defaults to `loop` for an `async def` and `process` for a plain `def`:
+        an unknown synchronous function is assumed to compute, so it never starves the loop.
+        """
+
+        def register(func: F) -> F:
+            placement, reason = _placement_for(func, runs_on)
+            if time_limit_s <= 0 or max_attempts < 1 or (concurrency is not None and concurrency < 1):
+                raise ValueError(
+                    f"task kind {name or func.__name__!r}: time_limit_s must be > 0,"
+                    " max_attempts >= 1 and concurrency >= 1"
+                )
+            self.add(
+                TaskKind(
+                    name=name or func.__name__,
+                    func=func,
+                    placement=placement,
+                    time_limit_s=time_limit_s,
+                    max_attempts=max_attempts,
+                    concurrency=concurrency or DEFAULT_CONCURRENCY[placement],
+                    retry_backoff_s=retry_backoff_s,
+                    on_success=on_success,
+                    reason=reason,
+                )
+            )
+            return func
+
+        return register
+
+    def merged(self, other: KindRegistry) -> KindRegistry:
+        return KindRegistry([*self, *other])
+
+    def __getitem__(self, name: str) -> TaskKind:
+        return self._kinds[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._kinds
+
+    def __iter__(self) -> Iterator[TaskKind]:
+        return iter(self._kinds.values())
+
+    def __len__(self) -> int:
+        return len(self._kinds)
+
+
+def _placement_for(func: Callable[..., Any], runs_on: Placement | str | None) -> tuple[Placement, str]:
+    is_async = inspect.iscoroutinefunction(func)
+    if runs_on is None:
+        if is_async:
+            return Placement.LOOP, "an async def function awaits on the event loop"
+        return Placement.PROCESS, "a plain def function may compute, so it runs in a process"
+    try:
+        placement = Placement(runs_on)
+    except ValueError:
+        choices = ", ".join(p.value for p in Placement)
+        raise ValueError(f"runs_on={runs_on!r} is not one of: {choices}") from None
+    if (placement is Placement.LOOP) != is_async:
+        raise ValueError(
+            f"{func.__name__}: `loop` kinds must be async def functions and others plain def functions"
+        )
+    return placement, "chosen at registration (runs_on)"
+
+
+# -- the task context: which task is running here, and its progress ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a running task function can know about itself."""
+
+    task_id: str
+    kind: str
+    attempt: int
+    db_path: str
+    report: Callable[[float], None] = field(repr=False, compare=False)
+
+
+_current_task: contextvars.ContextVar[TaskContext | None] = contextvars.ContextVar(
+    "profile_app_current_task", default=None
+)
+
+
+def current_task() -> TaskContext:
+    """The task being run by the calling code; raises LookupError outside a task."""
+    context = _current_task.get()
+    if context is None:
+        raise LookupError("not running inside a profile_app task")
+    return context
+
+
+def report_progress(fraction: float) -> None:
+    """Report how far the current task is, from 0 to 1; a no-op outside a task."""
+    context = _current_task.get()
+    if context is not None:
+        context.report(min(1.0, max(0.0, float(fraction))))
+
+
+class _SqliteProgress:
+    """Progress from a worker process, written to the database at most every `interval_s`."""
+
+    def __init__(self, db_path: str, task_id: str, attempt: int, interval_s: float = 0.5) -> None:
+        self.db_path, self.task_id, self.attempt = db_path, task_id, attempt
+        self.interval_s = interval_s
+        self._last_write = 0.0
+
+    def __call__(self, fraction: float) -> None:
+        now = time.monotonic()
+        if now - self._last_write < self.interval_s and fraction < 1.0:
+            return
+        self._last_write = now
+        try:
+            with sqlite3.connect(self.db_path, timeout=1.0) as conn:
+                conn.execute(
+                    "UPDATE tasks SET progress = ? WHERE id = ? AND attempts = ? AND status = 'running'",
+                    (fraction, self.task_id, self.attempt),
+                )
+        except sqlite3.Error as exc:  # progress is advice: never fail the task over it
+            logger.debug("progress of task %s not stored: %s", self.task_id, exc)
+
+
+# -- running one call in each placement ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One attempt's call: the kind, its keyword arguments and the context to run it in."""
+
+    kind: TaskKind
+    payload: dict[str, Any]
+    context: TaskContext
+
+
+@dataclass(frozen=True, slots=True)
+class CallResult:
+    value: Any
+    cpu_s: float
+
+
+Runner = Callable[[Call], Awaitable[CallResult]]
+
+
+def _call_with_context(func: Callable[..., Any], payload: dict[str, Any], context: TaskContext) -> CallResult:
+    token = _current_task.set(context)
+    start_cpu = time.thread_time()
+    try:
+        value = func(**payload)
+    finally:
+        _current_task.reset(token)
+    return CallResult(value, time.thread_time() - start_cpu)
+
+
+async def run_on_loop(call: Call) -> CallResult:
+    token = _current_task.set(call.context)
+    try:
+        value = await call.kind.func(**call.payload)
+    finally:
+        _current_task.reset(token)
+    return CallResult(value, 0.0)
+
+
+class ThreadRunner:
+    """Blocking calls on worker threads, with one limiter per kind (not Starlette's shared pool)."""
+
+    def __init__(self) -> None:
+        self._limiters: dict[str, CapacityLimiter] = {}
+
+    async def __call__(self, call: Call) -> CallResult:
+        limiter = self._limiters.setdefault(call.kind.name, CapacityLimiter(call.kind.concurrency))
+        # abandon_on_cancel: a thread cannot be killed, so a time limit or cancel stops waiting
+        # for it (its result is dropped); CPU work that must really stop belongs in a process.
+        return await anyio.to_thread.run_sync(
+            _call_with_context,
+            call.kind.func,
+            call.payload,
+            call.context,
+            abandon_on_cancel=True,
+            limiter=limiter,
+        )
+
+
+class ProcessRunner:
+    """CPU work in worker processes (anyio's pool): a cancel or time limit kills the worker."""
+
+    def __init__(self, workers: int, nice: int) -> None:
+        self.limiter = CapacityLimiter(workers)
+        self.nice = nice
+
+    async def __call__(self, call: Call) -> CallResult:
+        context = call.context
+        return await anyio.to_process.run_sync(
+            _run_in_worker_process,
+            call.kind.func,
+            call.payload,
+            (context.task_id, context.kind, context.attempt, context.db_path),
+            self.nice,
+            cancellable=True,
+            limiter=self.limiter,
+        )
+
+
+class InlineRunner:
+    """Every kind in this process at once (for users' unit tests), like Huey's immediate mode."""
+
+    async def __call__(self, call: Call) -> CallResult:
+        if call.kind.placement is Placement.LOOP:
+            return await run_on_loop(call)
+        return await anyio.to_thread.run_sync(_call_with_context, call.kind.func, call.payload, call.context)
+
+
+def runners_for(*, process_workers: int, process_nice: int, inline: bool) -> dict[Placement, Runner]:
+    """The one place that maps a placement to the code that runs it."""
+    if inline:
+        inline_runner = InlineRunner()
+        return dict.fromkeys(Placement, inline_runner)
+    return {
+        Placement.LOOP: run_on_loop,
+        Placement.THREAD: ThreadRunner(),
+        Placement.PROCESS: ProcessRunner(process_workers, process_nice),
+    }
+
+
+# -- inside a worker process -----------------------------------------------------------------
+
+_worker_prepared = False  # per worker process: set once by _prepare_worker_process
+
+
+def _prepare_worker_process(nice: int) -> None:
+    """Once per worker: lower its priority so the server's loop keeps a core, shield it from
+    the terminal's signals (the server decides when it stops), and die with the server."""
+    global _worker_prepared
+    if _worker_prepared:
+        return
+    _worker_prepared = True
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if nice:
+        os.nice(nice)
+    try:
+        import ctypes
+
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    except (OSError, AttributeError):  # not Linux: the worker ends when its stdin closes
+        pass
+
+
+def _run_in_worker_process(
+    func: Callable[..., Any], payload: dict[str, Any], context: tuple[str, str, int, str], nice: int
+) -> CallResult:
+    _prepare_worker_process(nice)
+    task_id, kind, attempt, db_path = context
+    report = _SqliteProgress(db_path, task_id, attempt)
+    return _call_with_context(func, payload, TaskContext(task_id, kind, attempt, db_path, report))

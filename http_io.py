@@ -1,0 +1,60 @@
+"""Request reading and response shaping shared by the routes: JSON bodies, errors, times."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+JSON_MEDIA_TYPE = "application/json"
+
+
+def iso_utc(timestamp: float | None) -> str | None:
+    """A Unix time as ISO-8601 UTC (`2026-11-25T23:51:05.123456Z`), or None."""
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, UTC).isoformat().replace("+00:00", "Z")
+
+
+class ErrorResponse(JSONResponse):
+    """`{"detail": ...}`, ASCII-escaped: a detail may quote a client's malformed text."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def error(status_code: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
+    return ErrorResponse({"detail": detail}, status_code=status_code, headers=headers)
+
+
+async def read_json_object(request: Request, max_body_bytes: int) -> dict[str, Any]:
+    """The request body as a JSON object, checked in the contract's order: 415, 413, 400.
+
+    A body over the limit is refused from its Content-Length, or as soon as the streamed
+    bytes pass the limit, without reading it to its end.
+    """
+    media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if media_type != JSON_MEDIA_TYPE:
+        raise HTTPException(415, f"Content-Type must be {JSON_MEDIA_TYPE}")
+    too_large = HTTPException(413, f"the request body is larger than {max_body_bytes} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > max_body_bytes:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > max_body_bytes:
+            raise too_large
+    try:
+        document = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise HTTPException(400, "the body is not valid JSON: nested too deeply") from None
+    if not isinstance(document, dict):
+        raise HTTPException(400, "the body must be a JSON object")
+    return document

@@ -1,0 +1,59 @@
+"""Prometheus metrics of one app (prometheus-client), kept in the app's own registry."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+__all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
+
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    """What /metrics shows: task counts and durations, queue depth, running tasks, loop lag."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.submitted = Counter(
+            "profile_app_tasks_submitted", "Tasks queued.", ["kind"], registry=self.registry
+        )
+        self.finished = Counter(
+            "profile_app_tasks_finished",
+            "Task attempts that ended, by kind and outcome.",
+            ["kind", "status"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "profile_app_task_duration_seconds",
+            "Wall time of task attempts.",
+            ["kind"],
+            buckets=DURATION_BUCKETS_S,
+            registry=self.registry,
+        )
+        self.queue_depth = Gauge(
+            "profile_app_queue_depth", "Tasks queued and not yet running.", registry=self.registry
+        )
+        self.running = Gauge("profile_app_tasks_running", "Tasks running now.", registry=self.registry)
+        self.loop_lag = Gauge(
+            "profile_app_event_loop_lag_seconds",
+            "How late the event loop woke a timer, at the last sample.",
+            registry=self.registry,
+        )
+
+    def task_finished(self, kind: str, status: str, duration_s: float) -> None:
+        self.finished.labels(kind, status).inc()
+        self.duration.labels(kind).observe(duration_s)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def sample_loop_lag(self, interval_s: float = 0.25) -> None:
+        """Forever: sleep `interval_s` and record how much later than asked the loop woke us."""
+        while True:
+            start = time.perf_counter()
+            await anyio.sleep(interval_s)
+            self.loop_lag.set(max(0.0, time.perf_counter() - start - interval_s))

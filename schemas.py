@@ -1,0 +1,143 @@
+"""The HTTP shapes: request validation and the documents the API returns."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+)
+
+USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+
+
+def _encodable(text: str) -> str:
+    # JSON may carry lone surrogates ("\ud800"), which no UTF-8 store can keep.
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("text must be valid Unicode (no lone surrogates)") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
+Interest = Annotated[Text, StringConstraints(min_length=1, max_length=50)]
+TaskStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class ProfileIn(BaseModel):
+    """A profile as POSTed; unknown fields are rejected."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    user_id: UserId
+    name: Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+    interests: Annotated[list[Interest], Field(max_length=100)] = []
+    bio: Annotated[Text, StringConstraints(max_length=10_000)] = ""
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_blank(cls, name: str) -> str:
+        if not name.strip():
+            raise ValueError("name must not be only whitespace")
+        return name
+
+
+def validation_detail(exc: ValidationError) -> list[dict[str, Any]]:
+    """The 422 `detail`: one entry per broken rule, located in the request body."""
+    return [
+        {"loc": ["body", *error["loc"]], "msg": error["msg"], "type": error["type"]}
+        for error in exc.errors(include_url=False)
+    ]
+
+
+class Match(BaseModel):
+    user_id: str
+    score: float
+
+
+class ProfileOut(BaseModel):
+    user_id: str
+    name: str
+    interests: list[str]
+    bio: str
+    matches: list[Match] | None
+    matches_computed_at: str | None
+    task_id: str | None = Field(description="The latest match task; null for seeded profiles.")
+
+
+class Accepted(BaseModel):
+    task_id: str
+    status: Literal["queued"]
+    profile_url: str
+    task_url: str
+
+
+class TaskOut(BaseModel):
+    task_id: str
+    kind: str
+    status: TaskStatusName
+    executor: str
+    attempts: int
+    max_attempts: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+    progress: Annotated[float, Field(ge=0, le=1)] | None
+
+
+class TaskPage(BaseModel):
+    tasks: list[TaskOut]
+    next: str | None
+
+
+class TaskQuery(BaseModel):
+    """Query parameters of GET /tasks."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    status: TaskStatusName | None = None
+    kind: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
+    limit: Annotated[int, Field(ge=1, le=500)] = 50
+    cursor: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,19}$")] | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok", "unavailable"]
+    queued: int | None = None
+    running: int | None = None
+
+
+class KindOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    placement: str
+    auto: bool
+    reason: str
+
+
+class KindList(BaseModel):
+    kinds: list[KindOut]
+
+
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+class ValidationErrorItem(BaseModel):
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationErrors(BaseModel):
+    detail: list[ValidationErrorItem]
