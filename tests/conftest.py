@@ -1,0 +1,171 @@
+"""Shared fixtures: settings on a temporary SQLite file, TestClient apps, a real server."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from starlette.testclient import TestClient
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from executors import KindRegistry  # noqa: E402
+from profile_app import create_app  # noqa: E402
+from settings import Settings  # noqa: E402
+
+FINISHED = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # aiosqlite is asyncio-only
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "profiles.db"
+
+
+@pytest.fixture
+def make_settings(db_path: Path) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        defaults: dict[str, Any] = {"db": db_path, "retry_backoff_s": 0.05, "lease_s": 3.0, "poll_interval_s": 0.1}
+        return Settings(**{**defaults, **overrides})
+
+    return make
+
+
+@pytest.fixture
+def make_client(make_settings: Callable[..., Settings]) -> Iterator[Callable[..., TestClient]]:
+    """Start apps inside `with TestClient(app)`: the lifespan runs, tasks really run."""
+    clients: list[TestClient] = []
+
+    def make(kinds: KindRegistry | None = None, **overrides: Any) -> TestClient:
+        client = TestClient(create_app(make_settings(**overrides), kinds=kinds))
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in reversed(clients):
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+def wait_for_task(client: Any, task_id: str, timeout_s: float = 30.0, statuses: set[str] = FINISHED) -> dict:
+    """Poll GET /tasks/{id} until its status is one of `statuses`, with a deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        task = client.get(f"/tasks/{task_id}").json()
+        if task["status"] in statuses:
+            return task
+        if time.monotonic() > deadline:
+            raise AssertionError(f"task {task_id} still {task['status']} after {timeout_s} s: {task}")
+        time.sleep(0.02)
+
+
+def profile(user_id: str, interests: list[str] | None = None, bio: str = "", name: str = "Someone") -> dict:
+    return {"user_id": user_id, "name": name, "interests": interests or [], "bio": bio}
+
+
+# -- a real server in a subprocess ----------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Server:
+    """`python profile_app.py serve` on a free port, driven with requests."""
+
+    db: Path
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+    log: Path | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 30.0) -> Server:
+        environ = {**os.environ, "PROFILE_APP_RETRY_BACKOFF_S": "0.1", **self.env}
+        self.log = self.db.with_suffix(f".{self.port}.log")
+        with self.log.open("ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "profile_app.py", "serve", "--port", str(self.port), "--db", str(self.db)],
+                cwd=ROOT,
+                env=environ,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.output()}")
+            try:
+                if requests.get(self.url + "/health", timeout=1).status_code == 200:
+                    return self
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"server did not answer /health in {timeout_s} s:\n{self.output()}")
+
+    def get(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.get(self.url + path, timeout=kwargs.pop("timeout", 10), **kwargs)
+
+    def post(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.post(self.url + path, timeout=kwargs.pop("timeout", 10), **kwargs)
+
+    def delete(self, path: str, **kwargs: Any) -> requests.Response:
+        return requests.delete(self.url + path, timeout=kwargs.pop("timeout", 10), **kwargs)
+
+    def kill(self) -> None:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(10)
+
+    def terminate(self, timeout_s: float = 60.0) -> int:
+        assert self.process is not None
+        self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(timeout_s)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def make_server(db_path: Path) -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def make(**env: str) -> Server:
+        server = Server(db_path, env)
+        servers.append(server)
+        return server.start()
+
+    yield make
+    for server in servers:
+        server.stop()

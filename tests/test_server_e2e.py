@@ -1,0 +1,143 @@
+"""End to end: a real `python profile_app.py serve` subprocess, driven over HTTP with requests."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from conftest import ROOT, Server, profile, wait_for_task
+
+from matching import reference_matches
+from synthetic import synthetic_profiles
+
+SEEDED = 20_000
+
+
+def seed(db: Path, count: int) -> None:
+    subprocess.run(
+        [sys.executable, "profile_app.py", "seed", "--count", str(count), "--db", str(db), "--random-seed", "7"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+    )
+
+
+def post_profiles(server: Server, profiles: list[dict]) -> list[str]:
+    task_ids = []
+    for document in profiles:
+        response = server.post("/profile", json=document)
+        assert response.status_code == 202, response.text
+        task_ids.append(response.json()["task_id"])
+    return task_ids
+
+
+def test_matches_over_http_equal_the_formula(make_server: Callable[..., Server]) -> None:
+    server = make_server()
+    documents = list(synthetic_profiles(60, seed=11))
+    task_ids = post_profiles(server, documents)
+    for task_id in task_ids:
+        assert wait_for_task(server, task_id)["status"] == "succeeded"
+
+    stored = {d["user_id"]: (d["interests"], d["bio"]) for d in documents}
+    for document in documents[-10:]:  # the last ones were matched against everything
+        body = server.get(f"/profile/{document['user_id']}").json()
+        expected = [{"user_id": u, "score": s} for u, s in reference_matches(document["user_id"], stored)]
+        assert body["matches"] == expected
+        assert body["matches_computed_at"].endswith("Z")
+
+
+def test_health_stays_fast_while_cpu_tasks_run(db_path: Path, make_server: Callable[..., Server]) -> None:
+    """The seed's bug, proven fixed: CPU work runs in processes, the loop keeps answering."""
+    seed(db_path, SEEDED)
+    server = make_server()
+    task_ids = post_profiles(server, list(synthetic_profiles(40, seed=99)))
+    started = time.monotonic()
+    slowest = 0.0
+    probes = 0
+    while server.get(f"/tasks/{task_ids[-1]}").json()["status"] not in ("succeeded", "failed"):
+        before = time.monotonic()
+        assert server.get("/health", timeout=5).status_code == 200
+        slowest = max(slowest, time.monotonic() - before)
+        probes += 1
+    busy_s = time.monotonic() - started
+    statuses = {wait_for_task(server, task_id)["status"] for task_id in task_ids}
+
+    assert statuses == {"succeeded"}
+    assert busy_s > 1.0, "the tasks finished too fast to load the CPU; seed more profiles"
+    assert probes > 10
+    # A blocked loop would take as long as a whole match (seconds); allow for a noisy machine.
+    assert slowest < 0.5, f"slowest /health took {slowest:.3f} s while tasks ran for {busy_s:.1f} s"
+
+
+def test_kill_9_with_tasks_queued_then_restart_finishes_them(db_path: Path) -> None:
+    server = Server(db_path).start()
+    try:
+        task_ids = post_profiles(server, list(synthetic_profiles(30, seed=5)))
+        server.kill()  # SIGKILL: no chance to clean up
+        restarted = Server(db_path).start()
+        try:
+            for task_id in task_ids:
+                assert wait_for_task(restarted, task_id)["status"] == "succeeded"
+        finally:
+            restarted.stop()
+    finally:
+        server.stop()
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT COUNT(*) FROM tasks WHERE kind = 'match'").fetchone() == (30,)
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+
+
+def test_sigterm_exits_0_and_gives_running_tasks_back(db_path: Path) -> None:
+    seed(db_path, SEEDED)
+    server = Server(db_path, {"PROFILE_APP_SHUTDOWN_GRACE_S": "0"}).start()
+    try:
+        task_ids = post_profiles(server, list(synthetic_profiles(10, seed=3)))
+        wait_for_task(server, task_ids[0], statuses={"running", "succeeded"})
+        assert server.terminate() == 0
+    finally:
+        server.stop()
+    with sqlite3.connect(db_path) as conn:
+        # A drain charges no attempt: nothing given back has used one up.
+        charged = conn.execute(
+            "SELECT COUNT(*) FROM tasks WHERE status = 'queued' AND attempts > 0"
+        ).fetchone()
+        running = conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'running'").fetchone()
+    assert charged == (0,) and running == (0,)
+    restarted = Server(db_path).start()
+    try:
+        for task_id in task_ids:
+            assert wait_for_task(restarted, task_id)["status"] == "succeeded"
+    finally:
+        restarted.stop()
+
+
+def test_uvicorn_import_string_serves_with_settings_from_the_environment(db_path: Path) -> None:
+    server = Server(db_path)
+    environ = {"PROFILE_APP_DB": str(db_path)}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "profile_app:app", "--port", str(server.port)],
+        cwd=ROOT,
+        env={**os.environ, **environ},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server.process = process
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if server.get("/health", timeout=1).status_code == 200:
+                    break
+            except OSError:
+                assert time.monotonic() < deadline, "uvicorn profile_app:app did not start"
+                time.sleep(0.05)  # poll interval
+        task_id = server.post("/profile", json=profile("solo", ["chess"])).json()["task_id"]
+        assert wait_for_task(server, task_id)["status"] == "succeeded"
+    finally:
+        server.stop()
+    assert db_path.exists()
