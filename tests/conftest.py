@@ -40,7 +40,12 @@ def db_path(tmp_path: Path) -> Path:
 @pytest.fixture
 def make_settings(db_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
-        defaults: dict[str, Any] = {"db": db_path, "retry_backoff_s": 0.05, "lease_s": 3.0, "poll_interval_s": 0.1}
+        defaults: dict[str, Any] = {
+            "db": db_path,
+            "retry_backoff_s": 0.05,
+            "lease_s": 3.0,
+            "poll_interval_s": 0.1,
+        }
         return Settings(**{**defaults, **overrides})
 
     return make
@@ -169,3 +174,14 @@ def make_server(db_path: Path) -> Iterator[Callable[..., Server]]:
     yield make
     for server in servers:
         server.stop()
+
+
+def submit(client: TestClient, kind: str, payload: dict[str, Any]) -> str:
+    """Queue a task of any registered kind through the app's executor (its public API)."""
+    executor = client.app_state["executor"]
+    return client.portal.call(executor.submit, kind, payload)  # type: ignore[union-attr]
+
+
+def stored_task(client: TestClient, task_id: str) -> Any:
+    """The task's row as the queue stores it (with its result)."""
+    return client.portal.call(client.app_state["db"].get_task, task_id)  # type: ignore[union-attr]

@@ -20,7 +20,17 @@ SEEDED = 20_000
 
 def seed(db: Path, count: int) -> None:
     subprocess.run(
-        [sys.executable, "profile_app.py", "seed", "--count", str(count), "--db", str(db), "--random-seed", "7"],
+        [
+            sys.executable,
+            "profile_app.py",
+            "seed",
+            "--count",
+            str(count),
+            "--db",
+            str(db),
+            "--random-seed",
+            "7",
+        ],
         cwd=ROOT,
         check=True,
         capture_output=True,

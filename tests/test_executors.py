@@ -1,0 +1,255 @@
+"""Task kinds added outside the project's modules, run on every executor through the public API."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import anyio
+import anyio.lowlevel
+import pytest
+from conftest import profile, stored_task, submit, wait_for_task
+from starlette.testclient import TestClient
+
+from executors import KindRegistry, Placement, current_task, report_progress
+
+kinds = KindRegistry()
+
+
+@kinds.kind(runs_on=Placement.LOOP)
+async def add_on_loop(a: int, b: int) -> dict:
+    await anyio.lowlevel.checkpoint()
+    return {"sum": a + b, "task_id": current_task().task_id}
+
+
+@kinds.kind(runs_on=Placement.THREAD)
+def add_on_thread(a: int, b: int) -> dict:
+    return {"sum": a + b, "pid": os.getpid()}
+
+
+@kinds.kind(runs_on=Placement.PROCESS)
+def add_in_process(a: int, b: int) -> dict:
+    return {"sum": a + b, "pid": os.getpid(), "nice": os.nice(0)}
+
+
+def _wait_for_file(path: str) -> None:
+    """Inside a task: block until the test creates `path` (the task's own work, not a test wait)."""
+    while not os.path.exists(path):
+        time.sleep(0.01)
+
+
+@kinds.kind(runs_on=Placement.PROCESS, time_limit_s=60)
+def run_until_killed(pid_file: str) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    while True:
+        pass
+
+
+@kinds.kind(runs_on=Placement.PROCESS, time_limit_s=1, max_attempts=1)
+def runaway(pid_file: str) -> None:
+    Path(pid_file).write_text(str(os.getpid()))
+    while True:
+        pass
+
+
+@kinds.kind(runs_on=Placement.PROCESS, max_attempts=3, retry_backoff_s=0.01)
+def fails_twice(counter_file: str) -> str:
+    path = Path(counter_file)
+    attempt = int(path.read_text()) + 1 if path.exists() else 1
+    path.write_text(str(attempt))
+    if attempt < 3:
+        raise RuntimeError(f"attempt {attempt} fails\non purpose")
+    return "third time lucky"
+
+
+@kinds.kind(runs_on=Placement.PROCESS, max_attempts=2, retry_backoff_s=0.01)
+def always_fails() -> None:
+    raise ValueError("boom")
+
+
+@kinds.kind(runs_on=Placement.PROCESS, max_attempts=2, retry_backoff_s=0.01)
+def crashes_its_worker() -> None:
+    os._exit(1)
+
+
+@kinds.kind(runs_on=Placement.PROCESS)
+def reports_progress(go_file: str) -> str:
+    report_progress(0.5)
+    _wait_for_file(go_file)
+    return "done"
+
+
+@kinds.kind(runs_on=Placement.LOOP, concurrency=1)
+async def blocks_forever() -> None:
+    await anyio.sleep_forever()
+
+
+@pytest.fixture
+def app_client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client(kinds=kinds)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.01)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+# -- each executor runs a kind registered outside the project ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "executor"),
+    [("add_on_loop", "loop"), ("add_on_thread", "thread"), ("add_in_process", "process")],
+)
+def test_a_kind_runs_on_its_executor(app_client: TestClient, kind: str, executor: str) -> None:
+    task_id = submit(app_client, kind, {"a": 2, "b": 3})
+    task = wait_for_task(app_client, task_id)
+    assert (task["status"], task["executor"], task["attempts"]) == ("succeeded", executor, 1)
+    assert stored_task(app_client, task_id).result["sum"] == 5
+
+
+def test_process_kinds_run_in_another_process_at_lower_priority(app_client: TestClient) -> None:
+    task_id = submit(app_client, "add_in_process", {"a": 1, "b": 1})
+    wait_for_task(app_client, task_id)
+    result = stored_task(app_client, task_id).result
+    assert result["pid"] != os.getpid()
+    assert result["nice"] >= os.nice(0) + 10
+
+
+def test_a_kind_sees_its_task_context(app_client: TestClient) -> None:
+    task_id = submit(app_client, "add_on_loop", {"a": 0, "b": 0})
+    wait_for_task(app_client, task_id)
+    assert stored_task(app_client, task_id).result["task_id"] == task_id
+
+
+def test_kinds_are_listed_with_their_placement(app_client: TestClient) -> None:
+    listed = {kind["name"]: kind["placement"] for kind in app_client.get("/kinds").json()["kinds"]}
+    assert listed["add_on_thread"] == "thread" and listed["add_in_process"] == "process"
+    assert listed["match"] == "process" and listed["notify"] == "thread"
+
+
+def test_registration_rejects_bad_placements() -> None:
+    registry = KindRegistry()
+    with pytest.raises(ValueError, match="runs_on='gpu' is not one of"):
+        registry.kind(runs_on="gpu")(add_on_thread)
+    with pytest.raises(ValueError, match="loop"):
+        registry.kind(runs_on=Placement.LOOP)(add_on_thread)
+    registry.kind()(add_on_thread)
+    with pytest.raises(ValueError, match="already registered"):
+        registry.kind()(add_on_thread)
+
+
+def test_default_placement_never_puts_sync_code_on_the_loop() -> None:
+    registry = KindRegistry()
+    registry.kind()(add_on_thread)
+    registry.kind()(add_on_loop)
+    assert registry["add_on_thread"].placement is Placement.PROCESS
+    assert registry["add_on_loop"].placement is Placement.LOOP
+
+
+# -- limits: retries, time limits, crashes, cancellation -----------------------------------
+
+
+def test_a_raising_task_is_retried_until_it_succeeds(app_client: TestClient, tmp_path: Path) -> None:
+    task_id = submit(app_client, "fails_twice", {"counter_file": str(tmp_path / "count")})
+    task = wait_for_task(app_client, task_id)
+    assert (task["status"], task["attempts"], task["error"]) == ("succeeded", 3, None)
+    assert stored_task(app_client, task_id).result == "third time lucky"
+
+
+def test_a_poison_task_fails_after_max_attempts_with_its_error(app_client: TestClient) -> None:
+    task = wait_for_task(app_client, submit(app_client, "always_fails", {}))
+    assert (task["status"], task["attempts"], task["max_attempts"]) == ("failed", 2, 2)
+    assert task["error"] == "ValueError: boom"
+    assert task["finished_at"] is not None
+
+
+def test_a_crashing_worker_fails_only_its_own_attempts(app_client: TestClient) -> None:
+    crash_id = submit(app_client, "crashes_its_worker", {})
+    other_id = submit(app_client, "add_in_process", {"a": 1, "b": 2})
+    crashed = wait_for_task(app_client, crash_id)
+    assert (crashed["status"], crashed["attempts"]) == ("failed", 2)
+    assert "worker process died" in crashed["error"]
+    assert wait_for_task(app_client, other_id)["status"] == "succeeded"
+    assert (
+        wait_for_task(app_client, submit(app_client, "add_in_process", {"a": 0, "b": 0}))["status"]
+        == "succeeded"
+    )
+    assert app_client.get("/health").json()["status"] == "ok"
+
+
+def test_a_task_past_its_time_limit_is_killed(app_client: TestClient, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    task = wait_for_task(app_client, submit(app_client, "runaway", {"pid_file": str(pid_file)}))
+    assert task["status"] == "failed"
+    assert "time limit of 1 s" in task["error"]
+    pid = int(pid_file.read_text())
+    wait_until(lambda: not pid_alive(pid), 1.0, "the runaway worker process is gone")
+
+
+def test_cancelling_a_running_process_task_kills_it(app_client: TestClient, tmp_path: Path) -> None:
+    pid_file = tmp_path / "pid"
+    task_id = submit(app_client, "run_until_killed", {"pid_file": str(pid_file)})
+    wait_until(pid_file.exists, 30, "the task started")
+    pid = int(pid_file.read_text())
+
+    response = app_client.delete(f"/tasks/{task_id}")
+
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    wait_until(lambda: not pid_alive(pid), 1.0, "the cancelled worker process is gone")
+    assert app_client.delete(f"/tasks/{task_id}").status_code == 409
+    assert wait_for_task(app_client, task_id)["status"] == "cancelled"
+
+
+def test_a_cancelled_queued_task_never_starts(app_client: TestClient) -> None:
+    running_id = submit(app_client, "blocks_forever", {})
+    wait_for_task(app_client, running_id, statuses={"running"})
+    queued_id = submit(app_client, "blocks_forever", {})  # concurrency 1: it waits its turn
+
+    assert app_client.delete(f"/tasks/{queued_id}").json()["status"] == "cancelled"
+    assert app_client.delete(f"/tasks/{running_id}").json()["status"] == "cancelled"
+    assert wait_for_task(app_client, running_id)["status"] == "cancelled"
+    task = app_client.get(f"/tasks/{queued_id}").json()
+    assert (task["status"], task["attempts"], task["started_at"]) == ("cancelled", 0, None)
+
+
+def test_progress_reported_in_a_process_shows_on_the_task(app_client: TestClient, tmp_path: Path) -> None:
+    go_file = tmp_path / "go"
+    task_id = submit(app_client, "reports_progress", {"go_file": str(go_file)})
+    wait_until(lambda: app_client.get(f"/tasks/{task_id}").json()["progress"] == 0.5, 30, "progress 0.5")
+    go_file.touch()
+    task = wait_for_task(app_client, task_id)
+    assert (task["status"], task["progress"]) == ("succeeded", 1.0)
+
+
+# -- inline mode, for users' own unit tests --------------------------------------------------
+
+
+def test_inline_mode_runs_every_kind_at_once_in_process(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(kinds=kinds, inline=True)
+    task_id = submit(client, "add_in_process", {"a": 20, "b": 22})
+    task = client.get(f"/tasks/{task_id}").json()  # no waiting: it already ran
+    assert task["status"] == "succeeded"
+    result = stored_task(client, task_id).result
+    assert result == {"sum": 42, "pid": os.getpid(), "nice": os.nice(0)}
+
+
+def test_inline_mode_stores_matches_before_the_post_returns(make_client: Callable[..., TestClient]) -> None:
+    client = make_client(inline=True)
+    client.post("/profile", json=profile("ann", ["chess", "go"], "I play chess"))
+    client.post("/profile", json=profile("bob", ["chess"], "chess"))
+    matches = client.get("/profile/bob").json()["matches"]
+    # jaccard 1/2, cosine 1/sqrt(3): 0.25 + 0.288675 = 0.538675
+    assert matches == [{"user_id": "ann", "score": 0.538675}]

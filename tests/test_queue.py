@@ -1,0 +1,177 @@
+"""The durable queue in db.py, on a real SQLite file: claims, leases, recovery, exactly-once."""
+
+from __future__ import annotations
+
+import json
+import socket
+import sqlite3
+from pathlib import Path
+
+import anyio
+import pytest
+
+from db import (
+    MIGRATIONS,
+    Database,
+    NewTask,
+    ProfileSubmission,
+    QueueFull,
+    TaskStatus,
+)
+
+pytestmark = pytest.mark.anyio
+
+
+class FakeClock:
+    """Injected time, so lease expiry is tested without waiting for it."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def new_task(number: int = 0, max_attempts: int = 3) -> NewTask:
+    return NewTask("work", {"n": number}, "process", max_attempts)
+
+
+async def test_schema_is_versioned_and_reopening_migrates_nothing(db_path: Path) -> None:
+    async with Database(db_path):
+        pass
+    async with Database(db_path):
+        pass
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+        assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+
+
+async def test_two_dispatchers_never_claim_the_same_task(db_path: Path) -> None:
+    async with Database(db_path) as first, Database(db_path) as second:
+        for number in range(300):
+            await first.enqueue(new_task(number))
+        claims: dict[Database, list[str]] = {first: [], second: []}
+
+        async def claim_all(db: Database) -> None:
+            while batch := await db.claim("work", "process", 7, lease_s=60):
+                claims[db].extend(task.id for task in batch)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(claim_all, first)
+            group.start_soon(claim_all, second)
+
+    every_claim = claims[first] + claims[second]
+    assert len(every_claim) == 300 == len(set(every_claim))
+    assert claims[first] and claims[second], "both dispatchers should have won some claims"
+
+
+async def test_only_the_attempt_holding_the_lease_stores_a_result(db_path: Path) -> None:
+    clock = FakeClock()
+    async with Database(db_path, clock=clock) as db:
+        await db.enqueue(new_task())
+        (first,) = await db.claim("work", "process", 1, lease_s=10)
+        clock.now += 11  # the first attempt's server stopped renewing: its lease runs out
+        assert await db.recover_lost() == 1
+        (second,) = await db.claim("work", "process", 1, lease_s=10)
+        assert second.attempts == 2
+
+        assert await db.succeed(first, "stale", None) is False
+        assert await db.succeed(second, "fresh", None) is True
+        assert await db.succeed(second, "again", None) is False
+        task = await db.get_task(second.id)
+    assert task is not None and (task.status, task.result) == (TaskStatus.SUCCEEDED, "fresh")
+
+
+async def test_renewed_leases_are_not_taken_back(db_path: Path) -> None:
+    clock = FakeClock()
+    async with Database(db_path, clock=clock) as db:
+        await db.enqueue(new_task())
+        (task,) = await db.claim("work", "process", 1, lease_s=10)
+        for _ in range(10):  # an hour-long task whose worker is alive keeps its lease
+            clock.now += 6
+            assert await db.renew_leases([task.id], lease_s=10) == {task.id}
+            assert await db.recover_lost() == 0
+        assert (await db.get_task(task.id)).status is TaskStatus.RUNNING  # type: ignore[union-attr]
+
+
+async def test_a_lost_attempt_on_the_last_try_fails_the_task(db_path: Path) -> None:
+    clock = FakeClock()
+    async with Database(db_path, clock=clock) as db:
+        await db.enqueue(new_task(max_attempts=1))
+        (task,) = await db.claim("work", "process", 1, lease_s=10)
+        clock.now += 11
+        await db.recover_lost()
+        stored = await db.get_task(task.id)
+    assert stored is not None and stored.status is TaskStatus.FAILED
+    assert stored.error == "attempt 1 was lost: its server process stopped"
+
+
+async def test_tasks_of_a_dead_local_process_are_taken_back_at_once(db_path: Path) -> None:
+    async with Database(db_path) as db:
+        await db.enqueue(new_task())
+        (task,) = await db.claim("work", "process", 1, lease_s=3600)
+    with sqlite3.connect(db_path) as conn:  # as if a server process that no longer runs held it
+        conn.execute("UPDATE tasks SET lease_owner = ?", (f"{socket.gethostname()}:999999999:dead",))
+    async with Database(db_path) as db:
+        assert await db.recover_lost() == 1
+        stored = await db.get_task(task.id)
+    assert stored is not None and stored.status is TaskStatus.QUEUED
+
+
+async def test_a_failed_attempt_is_retried_after_its_backoff(db_path: Path) -> None:
+    clock = FakeClock()
+    async with Database(db_path, clock=clock) as db:
+        await db.enqueue(new_task())
+        (task,) = await db.claim("work", "process", 1, lease_s=10)
+        assert await db.fail(task, "RuntimeError: no", retry_in_s=4) is TaskStatus.QUEUED
+        assert await db.claim("work", "process", 1, lease_s=10) == []
+        clock.now += 4
+        (retry,) = await db.claim("work", "process", 1, lease_s=10)
+    assert retry.attempts == 2 and retry.error == "RuntimeError: no"
+
+
+async def test_a_drain_gives_tasks_back_without_charging_an_attempt(db_path: Path) -> None:
+    async with Database(db_path) as db:
+        await db.enqueue(new_task())
+        claimed = await db.claim("work", "process", 1, lease_s=10)
+        assert await db.release(claimed) == 1
+        stored = await db.get_task(claimed[0].id)
+    assert stored is not None and (stored.status, stored.attempts) == (TaskStatus.QUEUED, 0)
+
+
+def submission(user_id: str, key: str | None = None) -> ProfileSubmission:
+    task = NewTask("match", {"user_id": user_id}, "process", 3)
+    return ProfileSubmission(
+        profile={"user_id": user_id, "name": user_id, "interests": [], "bio": ""},
+        task=task,
+        idempotency_key=key,
+        request_hash="h" if key else None,
+        response={"task_id": task.id},
+    )
+
+
+async def test_group_commit_stores_concurrent_submissions_and_stops_at_the_limit(db_path: Path) -> None:
+    outcomes: dict[str, object] = {}
+
+    async def submit(db: Database, user_id: str) -> None:
+        try:
+            outcomes[user_id] = await db.submit_profile(
+                submission(user_id), max_unfinished=25, idempotency_ttl_s=60
+            )
+        except QueueFull as exc:
+            outcomes[user_id] = exc
+
+    async with Database(db_path) as db:
+        async with anyio.create_task_group() as group:
+            for number in range(40):
+                group.start_soon(submit, db, f"user{number}")
+        stored = {user_id for user_id in outcomes if await db.get_profile(user_id) is not None}
+
+    accepted = {user_id for user_id, outcome in outcomes.items() if isinstance(outcome, dict)}
+    assert len(accepted) == 25 and stored == accepted
+    with sqlite3.connect(db_path) as conn:
+        (tasks,) = conn.execute("SELECT COUNT(*) FROM tasks").fetchone()
+        task_users = {
+            json.loads(payload)["user_id"] for (payload,) in conn.execute("SELECT payload FROM tasks")
+        }
+    assert tasks == 25 and task_users == accepted
