@@ -214,9 +214,11 @@ class Transaction:
     def __init__(self, conn: aiosqlite.Connection, now: float) -> None:
         self._conn = conn
         self.now = now
+        self.enqueued: list[NewTask] = []
 
     async def enqueue(self, task: NewTask) -> None:
         await _insert_task(self._conn, task, self.now)
+        self.enqueued.append(task)
 
     async def set_matches(self, user_id: str, task_id: str, matches: list[dict[str, Any]]) -> bool:
         """Store matches on the profile if `task_id` is still its latest match task."""
@@ -581,8 +583,14 @@ class Database:
         )
         return {task_id for (task_id,) in rows}
 
-    async def succeed(self, task: TaskRecord, result: Any, effect: SuccessEffect | None) -> bool:
-        """Store the result once: only the attempt that holds the lease can finish the task."""
+    async def succeed(
+        self, task: TaskRecord, result: Any, effect: SuccessEffect | None
+    ) -> list[NewTask] | None:
+        """Store the result once: only the attempt that holds the lease can finish the task.
+
+        Returns the follow-up tasks the effect queued, or None when this attempt no longer
+        held the task (its result is dropped).
+        """
         async with self._transaction() as conn:
             now = self.clock()
             cursor = await conn.execute(
@@ -592,10 +600,11 @@ class Database:
                 (now, json.dumps(result), task.id, self.owner, task.attempts),
             )
             if cursor.rowcount != 1:
-                return False
+                return None
+            transaction = Transaction(conn, now)
             if effect is not None:
-                await effect(Transaction(conn, now), task, result)
-        return True
+                await effect(transaction, task, result)
+        return transaction.enqueued
 
     async def fail(self, task: TaskRecord, error: str, retry_in_s: float | None) -> TaskStatus | None:
         """End the attempt with `error`: queue a retry after `retry_in_s`, or fail the task."""
@@ -626,7 +635,8 @@ class Database:
         async with self._transaction() as conn:
             cursor = await conn.executemany(
                 "UPDATE tasks SET status = 'queued', attempts = attempts - 1, run_after = ?,"
-                " lease_owner = NULL, lease_until = NULL, progress = NULL"
+                " lease_owner = NULL, lease_until = NULL, progress = NULL,"
+                " started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END"
                 " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
                 [(self.clock(), task.id, self.owner, task.attempts) for task in tasks],
             )

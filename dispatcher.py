@@ -88,9 +88,11 @@ class Executor:
         config: ExecutorConfig,
         *,
         on_attempt_end: AttemptObserver | None = None,
+        on_submit: Callable[[str], None] | None = None,
     ) -> None:
         self.db = db
         self._on_attempt_end = on_attempt_end
+        self._on_submit = on_submit
         self.kinds = kinds
         self.config = config
         self._runners: dict[Placement, Runner] = runners_for(
@@ -124,15 +126,19 @@ class Executor:
         """Queue a task durably and return its id."""
         task = self.new_task(kind_name, payload)
         await self.db.enqueue(task)
-        await self.submitted()
+        await self.submitted(task.kind)
         return task.id
 
-    async def submitted(self) -> None:
-        """Tell the executor new work is queued (in inline mode, run it now)."""
+    async def submitted(self, kind_name: str) -> None:
+        """Tell the executor a task of `kind_name` is queued (in inline mode, run it now)."""
+        self._announce(kind_name)
         if self.config.inline:
             await self._run_due_inline()
-        else:
-            self._wakeup.set()
+
+    def _announce(self, kind_name: str) -> None:
+        if self._on_submit is not None:
+            self._on_submit(kind_name)
+        self._wakeup.set()
 
     async def cancel(self, task_id: str) -> TaskRecord | None:
         """Cancel a queued or running task; a running process attempt is killed at once."""
@@ -218,10 +224,15 @@ class Executor:
     async def _claim_and_start(self, task_group: TaskGroup) -> int:
         started = 0
         for kind in self.kinds:
+            if not self._accepting:
+                return started
             try:
                 claimed = await self.db.claim(
                     kind.name, kind.placement.value, self._free_slots(kind), self.config.lease_s
                 )
+                if not self._accepting:  # a drain began while we claimed: take no new work
+                    await self.db.release(claimed)
+                    return started
             except StorageUnavailable as exc:
                 logger.warning("could not claim %s tasks: %s", kind.name, exc)
                 return started
@@ -318,15 +329,16 @@ class Executor:
     async def _succeed(self, attempt: _Attempt, outcome: CallResult) -> str:
         task, kind = attempt.task, attempt.kind
         try:
-            stored = await self.db.succeed(task, outcome.value, kind.on_success)
+            follow_ups = await self.db.succeed(task, outcome.value, kind.on_success)
         except (TypeError, ValueError) as exc:  # the result is not JSON: a defect of the task
             await self.db.fail(task, f"the result could not be stored: {one_line(exc)}", None)
             return TaskStatus.FAILED.value
-        if not stored:
+        if follow_ups is None:
             logger.info("task %s (%s): result dropped, the attempt no longer held it", task.id, kind.name)
             return "dropped"
         logger.info("task %s (%s) succeeded (cpu %.3f s)", task.id, kind.name, outcome.cpu_s)
-        self._wakeup.set()  # a success may have queued follow-up work
+        for follow_up in follow_ups:
+            self._announce(follow_up.kind)  # inline mode runs it in its loop
         return TaskStatus.SUCCEEDED.value
 
     # -- housekeeping: heartbeat, cancellations, recovery, progress ----------------------------

@@ -51,7 +51,7 @@ async def read_json_object(request: Request, max_body_bytes: int) -> dict[str, A
             raise too_large
     try:
         document = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, or an integer too long to read
         raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
     except RecursionError:
         raise HTTPException(400, "the body is not valid JSON: nested too deeply") from None

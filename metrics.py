@@ -44,6 +44,9 @@ class Metrics:
             registry=self.registry,
         )
 
+    def task_submitted(self, kind: str) -> None:
+        self.submitted.labels(kind).inc()
+
     def task_finished(self, kind: str, status: str, duration_s: float) -> None:
         self.finished.labels(kind, status).inc()
         self.duration.labels(kind).observe(duration_s)

@@ -125,7 +125,7 @@ def document() -> dict[str, Any]:
                     {
                         "name": "cursor",
                         "in": "query",
-                        "schema": {"type": "string", "pattern": "^[0-9]{1,19}$"},
+                        "schema": {"type": "string", "pattern": "^[0-9]{1,18}$"},
                     },
                 ],
                 "responses": {

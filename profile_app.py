@@ -125,8 +125,7 @@ async def post_profile(request: Request) -> Response:
     except IdempotencyInProgress:
         return error(409, "a request with this Idempotency-Key is still being handled")
     if accepted["task_id"] == task.id:
-        request.state.metrics.submitted.labels(MATCH).inc()
-        await executor.submitted()
+        await executor.submitted(MATCH)
     return JSONResponse(accepted, status_code=202, headers={"Location": accepted["task_url"]})
 
 
@@ -211,6 +210,11 @@ async def cancel_task(request: Request) -> Response:
     if existing is None:
         return error(404, "no such task")
     return error(409, f"the task has already finished ({existing.status.value})")
+
+
+async def task_resource(request: Request) -> Response:
+    # One route for both methods, so a 405 on this path lists every allowed method.
+    return await (cancel_task(request) if request.method == "DELETE" else get_task(request))
 
 
 async def health(request: Request) -> Response:
@@ -304,7 +308,13 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
                 inline=settings.inline,
                 idempotency_ttl_s=settings.idempotency_ttl_s,
             )
-            executor = Executor(db, registry, config, on_attempt_end=app_metrics.task_finished)
+            executor = Executor(
+                db,
+                registry,
+                config,
+                on_attempt_end=app_metrics.task_finished,
+                on_submit=app_metrics.task_submitted,
+            )
             await task_group.start(executor.run)
             task_group.start_soon(app_metrics.sample_loop_lag)
             try:
@@ -318,8 +328,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         Route("/profile", post_profile, methods=["POST"]),
         Route("/profile/{user_id}", get_profile, methods=["GET"]),
         Route("/tasks", list_tasks, methods=["GET"]),
-        Route("/tasks/{task_id}", get_task, methods=["GET"]),
-        Route("/tasks/{task_id}", cancel_task, methods=["DELETE"]),
+        Route("/tasks/{task_id}", task_resource, methods=["GET", "DELETE"]),
         Route("/health", health, methods=["GET"]),
         Route("/kinds", list_kinds, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

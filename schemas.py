@@ -107,7 +107,7 @@ class TaskQuery(BaseModel):
     status: TaskStatusName | None = None
     kind: Annotated[str, StringConstraints(min_length=1, max_length=100)] | None = None
     limit: Annotated[int, Field(ge=1, le=500)] = 50
-    cursor: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,19}$")] | None = None
+    cursor: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,18}$")] | None = None
 
 
 class Health(BaseModel):

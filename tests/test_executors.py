@@ -47,7 +47,7 @@ def run_until_killed(pid_file: str) -> None:
         pass
 
 
-@kinds.kind(runs_on=Placement.PROCESS, time_limit_s=1, max_attempts=1)
+@kinds.kind(runs_on=Placement.PROCESS, time_limit_s=3, max_attempts=1)
 def runaway(pid_file: str) -> None:
     Path(pid_file).write_text(str(os.getpid()))
     while True:
@@ -194,7 +194,7 @@ def test_a_task_past_its_time_limit_is_killed(app_client: TestClient, tmp_path: 
     pid_file = tmp_path / "pid"
     task = wait_for_task(app_client, submit(app_client, "runaway", {"pid_file": str(pid_file)}))
     assert task["status"] == "failed"
-    assert "time limit of 1 s" in task["error"]
+    assert "time limit of 3 s" in task["error"]
     pid = int(pid_file.read_text())
     wait_until(lambda: not pid_alive(pid), 1.0, "the runaway worker process is gone")
 

@@ -48,8 +48,9 @@ def test_matches_are_posted_to_the_webhook_with_retries(
     make_client: Callable[..., TestClient], webhook: Webhook
 ) -> None:
     client = make_client(webhook_url=webhook.url)
-    client.post("/profile", json=profile("ann", ["chess"], "chess"))
+    ann_match_id = client.post("/profile", json=profile("ann", ["chess"], "chess")).json()["task_id"]
     match_id = client.post("/profile", json=profile("bob", ["chess"], "chess")).json()["task_id"]
+    assert wait_for_task(client, ann_match_id)["status"] == "succeeded"
     assert wait_for_task(client, match_id)["status"] == "succeeded"
 
     notify_tasks = client.get("/tasks?kind=notify").json()["tasks"]

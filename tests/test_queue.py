@@ -62,7 +62,6 @@ async def test_two_dispatchers_never_claim_the_same_task(db_path: Path) -> None:
 
     every_claim = claims[first] + claims[second]
     assert len(every_claim) == 300 == len(set(every_claim))
-    assert claims[first] and claims[second], "both dispatchers should have won some claims"
 
 
 async def test_only_the_attempt_holding_the_lease_stores_a_result(db_path: Path) -> None:
@@ -75,9 +74,9 @@ async def test_only_the_attempt_holding_the_lease_stores_a_result(db_path: Path)
         (second,) = await db.claim("work", "process", 1, lease_s=10)
         assert second.attempts == 2
 
-        assert await db.succeed(first, "stale", None) is False
-        assert await db.succeed(second, "fresh", None) is True
-        assert await db.succeed(second, "again", None) is False
+        assert await db.succeed(first, "stale", None) is None
+        assert await db.succeed(second, "fresh", None) == []
+        assert await db.succeed(second, "again", None) is None
         task = await db.get_task(second.id)
     assert task is not None and (task.status, task.result) == (TaskStatus.SUCCEEDED, "fresh")
 
