@@ -3,7 +3,7 @@
 Sections follow the contract: POST /profile (validation, then success), GET /profile,
 Idempotency-Key, the task endpoints, the operations endpoints, and the end of the lifespan.
 Tasks that must stay queued or running use a `hold` loop kind (concurrency 1) that runs until
-cancelled. Tests marked xfail(strict=True) show bugs of the app.
+cancelled.
 """
 
 from __future__ import annotations
@@ -248,11 +248,6 @@ def test_deeply_nested_json_is_400_not_500(client: TestClient) -> None:
     assert_message(post_raw(client, b"[" * 100_000 + b"]" * 100_000), 400)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: http_io.read_json_object lets json's ValueError for an integer over 4300 digits escape",
-)
 def test_a_huge_integer_literal_is_not_500(lenient_client: TestClient) -> None:
     response = post_raw(lenient_client, b'{"user_id": "a", "name": "b", "bio": ' + b"1" * 5000 + b"}")
     assert response.status_code in (400, 422), response.text
@@ -594,11 +589,6 @@ def test_a_bad_list_parameter_is_422(client: TestClient, params: dict[str, str])
     assert detail[0]["loc"][0] == "query"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: schemas.TaskQuery lets a cursor past int64 through; SQLite raises OverflowError",
-)
 def test_a_cursor_beyond_any_task_is_not_500(lenient_client: TestClient) -> None:
     response = lenient_client.get("/tasks", params={"cursor": "9" * 19})
     assert response.status_code in (200, 422), response.text
@@ -715,11 +705,6 @@ def test_metrics(client: TestClient) -> None:
     assert samples[("profile_app_event_loop_lag_seconds", labels())] >= 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=KeyError,
-    reason="bug: only POST /profile counts profile_app_tasks_submitted_total; Executor.submit does not",
-)
 def test_metrics_count_tasks_submitted_through_the_executor(make_client: ClientFactory) -> None:
     client = hold_client(make_client)
     wait_for_task(client, submit(client, release=True))
@@ -819,11 +804,6 @@ def test_a_wrong_method_is_405(client: TestClient, method: str, path: str) -> No
     assert method not in response.headers["allow"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: GET and DELETE /tasks/{task_id} are two Routes, so a 405 names only the first's methods",
-)
 def test_a_405_allows_every_method_of_the_path(client: TestClient) -> None:
     allowed = client.put(f"/tasks/{'a' * 32}").headers["allow"]
     assert {method.strip() for method in allowed.split(",")} >= {"GET", "DELETE"}
@@ -832,11 +812,6 @@ def test_a_405_allows_every_method_of_the_path(client: TestClient) -> None:
 # -- the end of the lifespan (SIGTERM) ---------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="bug: Executor.run finishes a claim round begun before drain; what it claims is then abandoned",
-)
 def test_a_drain_takes_no_new_work(make_client: ClientFactory, db_path: Path) -> None:
     # Deterministic form of a race: the dispatcher's claim round is in flight when the drain
     # begins (db.claim is held until then), and the running task's release waits for that claim.
