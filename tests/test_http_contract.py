@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx
+import httpx2 as httpx
 import pytest
 from anyio.from_thread import BlockingPortal
 from conftest import profile, wait_for_task
