@@ -43,6 +43,14 @@ class Metrics:
             "How late the event loop woke a timer, at the last sample.",
             registry=self.registry,
         )
+        self.blocked = Counter(
+            "profile_app_event_loop_blocked",
+            "Times the event loop was blocked past the threshold (each is logged with its stack).",
+            registry=self.registry,
+        )
+
+    def loop_blocked(self, blocked_s: float, stack: str) -> None:
+        self.blocked.inc()
 
     def task_submitted(self, kind: str) -> None:
         self.submitted.labels(kind).inc()

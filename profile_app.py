@@ -39,6 +39,7 @@ from dispatcher import Executor, ExecutorConfig
 from executors import KindRegistry
 from http_io import error, iso_utc, read_json_object
 from kinds import MATCH, builtin_kinds
+from loop_watchdog import LoopWatchdog
 from metrics import CONTENT_TYPE_LATEST, Metrics
 from schemas import USER_ID_PATTERN, ProfileIn, TaskQuery, validation_detail
 from settings import Settings, SettingsError
@@ -317,6 +318,8 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
             )
             await task_group.start(executor.run)
             task_group.start_soon(app_metrics.sample_loop_lag)
+            watchdog = LoopWatchdog(settings.blocking_threshold_ms / 1000, on_block=app_metrics.loop_blocked)
+            task_group.start_soon(watchdog.heartbeat)
             try:
                 yield {"settings": settings, "db": db, "executor": executor, "metrics": app_metrics}
             finally:

@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     webhook_url: AnyHttpUrl | None = None
     webhook_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
+    # The event loop blocked longer than this is logged with the stack that blocked it.
+    blocking_threshold_ms: Annotated[float, Field(gt=0)] = 100.0
+
     log_level: str = "info"
 
     @classmethod
