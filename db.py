@@ -107,6 +107,16 @@ MIGRATIONS: tuple[str, ...] = (
         created_at REAL NOT NULL
     );
     """,
+    """
+    CREATE TABLE kind_placements (
+        kind TEXT PRIMARY KEY,
+        placement TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        observations INTEGER NOT NULL,
+        cpu_share REAL NOT NULL,
+        updated_at REAL NOT NULL
+    );
+    """,
 )
 
 TASK_COLUMNS = (
@@ -154,6 +164,16 @@ class ProfileRecord:
     task_id: str | None
     matches: list[dict[str, Any]] | None
     matches_computed_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRecord:
+    """Where an `auto` task kind runs now, why, and the figures behind it."""
+
+    placement: str
+    reason: str
+    observations: int
+    cpu_share: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -685,6 +705,39 @@ class Database:
         if recovered:
             logger.warning("took back %d task(s) from lost server processes", recovered)
         return recovered
+
+    # -- where `auto` kinds run -------------------------------------------------------------
+
+    async def placements(self) -> dict[str, PlacementRecord]:
+        """The stored placement of every `auto` kind that has been observed."""
+        rows = await self._read(
+            "SELECT kind, placement, reason, observations, cpu_share FROM kind_placements"
+        )
+        return {
+            kind: PlacementRecord(placement, reason, observations, cpu_share)
+            for kind, placement, reason, observations, cpu_share in rows
+        }
+
+    async def observe_placement(
+        self, kind: str, update: Callable[[PlacementRecord | None], PlacementRecord]
+    ) -> tuple[PlacementRecord | None, PlacementRecord]:
+        """Read, update and store a kind's placement in one transaction (shared by all processes)."""
+        async with self._transaction() as conn:
+            rows = await conn.execute_fetchall(
+                "SELECT placement, reason, observations, cpu_share FROM kind_placements WHERE kind = ?",
+                (kind,),
+            )
+            before = None
+            if rows:
+                placement, reason, observations, cpu_share = next(iter(rows))
+                before = PlacementRecord(placement, reason, observations, cpu_share)
+            after = update(before)
+            await conn.execute(
+                "INSERT OR REPLACE INTO kind_placements"
+                " (kind, placement, reason, observations, cpu_share, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (kind, after.placement, after.reason, after.observations, after.cpu_share, self.clock()),
+            )
+        return before, after
 
     async def set_progress(self, task_id: str, attempt: int, fraction: float) -> None:
         async with self._transaction() as conn:

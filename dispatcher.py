@@ -21,15 +21,17 @@ import anyio
 from anyio import BrokenWorkerProcess, CancelScope
 from anyio.abc import TaskGroup
 
-from db import Database, NewTask, StorageUnavailable, TaskRecord, TaskStatus
+from db import Database, NewTask, PlacementRecord, StorageUnavailable, TaskRecord, TaskStatus
 from executors import (
     Call,
     CallResult,
     KindRegistry,
     Placement,
+    PlacementPolicy,
     Runner,
     TaskContext,
     TaskKind,
+    checked_for_processes,
     runners_for,
 )
 
@@ -55,6 +57,7 @@ class _StopReason(Enum):
 class _Attempt:
     task: TaskRecord
     kind: TaskKind
+    placement: Placement
     scope: CancelScope = field(default_factory=CancelScope)
     stop_reason: _StopReason | None = None
 
@@ -71,6 +74,8 @@ class ExecutorConfig:
     process_nice: int = 10
     inline: bool = False
     idempotency_ttl_s: float = 24 * 3600.0
+    auto_placement: bool = True
+    placement_policy: PlacementPolicy = field(default_factory=PlacementPolicy)
 
 
 def one_line(exc: BaseException) -> str:
@@ -93,7 +98,7 @@ class Executor:
         self.db = db
         self._on_attempt_end = on_attempt_end
         self._on_submit = on_submit
-        self.kinds = kinds
+        self.kinds = KindRegistry(checked_for_processes(kind) for kind in kinds)
         self.config = config
         self._runners: dict[Placement, Runner] = runners_for(
             process_workers=config.process_workers,
@@ -101,6 +106,7 @@ class Executor:
             inline=config.inline,
         )
         self._attempts: dict[str, _Attempt] = {}
+        self._placements: dict[str, PlacementRecord] = {}  # learned placements of `auto` kinds
         self._live_progress: dict[str, tuple[int, float]] = {}
         self._wakeup = anyio.Event()
         self._accepting = True
@@ -120,7 +126,7 @@ class Executor:
             kind = self.kinds[kind_name]
         except KeyError:
             raise UnknownKind(kind_name) from None
-        return NewTask(kind.name, payload, kind.placement.value, kind.max_attempts)
+        return NewTask(kind.name, payload, self.placement_of(kind).value, kind.max_attempts)
 
     async def submit(self, kind_name: str, payload: dict[str, Any]) -> str:
         """Queue a task durably and return its id."""
@@ -162,11 +168,30 @@ class Executor:
     def running_count(self) -> int:
         return len(self._attempts)
 
+    def placement_of(self, kind: TaskKind) -> Placement:
+        """Where `kind` runs now: its learned placement if it is `auto`, else its registered one."""
+        record = self._placements.get(kind.name)
+        if record is None or not kind.auto or not self.config.auto_placement or self.config.inline:
+            return kind.placement
+        return Placement(record.placement)
+
+    def placement_info(self, kind: TaskKind) -> dict[str, Any]:
+        """Where `kind` runs, whether the executor picks it, why, and the figures behind it."""
+        record = self._placements.get(kind.name) if kind.auto else None
+        return {
+            "placement": self.placement_of(kind).value,
+            "auto": kind.auto and self.config.auto_placement,
+            "reason": record.reason if record and self.config.auto_placement else kind.reason,
+            "observations": record.observations if record else 0,
+            "cpu_share": round(record.cpu_share, 4) if record else None,
+        }
+
     # -- the dispatcher --------------------------------------------------------------------
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Claim and run tasks until `drain` is called; start it with `task_group.start`."""
         await self._recover()
+        await self._load_placements()
         async with anyio.create_task_group() as task_group:
             self._task_group = task_group
             task_status.started()
@@ -205,18 +230,24 @@ class Executor:
             self._idle = anyio.Event()
             await self._idle.wait()
 
+    async def _load_placements(self) -> None:
+        try:
+            self._placements = await self.db.placements()
+        except StorageUnavailable as exc:
+            logger.warning("could not read the learned placements: %s", exc)
+
     async def _recover(self) -> None:
         try:
             await self.db.recover_lost()
         except StorageUnavailable as exc:
             logger.warning("could not take back lost tasks: %s", exc)
 
-    def _free_slots(self, kind: TaskKind) -> int:
+    def _free_slots(self, kind: TaskKind, placement: Placement) -> int:
         running_of_kind = sum(1 for attempt in self._attempts.values() if attempt.kind is kind)
-        free = kind.concurrency - running_of_kind
-        if kind.placement is Placement.PROCESS:
+        free = kind.concurrency_in(placement) - running_of_kind
+        if placement is Placement.PROCESS:
             running_in_processes = sum(
-                1 for attempt in self._attempts.values() if attempt.kind.placement is Placement.PROCESS
+                1 for attempt in self._attempts.values() if attempt.placement is Placement.PROCESS
             )
             free = min(free, self.config.process_workers - running_in_processes)
         return free
@@ -226,9 +257,10 @@ class Executor:
         for kind in self.kinds:
             if not self._accepting:
                 return started
+            placement = self.placement_of(kind)
             try:
                 claimed = await self.db.claim(
-                    kind.name, kind.placement.value, self._free_slots(kind), self.config.lease_s
+                    kind.name, placement.value, self._free_slots(kind, placement), self.config.lease_s
                 )
                 if not self._accepting:  # a drain began while we claimed: take no new work
                     await self.db.release(claimed)
@@ -237,7 +269,7 @@ class Executor:
                 logger.warning("could not claim %s tasks: %s", kind.name, exc)
                 return started
             for task in claimed:
-                attempt = _Attempt(task, kind)
+                attempt = _Attempt(task, kind, placement)
                 self._attempts[task.id] = attempt
                 task_group.start_soon(self._run_attempt, attempt, name=f"task {task.id}")
                 started += 1
@@ -248,8 +280,9 @@ class Executor:
         while True:
             started = 0
             for kind in self.kinds:
-                for task in await self.db.claim(kind.name, kind.placement.value, 1, self.config.lease_s):
-                    attempt = _Attempt(task, kind)
+                placement = self.placement_of(kind)
+                for task in await self.db.claim(kind.name, placement.value, 1, self.config.lease_s):
+                    attempt = _Attempt(task, kind, placement)
                     self._attempts[task.id] = attempt
                     await self._run_attempt(attempt, retry_delay_s=0.0)
                     started += 1
@@ -274,7 +307,7 @@ class Executor:
             with attempt.scope:
                 try:
                     with anyio.fail_after(kind.time_limit_s):
-                        outcome = await self._runners[kind.placement](
+                        outcome = await self._runners[attempt.placement](
                             Call(kind, task.payload, self._context(task))
                         )
                 except TimeoutError:
@@ -290,6 +323,7 @@ class Executor:
         finally:
             self._attempts.pop(task.id, None)
             self._live_progress.pop(task.id, None)
+            self._wakeup.set()  # a slot is free: claim the next due task now, not at the next poll
             if not self._attempts:
                 self._idle.set()
 
@@ -336,10 +370,37 @@ class Executor:
         if follow_ups is None:
             logger.info("task %s (%s): result dropped, the attempt no longer held it", task.id, kind.name)
             return "dropped"
-        logger.info("task %s (%s) succeeded (cpu %.3f s)", task.id, kind.name, outcome.cpu_s)
+        logger.info(
+            "task %s (%s) succeeded on %s (cpu %.3f s of %.3f s)",
+            task.id,
+            kind.name,
+            attempt.placement.value,
+            outcome.cpu_s,
+            outcome.wall_s,
+        )
+        if kind.auto and self.config.auto_placement and not self.config.inline:
+            await self._learn_placement(kind, outcome)
         for follow_up in follow_ups:
             self._announce(follow_up.kind)  # inline mode runs it in its loop
         return TaskStatus.SUCCEEDED.value
+
+    async def _learn_placement(self, kind: TaskKind, outcome: CallResult) -> None:
+        """One more observation of an `auto` kind; moves it when the evidence says so."""
+        policy = self.config.placement_policy
+        before, after = await self.db.observe_placement(
+            kind.name, lambda record: policy.observe(record, kind, outcome.cpu_share)
+        )
+        self._placements[kind.name] = after
+        was = before.placement if before else kind.placement.value
+        if after.placement != was:
+            logger.warning(
+                "task kind %s moves from %s to %s after %d attempts: %s",
+                kind.name,
+                was,
+                after.placement,
+                after.observations,
+                after.reason,
+            )
 
     # -- housekeeping: heartbeat, cancellations, recovery, progress ----------------------------
 
@@ -357,6 +418,8 @@ class Executor:
                     await self.db.renew_leases(list(self._attempts), self.config.lease_s)
                 if tick % recover_every == 0 and await self.db.recover_lost():
                     self._wakeup.set()
+                if tick % renew_every == 0:  # other server processes may have moved a kind
+                    self._placements = await self.db.placements()
                 if tick % gc_every == 0:
                     await self.db.forget_idempotency_keys(self.config.idempotency_ttl_s)
             except StorageUnavailable as exc:

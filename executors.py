@@ -27,19 +27,20 @@ import contextvars
 import inspect
 import logging
 import os
+import pickle
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import anyio
 import anyio.to_process
 import anyio.to_thread
 from anyio import CapacityLimiter
 
-from db import SuccessEffect
+from db import PlacementRecord, SuccessEffect
 
 logger = logging.getLogger("profile_app.executors")
 
@@ -54,19 +55,27 @@ class Placement(StrEnum):
     PROCESS = "process"
 
 
+AUTO = "auto"
+"""`runs_on=AUTO`: the executor picks thread or process for the kind from its attempts."""
+
+
 @dataclass(frozen=True, slots=True)
 class TaskKind:
     """A registered kind of task: the function, where it runs, and its limits."""
 
     name: str
     func: Callable[..., Any]
-    placement: Placement
+    placement: Placement  # where it starts; an `auto` kind may move (see PlacementPolicy)
     time_limit_s: float
     max_attempts: int
-    concurrency: int
+    concurrency: int | None  # None: the default of wherever it runs now
     retry_backoff_s: float
     on_success: SuccessEffect | None = None
     reason: str = ""
+    auto: bool = False
+
+    def concurrency_in(self, placement: Placement) -> int:
+        return self.concurrency or DEFAULT_CONCURRENCY[placement]
 
 
 DEFAULT_CONCURRENCY = {Placement.LOOP: 100, Placement.THREAD: 8, Placement.PROCESS: os.cpu_count() or 2}
@@ -90,7 +99,7 @@ class KindRegistry:
         self,
         name: str | None = None,
         *,
-        runs_on: Placement | str | None = None,
+        runs_on: Placement | Literal["auto"] | None = None,
         time_limit_s: float = 60.0,
         max_attempts: int = 3,
         concurrency: int | None = None,
@@ -99,12 +108,14 @@ class KindRegistry:
     ) -> Callable[[F], F]:
         """Register the decorated function as a task kind (named after it by default).
 
-        `runs_on` defaults to `loop` for an `async def` and `process` for a plain `def`:
-        an unknown synchronous function is assumed to compute, so it never starves the loop.
+        `runs_on` defaults to `loop` for an `async def` and `auto` for a plain `def`: an
+        `auto` kind starts in a process (so an unknown function never starves the loop) and
+        moves to a thread if its attempts show that it mostly waits. An explicit placement
+        always wins.
         """
 
         def register(func: F) -> F:
-            placement, reason = _placement_for(func, runs_on)
+            placement, reason, auto = _placement_for(func, runs_on)
             if time_limit_s <= 0 or max_attempts < 1 or (concurrency is not None and concurrency < 1):
                 raise ValueError(
                     f"task kind {name or func.__name__!r}: time_limit_s must be > 0,"
@@ -117,10 +128,11 @@ class KindRegistry:
                     placement=placement,
                     time_limit_s=time_limit_s,
                     max_attempts=max_attempts,
-                    concurrency=concurrency or DEFAULT_CONCURRENCY[placement],
+                    concurrency=concurrency,
                     retry_backoff_s=retry_backoff_s,
                     on_success=on_success,
                     reason=reason,
+                    auto=auto,
                 )
             )
             return func
@@ -143,22 +155,83 @@ class KindRegistry:
         return len(self._kinds)
 
 
-def _placement_for(func: Callable[..., Any], runs_on: Placement | str | None) -> tuple[Placement, str]:
+def _placement_for(
+    func: Callable[..., Any], runs_on: Placement | Literal["auto"] | None
+) -> tuple[Placement, str, bool]:
+    """Where a kind starts, why, and whether the executor may move it."""
     is_async = inspect.iscoroutinefunction(func)
-    if runs_on is None:
-        if is_async:
-            return Placement.LOOP, "an async def function awaits on the event loop"
-        return Placement.PROCESS, "a plain def function may compute, so it runs in a process"
+    if is_async and runs_on in (None, AUTO):
+        return Placement.LOOP, "an async def function is awaited on the event loop", False
+    if runs_on in (None, AUTO):
+        return Placement.PROCESS, "auto: starts in a process until its attempts show it mostly waits", True
     try:
         placement = Placement(runs_on)
     except ValueError:
-        choices = ", ".join(p.value for p in Placement)
+        choices = ", ".join([*(p.value for p in Placement), AUTO])
         raise ValueError(f"runs_on={runs_on!r} is not one of: {choices}") from None
     if (placement is Placement.LOOP) != is_async:
         raise ValueError(
             f"{func.__name__}: `loop` kinds must be async def functions and others plain def functions"
         )
-    return placement, "chosen at registration (runs_on)"
+    return placement, "chosen at registration (runs_on)", False
+
+
+def checked_for_processes(kind: TaskKind) -> TaskKind:
+    """An `auto` kind as it can really run: on a thread, with a warning, if it cannot be pickled.
+
+    Checked when an executor starts, not at registration: a decorated function is not yet
+    bound to its module's name while its decorator runs, so it could not be pickled then.
+    """
+    if not kind.auto:
+        return kind
+    try:
+        pickle.dumps(kind.func)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        logger.warning(
+            "task kind %s cannot be pickled (%s), so it cannot run in a process: it runs on a thread",
+            kind.name,
+            exc,
+        )
+        return replace(
+            kind, placement=Placement.THREAD, auto=False, reason=f"auto: cannot be pickled ({exc})"
+        )
+    return kind
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementPolicy:
+    """When an `auto` kind moves, from the CPU share (CPU time / wall time) of its attempts.
+
+    Measured here (bench/placement_shares.py): sleeping or waiting on HTTP gives a share
+    under 0.05, pure-Python or numpy computing 0.95 to 1.0. The gap between the two
+    thresholds is the hysteresis that keeps a kind near one of them from flapping.
+    """
+
+    min_observations: int = 5
+    to_thread_below: float = 0.25
+    to_process_above: float = 0.6
+    smoothing: float = 0.3  # weight of the newest attempt in the moving average
+
+    def observe(self, record: PlacementRecord | None, kind: TaskKind, cpu_share: float) -> PlacementRecord:
+        """The kind's placement after one more attempt with `cpu_share`."""
+        if record is None:
+            record = PlacementRecord(kind.placement.value, kind.reason, 0, cpu_share)
+        share = (1 - self.smoothing) * record.cpu_share + self.smoothing * cpu_share
+        observations = record.observations + 1
+        placement, reason = Placement(record.placement), record.reason
+        if observations >= self.min_observations:
+            if placement is Placement.PROCESS and share < self.to_thread_below:
+                placement = Placement.THREAD
+                reason = (
+                    f"auto: mostly waits (CPU share {share:.2f} < {self.to_thread_below}), threads cost less"
+                )
+            elif placement is Placement.THREAD and share > self.to_process_above:
+                placement = Placement.PROCESS
+                reason = (
+                    f"auto: mostly computes (CPU share {share:.2f} > {self.to_process_above}),"
+                    " on a thread the GIL would starve the loop"
+                )
+        return PlacementRecord(placement.value, reason, observations, share)
 
 
 # -- the task context: which task is running here, and its progress ---------------------------
@@ -232,8 +305,15 @@ class Call:
 
 @dataclass(frozen=True, slots=True)
 class CallResult:
+    """What a call returned, and the CPU and wall time the function itself used."""
+
     value: Any
     cpu_s: float
+    wall_s: float
+
+    @property
+    def cpu_share(self) -> float:
+        return min(1.0, self.cpu_s / self.wall_s) if self.wall_s > 0 else 0.0
 
 
 Runner = Callable[[Call], Awaitable[CallResult]]
@@ -241,21 +321,22 @@ Runner = Callable[[Call], Awaitable[CallResult]]
 
 def _call_with_context(func: Callable[..., Any], payload: dict[str, Any], context: TaskContext) -> CallResult:
     token = _current_task.set(context)
-    start_cpu = time.thread_time()
+    start_cpu, start_wall = time.thread_time(), time.perf_counter()
     try:
         value = func(**payload)
     finally:
         _current_task.reset(token)
-    return CallResult(value, time.thread_time() - start_cpu)
+    return CallResult(value, time.thread_time() - start_cpu, time.perf_counter() - start_wall)
 
 
 async def run_on_loop(call: Call) -> CallResult:
     token = _current_task.set(call.context)
+    start_wall = time.perf_counter()
     try:
         value = await call.kind.func(**call.payload)
     finally:
         _current_task.reset(token)
-    return CallResult(value, 0.0)
+    return CallResult(value, 0.0, time.perf_counter() - start_wall)
 
 
 class ThreadRunner:
@@ -265,7 +346,11 @@ class ThreadRunner:
         self._limiters: dict[str, CapacityLimiter] = {}
 
     async def __call__(self, call: Call) -> CallResult:
-        limiter = self._limiters.setdefault(call.kind.name, CapacityLimiter(call.kind.concurrency))
+        limiter = self._limiters.get(call.kind.name)
+        if limiter is None:
+            limiter = self._limiters[call.kind.name] = CapacityLimiter(
+                call.kind.concurrency_in(Placement.THREAD)
+            )
         # abandon_on_cancel: a thread cannot be killed, so a time limit or cancel stops waiting
         # for it (its result is dropped); CPU work that must really stop belongs in a process.
         return await anyio.to_thread.run_sync(

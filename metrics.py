@@ -43,11 +43,23 @@ class Metrics:
             "How late the event loop woke a timer, at the last sample.",
             registry=self.registry,
         )
+        self.placement = Gauge(
+            "profile_app_kind_placement",
+            "1 where each task kind runs now (auto kinds move between thread and process).",
+            ["kind", "placement"],
+            registry=self.registry,
+        )
         self.blocked = Counter(
             "profile_app_event_loop_blocked",
             "Times the event loop was blocked past the threshold (each is logged with its stack).",
             registry=self.registry,
         )
+
+    def set_placements(self, placements: dict[str, str]) -> None:
+        """Where each task kind runs now: 1 for its placement, 0 for the others."""
+        for kind, placement in placements.items():
+            for candidate in ("loop", "thread", "process"):
+                self.placement.labels(kind, candidate).set(1 if candidate == placement else 0)
 
     def loop_blocked(self, blocked_s: float, stack: str) -> None:
         self.blocked.inc()

@@ -237,12 +237,10 @@ async def list_kinds(request: Request) -> Response:
             "kinds": [
                 {
                     "name": kind.name,
-                    "placement": kind.placement.value,
-                    "auto": False,
-                    "reason": kind.reason,
+                    **executor.placement_info(kind),
                     "time_limit_s": kind.time_limit_s,
                     "max_attempts": kind.max_attempts,
-                    "concurrency": kind.concurrency,
+                    "concurrency": kind.concurrency_in(executor.placement_of(kind)),
                 }
                 for kind in executor.kinds
             ]
@@ -259,6 +257,7 @@ async def metrics(request: Request) -> Response:
     except StorageUnavailable:
         pass  # the gauges keep their last values; /health reports the outage
     app_metrics.running.set(executor.running_count())
+    app_metrics.set_placements({kind.name: executor.placement_of(kind).value for kind in executor.kinds})
     return Response(app_metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
@@ -308,6 +307,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
                 process_nice=settings.process_nice,
                 inline=settings.inline,
                 idempotency_ttl_s=settings.idempotency_ttl_s,
+                auto_placement=settings.auto_placement,
             )
             executor = Executor(
                 db,

@@ -34,6 +34,7 @@ class Settings(BaseSettings):
     process_workers: Annotated[int, Field(ge=1, le=256)] = os.cpu_count() or 2
     process_nice: Annotated[int, Field(ge=0, le=19)] = 10
     inline: bool = False
+    auto_placement: bool = True  # let `auto` kinds move between threads and processes
     match_time_limit_s: Annotated[float, Field(gt=0)] = 60.0
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     retry_backoff_s: Annotated[float, Field(ge=0)] = 1.0

@@ -155,8 +155,8 @@ def test_default_placement_never_puts_sync_code_on_the_loop() -> None:
     registry = KindRegistry()
     registry.kind()(add_on_thread)
     registry.kind()(add_on_loop)
-    assert registry["add_on_thread"].placement is Placement.PROCESS
-    assert registry["add_on_loop"].placement is Placement.LOOP
+    assert (registry["add_on_thread"].placement, registry["add_on_thread"].auto) == (Placement.PROCESS, True)
+    assert (registry["add_on_loop"].placement, registry["add_on_loop"].auto) == (Placement.LOOP, False)
 
 
 # -- limits: retries, time limits, crashes, cancellation -----------------------------------

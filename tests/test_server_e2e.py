@@ -135,6 +135,7 @@ def test_uvicorn_import_string_serves_with_settings_from_the_environment(db_path
         env={**os.environ, **environ},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # Server.stop() kills its whole process group
     )
     server.process = process
     try:
