@@ -200,16 +200,17 @@ def checked_for_processes(kind: TaskKind) -> TaskKind:
 
 @dataclass(frozen=True, slots=True)
 class PlacementPolicy:
-    """When an `auto` kind moves, from the CPU share (CPU time / wall time) of its attempts.
+    """When an `auto` kind moves, from the CPU share of its attempts (CallResult.cpu_share).
 
-    Measured here (bench/placement_shares.py): sleeping or waiting on HTTP gives a share
-    under 0.05, pure-Python or numpy computing 0.95 to 1.0. The gap between the two
-    thresholds is the hysteresis that keeps a kind near one of them from flapping.
+    Measured with `python -m bench.placement` on a busy 2-core machine: sleeping or a
+    blocking HTTP call has a share of 0.002 to 0.05, pure-Python or numpy computing 1.0,
+    on a thread and in a process alike (time queued for a busy core is left out). The
+    thresholds sit well inside that gap, 2.5x apart, so no kind flaps between them.
     """
 
     min_observations: int = 5
-    to_thread_below: float = 0.25
-    to_process_above: float = 0.6
+    to_thread_below: float = 0.2
+    to_process_above: float = 0.5
     smoothing: float = 0.3  # weight of the newest attempt in the moving average
 
     def observe(self, record: PlacementRecord | None, kind: TaskKind, cpu_share: float) -> PlacementRecord:
@@ -310,23 +311,44 @@ class CallResult:
     value: Any
     cpu_s: float
     wall_s: float
+    runnable_s: float = 0.0  # ready to run but waiting for a core (a busy machine, not the task)
 
     @property
     def cpu_share(self) -> float:
-        return min(1.0, self.cpu_s / self.wall_s) if self.wall_s > 0 else 0.0
+        """CPU time over the time the task wanted to run or waited on I/O: near 1 computes,
+        near 0 waits. Time spent queued for a busy core is left out, so load does not make
+        a computing task look like a waiting one."""
+        demand_s = self.wall_s - self.runnable_s
+        return min(1.0, self.cpu_s / demand_s) if demand_s > 0 else 1.0
 
 
 Runner = Callable[[Call], Awaitable[CallResult]]
 
 
-def _call_with_context(func: Callable[..., Any], payload: dict[str, Any], context: TaskContext) -> CallResult:
+def _call_with_context(
+    func: Callable[..., Any],
+    payload: dict[str, Any],
+    context: TaskContext,
+    cpu_clock: Callable[[], float] = time.thread_time,
+) -> CallResult:
     token = _current_task.set(context)
-    start_cpu, start_wall = time.thread_time(), time.perf_counter()
+    start_cpu, start_wall, start_runnable = cpu_clock(), time.perf_counter(), _runnable_s()
     try:
         value = func(**payload)
     finally:
         _current_task.reset(token)
-    return CallResult(value, time.thread_time() - start_cpu, time.perf_counter() - start_wall)
+    return CallResult(
+        value, cpu_clock() - start_cpu, time.perf_counter() - start_wall, _runnable_s() - start_runnable
+    )
+
+
+def _runnable_s() -> float:
+    """Seconds this thread has spent runnable but waiting for a CPU (Linux schedstat), else 0."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as schedstat:
+            return int(schedstat.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 async def run_on_loop(call: Call) -> CallResult:
@@ -437,4 +459,6 @@ def _run_in_worker_process(
     _prepare_worker_process(nice)
     task_id, kind, attempt, db_path = context
     report = _SqliteProgress(db_path, task_id, attempt)
-    return _call_with_context(func, payload, TaskContext(task_id, kind, attempt, db_path, report))
+    context = TaskContext(task_id, kind, attempt, db_path, report)
+    # The whole worker's CPU time: numpy's BLAS threads compute for the task too.
+    return _call_with_context(func, payload, context, time.process_time)

@@ -56,7 +56,7 @@ def test_an_auto_kind_that_waits_moves_to_threads_and_stays_there_after_a_restar
     assert executors[5] == "thread"
     waits_kind = kinds_by_name(client)["waits"]
     assert (waits_kind["placement"], waits_kind["auto"]) == ("thread", True)
-    assert waits_kind["cpu_share"] < 0.25 and waits_kind["observations"] == 6
+    assert waits_kind["cpu_share"] < 0.2 and waits_kind["observations"] == 6
     assert "mostly waits" in waits_kind["reason"]
     metrics = client.get("/metrics").text
     assert 'profile_app_kind_placement{kind="waits",placement="thread"} 1.0' in metrics
@@ -78,7 +78,7 @@ def test_an_auto_kind_that_computes_moves_back_to_processes(make_client: Callabl
 
     executors = [run(client, "computes", 0.1)["executor"] for _ in range(5)]
 
-    # CPU share ~1: the moving average passes 0.6 after at most 3 attempts.
+    # CPU share near 1: the moving average passes 0.5 within two attempts.
     assert executors[0] == "thread" and executors[-1] == "process"
     assert kinds_by_name(client)["computes"]["placement"] == "process"
 
