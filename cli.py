@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import anyio
 
+from db import TaskStatus
 from settings import Settings, SettingsError
 
 SEED_BATCH = 2000
@@ -31,6 +33,21 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--count", type=int, required=True, help="how many profiles")
     seed.add_argument("--db", type=Path, help="SQLite file (PROFILE_APP_DB, default profile_app.db)")
     seed.add_argument("--random-seed", type=int, default=0, help="same seed, same profiles (default 0)")
+
+    tasks = commands.add_parser("tasks", help="look at and act on the task queue (no server needed)")
+    verbs = tasks.add_subparsers(dest="verb", required=True)
+    listing = verbs.add_parser("list", help="tasks, newest first")
+    listing.add_argument("--status", choices=[status.value for status in TaskStatus])
+    listing.add_argument("--kind")
+    listing.add_argument("--limit", type=int, default=20)
+    for verb, text in (
+        ("show", "one task, with its result"),
+        ("retry", "queue a failed or cancelled task again"),
+        ("cancel", "cancel a queued or running task"),
+    ):
+        verbs.add_parser(verb, help=text).add_argument("task_id")
+    for command in verbs.choices.values():
+        command.add_argument("--db", type=Path, help="SQLite file (PROFILE_APP_DB, default profile_app.db)")
     return parser
 
 
@@ -41,6 +58,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Settings.load(host=args.host, port=args.port, workers=args.workers, db=args.db)
             return serve(settings)
         settings = Settings.load(db=args.db)
+        if args.command == "tasks":
+            return anyio.run(task_command, settings, args)
         if args.count < 0:
             raise SettingsError("invalid setting --count: must be 0 or more")
         return anyio.run(seed, settings, args.count, args.random_seed)
@@ -81,3 +100,52 @@ async def seed(settings: Settings, count: int, random_seed: int) -> int:
                 bar.update(await db.store_profiles(batch))
     sys.stdout.write(f"stored {count} profiles in {settings.db}\n")
     return 0
+
+
+# -- tasks list|show|retry|cancel ------------------------------------------------------------
+
+TASK_COLUMNS = ("task_id", "kind", "status", "executor", "attempts", "created_at", "error")
+
+
+async def task_command(settings: Settings, args: argparse.Namespace) -> int:
+    """Read or change the queue in the database directly; a running server sees the change."""
+    from db import Database
+    from profile_app import task_document
+
+    async with Database(settings.db) as db:
+        if args.verb == "list":
+            status = TaskStatus(args.status) if args.status else None
+            tasks = await db.list_tasks(status=status, kind=args.kind, limit=args.limit)
+            sys.stdout.write(format_table([task_document(task) for task in tasks], TASK_COLUMNS))
+            return 0
+        if args.verb == "show":
+            task = await db.get_task(args.task_id)
+        elif args.verb == "retry":
+            task = await db.retry(args.task_id)
+        else:
+            task = await db.cancel(args.task_id)
+        if task is None:
+            existing = await db.get_task(args.task_id)
+            why = "no such task" if existing is None else f"the task is {existing.status.value}"
+            sys.stderr.write(f"profile_app: cannot {args.verb} {args.task_id}: {why}\n")
+            return 1
+        document = {**task_document(task), "result": task.result}
+        width = max(map(len, document))
+        sys.stdout.write("".join(f"{key:<{width}}  {_cell(value, 200)}\n" for key, value in document.items()))
+        return 0
+
+
+def format_table(rows: list[dict], columns: Sequence[str]) -> str:
+    """Rows as a plain-text table with a header, columns as wide as their widest cell."""
+    cells = [[_cell(row[column], 60) for column in columns] for row in rows]
+    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    lines = [columns, *cells] if cells else [columns]
+    return "".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() + "\n"
+        for line in lines
+    )
+
+
+def _cell(value: object, max_chars: int) -> str:
+    text = "-" if value is None else json.dumps(value) if isinstance(value, dict | list) else str(value)
+    return text if len(text) <= max_chars else text[: max_chars - 1] + "…"

@@ -8,8 +8,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import anyio
 import pytest
-from conftest import ROOT, free_port
+from conftest import ROOT, free_port, wait_for_task
 
 
 def run(*args: str, env: dict[str, str] | None = None, timeout_s: float = 60) -> subprocess.CompletedProcess:
@@ -67,3 +68,47 @@ def test_a_bad_setting_stops_uvicorn_with_one_line_naming_it() -> None:
         result.stderr.strip().splitlines()[-1].startswith("profile_app: invalid setting PROFILE_APP_LEASE_S")
     )
     assert "Traceback" not in result.stderr
+
+
+def tasks_cli(db: Path, *args: str) -> subprocess.CompletedProcess:
+    return run("profile_app.py", "tasks", *args, "--db", str(db))
+
+
+def test_tasks_list_show_cancel_and_retry_act_on_the_database(tmp_path: Path, make_server) -> None:
+    db = tmp_path / "profiles.db"
+    server = make_server(PROFILE_APP_MAX_ATTEMPTS="1")
+    ghost = server.post("/profile", json={"user_id": "ghost", "name": "G"}).json()["task_id"]
+    assert wait_for_task(server, ghost)["status"] == "succeeded"
+    # A match task for a profile that is not stored fails: queue one behind the server's back.
+    failing = submit_to_db(db, "match", {"user_id": "nobody"})
+    assert wait_for_task(server, failing)["status"] == "failed"
+
+    listing = tasks_cli(db, "list", "--status", "failed")
+    assert listing.returncode == 0
+    header, *lines = listing.stdout.splitlines()
+    assert header.split()[:3] == ["task_id", "kind", "status"]
+    assert [line.split()[0] for line in lines] == [failing]
+
+    shown = tasks_cli(db, "show", failing)
+    assert "LookupError: profile 'nobody' is not stored" in shown.stdout
+
+    server.post("/profile", json={"user_id": "nobody", "name": "N"})  # now it can succeed
+    assert "queued" in tasks_cli(db, "retry", failing).stdout
+    assert wait_for_task(server, failing)["status"] == "succeeded"  # the running server took it
+
+    refused = tasks_cli(db, "cancel", failing)
+    assert refused.returncode == 1 and "the task is succeeded" in refused.stderr
+    assert tasks_cli(db, "show", "0" * 32).returncode == 1
+
+
+def submit_to_db(db: Path, kind: str, payload: dict) -> str:
+    from db import Database, NewTask
+
+    task = NewTask(kind, payload, "process", 1)
+
+    async def enqueue() -> None:
+        async with Database(db) as database:
+            await database.enqueue(task)
+
+    anyio.run(enqueue)
+    return task.id
