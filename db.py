@@ -42,6 +42,7 @@ class TaskStatus(StrEnum):
 
 
 UNFINISHED = (TaskStatus.QUEUED, TaskStatus.RUNNING)
+FINISHED = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
 
 
 class StorageUnavailable(RuntimeError):
@@ -117,7 +118,19 @@ MIGRATIONS: tuple[str, ...] = (
         updated_at REAL NOT NULL
     );
     """,
+    """
+    ALTER TABLE tasks ADD COLUMN logs TEXT;
+    """,
 )
+
+MAX_LOG_CHARS = 64 * 1024
+# Appends an attempt's output to the task's, keeping the newest MAX_LOG_CHARS characters.
+_APPEND_LOGS = f"logs = substr(COALESCE(logs, '') || ?, -{MAX_LOG_CHARS})"
+
+
+def _attempt_logs(attempt: int, logs: str) -> str:
+    return f"--- attempt {attempt} ---\n{logs}" if logs else ""
+
 
 TASK_COLUMNS = (
     "seq, id, kind, payload, status, executor, attempts, max_attempts, created_at, run_after, "
@@ -174,6 +187,25 @@ class PlacementRecord:
     reason: str
     observations: int
     cpu_share: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueueHistory:
+    """Tasks created and finished per time bucket over a recent window (the dashboard's charts)."""
+
+    start: float  # when the first bucket begins; the last one is the current one
+    bucket_s: float
+    unfinished_at_start: int  # queued or running at `start`
+    created: list[int]  # per bucket
+    finished: dict[TaskStatus, list[int]]  # per bucket, by final status
+
+    def unfinished(self) -> list[int]:
+        """How many tasks were queued or running at the end of each bucket."""
+        depth, series = self.unfinished_at_start, []
+        for bucket, created in enumerate(self.created):
+            depth += created - sum(counts[bucket] for counts in self.finished.values())
+            series.append(depth)
+        return series
 
 
 @dataclass(frozen=True, slots=True)
@@ -553,6 +585,11 @@ class Database:
         )
         return [TaskRecord.from_row(row) for row in rows]
 
+    async def get_task_logs(self, task_id: str) -> str | None:
+        """What the task's attempts printed or logged (newest 64 KiB); None for an unknown task."""
+        rows = list(await self._read("SELECT COALESCE(logs, '') FROM tasks WHERE id = ?", (task_id,)))
+        return rows[0][0] if rows else None
+
     async def count_unfinished(self) -> dict[TaskStatus, int]:
         rows = await self._read(
             "SELECT status, COUNT(*) FROM tasks WHERE status IN ('queued', 'running') GROUP BY status"
@@ -560,6 +597,40 @@ class Database:
         counts = dict.fromkeys(UNFINISHED, 0)
         counts.update({TaskStatus(status): count for status, count in rows})
         return counts
+
+    async def oldest_queued(self, limit: int) -> list[TaskRecord]:
+        """The front of the queue: queued tasks, oldest first."""
+        rows = await self._read(
+            f"SELECT {TASK_COLUMNS} FROM tasks WHERE status = 'queued' ORDER BY seq LIMIT ?", (limit,)
+        )
+        return [TaskRecord.from_row(row) for row in rows]
+
+    async def queue_history(self, *, buckets: int, bucket_s: float) -> QueueHistory:
+        """Tasks created and finished in each of the last `buckets` periods of `bucket_s`.
+
+        Buckets start on whole multiples of `bucket_s`, so they do not shift between calls;
+        the last one is the current, partial one.
+        """
+        start = (self.clock() // bucket_s + 1 - buckets) * bucket_s
+        rows = await self._read(
+            "SELECT 'created', CAST((created_at - ?) / ? AS INTEGER), COUNT(*) FROM tasks"
+            " WHERE created_at >= ? GROUP BY 2"
+            " UNION ALL SELECT status, CAST((finished_at - ?) / ? AS INTEGER), COUNT(*) FROM tasks"
+            " WHERE finished_at >= ? AND status IN ('succeeded', 'failed', 'cancelled') GROUP BY 1, 2"
+            " UNION ALL SELECT 'before', 0, COUNT(*) FROM tasks"
+            " WHERE created_at < ? AND (finished_at IS NULL OR finished_at >= ?)",
+            (start, bucket_s, start, start, bucket_s, start, start, start),
+        )
+        before = 0
+        created = [0] * buckets
+        finished = {status: [0] * buckets for status in FINISHED}
+        for series, bucket, count in rows:
+            if series == "before":
+                before = count
+                continue
+            counts = created if series == "created" else finished[TaskStatus(series)]
+            counts[min(bucket, buckets - 1)] += count  # a time ahead of our clock counts as now
+        return QueueHistory(start, bucket_s, before, created, finished)
 
     # -- tasks: the dispatcher's side ----------------------------------------------------------
 
@@ -604,7 +675,7 @@ class Database:
         return {task_id for (task_id,) in rows}
 
     async def succeed(
-        self, task: TaskRecord, result: Any, effect: SuccessEffect | None
+        self, task: TaskRecord, result: Any, effect: SuccessEffect | None, logs: str = ""
     ) -> list[NewTask] | None:
         """Store the result once: only the attempt that holds the lease can finish the task.
 
@@ -615,9 +686,16 @@ class Database:
             now = self.clock()
             cursor = await conn.execute(
                 "UPDATE tasks SET status = 'succeeded', finished_at = ?, result = ?, error = NULL,"
-                " progress = 1, lease_owner = NULL, lease_until = NULL"
+                f" progress = 1, lease_owner = NULL, lease_until = NULL, {_APPEND_LOGS}"
                 " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
-                (now, json.dumps(result), task.id, self.owner, task.attempts),
+                (
+                    now,
+                    json.dumps(result),
+                    _attempt_logs(task.attempts, logs),
+                    task.id,
+                    self.owner,
+                    task.attempts,
+                ),
             )
             if cursor.rowcount != 1:
                 return None
@@ -626,14 +704,16 @@ class Database:
                 await effect(transaction, task, result)
         return transaction.enqueued
 
-    async def fail(self, task: TaskRecord, error: str, retry_in_s: float | None) -> TaskStatus | None:
+    async def fail(
+        self, task: TaskRecord, error: str, retry_in_s: float | None, logs: str = ""
+    ) -> TaskStatus | None:
         """End the attempt with `error`: queue a retry after `retry_in_s`, or fail the task."""
         async with self._transaction() as conn:
             now = self.clock()
             retry = retry_in_s is not None and task.attempts < task.max_attempts
             rows = await conn.execute_fetchall(
                 "UPDATE tasks SET status = ?, error = ?, run_after = ?, finished_at = ?,"
-                " lease_owner = NULL, lease_until = NULL"
+                f" lease_owner = NULL, lease_until = NULL, {_APPEND_LOGS}"
                 " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
                 " RETURNING status",
                 (
@@ -641,6 +721,7 @@ class Database:
                     error,
                     now + (retry_in_s or 0.0),
                     None if retry else now,
+                    _attempt_logs(task.attempts, logs),
                     task.id,
                     self.owner,
                     task.attempts,

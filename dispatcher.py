@@ -23,6 +23,7 @@ from anyio.abc import TaskGroup
 
 from db import Database, NewTask, PlacementRecord, StorageUnavailable, TaskRecord, TaskStatus
 from executors import (
+    AttemptError,
     Call,
     CallResult,
     KindRegistry,
@@ -32,12 +33,11 @@ from executors import (
     TaskContext,
     TaskKind,
     checked_for_processes,
+    error_line,
     runners_for,
 )
 
 logger = logging.getLogger("profile_app.dispatcher")
-
-MAX_ERROR_CHARS = 500
 
 
 AttemptObserver = Callable[[str, str, float], None]
@@ -60,6 +60,7 @@ class _Attempt:
     placement: Placement
     scope: CancelScope = field(default_factory=CancelScope)
     stop_reason: _StopReason | None = None
+    logs: str = ""  # what the attempt printed or logged
 
     def stop(self, reason: _StopReason) -> None:
         self.stop_reason = self.stop_reason or reason
@@ -76,11 +77,6 @@ class ExecutorConfig:
     idempotency_ttl_s: float = 24 * 3600.0
     auto_placement: bool = True
     placement_policy: PlacementPolicy = field(default_factory=PlacementPolicy)
-
-
-def one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or "(no message)"
-    return f"{type(exc).__name__}: {text}"[:MAX_ERROR_CHARS]
 
 
 class Executor:
@@ -303,19 +299,24 @@ class Executor:
         logger.info(
             "task %s (%s) attempt %d/%d started", task.id, kind.name, task.attempts, task.max_attempts
         )
+        call = Call(kind, task.payload, self._context(task))
         try:
             with attempt.scope:
                 try:
                     with anyio.fail_after(kind.time_limit_s):
-                        outcome = await self._runners[attempt.placement](
-                            Call(kind, task.payload, self._context(task))
-                        )
+                        outcome = await self._runners[attempt.placement](call)
                 except TimeoutError:
                     error = f"time limit of {kind.time_limit_s:g} s exceeded: the attempt was stopped"
                 except BrokenWorkerProcess:
                     error = "the worker process died (crash, kill or out of memory)"
+                except AttemptError as exc:  # raised in a worker process, with its output
+                    error, attempt.logs = exc.error, exc.logs
                 except Exception as exc:  # the task boundary: any error of the task is its outcome
-                    error = one_line(exc)
+                    error = error_line(exc)
+            if outcome is not None:
+                attempt.logs = outcome.logs
+            elif not attempt.logs:
+                attempt.logs = call.output.text()  # an in-process attempt that raised or was stopped
             with CancelScope(shield=True):
                 result = await self._finish(attempt, outcome, error, retry_delay_s)
             if self._on_attempt_end is not None:
@@ -343,7 +344,9 @@ class Executor:
                 return await self._succeed(attempt, outcome)
             assert error is not None
             delay = kind.retry_backoff_s * 2 ** (task.attempts - 1)
-            status = await self.db.fail(task, error, delay if retry_delay_s is None else retry_delay_s)
+            status = await self.db.fail(
+                task, error, delay if retry_delay_s is None else retry_delay_s, attempt.logs
+            )
             retrying = status is TaskStatus.QUEUED
             logger.warning(
                 "task %s (%s) attempt %d/%d failed: %s%s",
@@ -363,9 +366,9 @@ class Executor:
     async def _succeed(self, attempt: _Attempt, outcome: CallResult) -> str:
         task, kind = attempt.task, attempt.kind
         try:
-            follow_ups = await self.db.succeed(task, outcome.value, kind.on_success)
+            follow_ups = await self.db.succeed(task, outcome.value, kind.on_success, attempt.logs)
         except (TypeError, ValueError) as exc:  # the result is not JSON: a defect of the task
-            await self.db.fail(task, f"the result could not be stored: {one_line(exc)}", None)
+            await self.db.fail(task, f"the result could not be stored: {error_line(exc)}", None, attempt.logs)
             return TaskStatus.FAILED.value
         if follow_ups is None:
             logger.info("task %s (%s): result dropped, the attempt no longer held it", task.id, kind.name)

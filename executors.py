@@ -41,10 +41,12 @@ import anyio.to_thread
 from anyio import CapacityLimiter
 
 from db import PlacementRecord, SuccessEffect
+from task_output import TaskOutput, capturing_into, install_for_worker_process
 
 logger = logging.getLogger("profile_app.executors")
 
 F = TypeVar("F", bound=Callable[..., Any])
+MAX_ERROR_CHARS = 500
 
 
 class Placement(StrEnum):
@@ -302,6 +304,7 @@ class Call:
     kind: TaskKind
     payload: dict[str, Any]
     context: TaskContext
+    output: TaskOutput = field(default_factory=TaskOutput)  # what the call prints or logs
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +315,7 @@ class CallResult:
     cpu_s: float
     wall_s: float
     runnable_s: float = 0.0  # ready to run but waiting for a core (a busy machine, not the task)
+    logs: str = ""
 
     @property
     def cpu_share(self) -> float:
@@ -325,20 +329,45 @@ class CallResult:
 Runner = Callable[[Call], Awaitable[CallResult]]
 
 
+class AttemptError(Exception):
+    """Raised from a worker process when the task raised: its one-line error and its output."""
+
+    def __init__(self, error: str, logs: str) -> None:
+        super().__init__(error, logs)
+        self.error, self.logs = error, logs
+
+    def __str__(self) -> str:
+        return self.error
+
+
+def error_line(exc: BaseException) -> str:
+    """An exception as the one-line `error` of a task."""
+    if isinstance(exc, AttemptError):
+        return exc.error
+    text = " ".join(str(exc).split()) or "(no message)"
+    return f"{type(exc).__name__}: {text}"[:MAX_ERROR_CHARS]
+
+
 def _call_with_context(
     func: Callable[..., Any],
     payload: dict[str, Any],
     context: TaskContext,
+    output: TaskOutput,
     cpu_clock: Callable[[], float] = time.thread_time,
 ) -> CallResult:
     token = _current_task.set(context)
     start_cpu, start_wall, start_runnable = cpu_clock(), time.perf_counter(), _runnable_s()
     try:
-        value = func(**payload)
+        with capturing_into(output):
+            value = func(**payload)
     finally:
         _current_task.reset(token)
     return CallResult(
-        value, cpu_clock() - start_cpu, time.perf_counter() - start_wall, _runnable_s() - start_runnable
+        value,
+        cpu_clock() - start_cpu,
+        time.perf_counter() - start_wall,
+        _runnable_s() - start_runnable,
+        output.text(),
     )
 
 
@@ -355,10 +384,11 @@ async def run_on_loop(call: Call) -> CallResult:
     token = _current_task.set(call.context)
     start_wall = time.perf_counter()
     try:
-        value = await call.kind.func(**call.payload)
+        with capturing_into(call.output):
+            value = await call.kind.func(**call.payload)
     finally:
         _current_task.reset(token)
-    return CallResult(value, 0.0, time.perf_counter() - start_wall)
+    return CallResult(value, 0.0, time.perf_counter() - start_wall, logs=call.output.text())
 
 
 class ThreadRunner:
@@ -380,6 +410,7 @@ class ThreadRunner:
             call.kind.func,
             call.payload,
             call.context,
+            call.output,
             abandon_on_cancel=True,
             limiter=limiter,
         )
@@ -411,7 +442,9 @@ class InlineRunner:
     async def __call__(self, call: Call) -> CallResult:
         if call.kind.placement is Placement.LOOP:
             return await run_on_loop(call)
-        return await anyio.to_thread.run_sync(_call_with_context, call.kind.func, call.payload, call.context)
+        return await anyio.to_thread.run_sync(
+            _call_with_context, call.kind.func, call.payload, call.context, call.output
+        )
 
 
 def runners_for(*, process_workers: int, process_nice: int, inline: bool) -> dict[Placement, Runner]:
@@ -440,6 +473,7 @@ def _prepare_worker_process(nice: int) -> None:
     _worker_prepared = True
     import signal
 
+    install_for_worker_process()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if nice:
@@ -460,5 +494,9 @@ def _run_in_worker_process(
     task_id, kind, attempt, db_path = context
     report = _SqliteProgress(db_path, task_id, attempt)
     context = TaskContext(task_id, kind, attempt, db_path, report)
-    # The whole worker's CPU time: numpy's BLAS threads compute for the task too.
-    return _call_with_context(func, payload, context, time.process_time)
+    output = TaskOutput()
+    try:
+        # The whole worker's CPU time: numpy's BLAS threads compute for the task too.
+        return _call_with_context(func, payload, context, output, time.process_time)
+    except Exception as exc:  # send the error and the output back, whatever the exception's type
+        raise AttemptError(error_line(exc), output.text()) from None

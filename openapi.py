@@ -151,6 +151,19 @@ def document() -> dict[str, Any]:
                 },
             },
         },
+        "/tasks/{task_id}/logs": {
+            "get": {
+                "summary": "What the task's attempts printed or logged (the newest 64 KiB)",
+                "parameters": [TASK_ID],
+                "responses": {
+                    "200": {
+                        "description": "plain text",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "404": _json(ErrorDetail, "unknown task"),
+                },
+            }
+        },
         "/health": {
             "get": {
                 "summary": "Liveness and queue counts",

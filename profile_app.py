@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -213,6 +213,15 @@ async def cancel_task(request: Request) -> Response:
     return error(409, f"the task has already finished ({existing.status.value})")
 
 
+async def task_logs(request: Request) -> Response:
+    _settings, db, _executor = _services(request)
+    task_id = _task_id(request)
+    logs = await db.get_task_logs(task_id) if task_id else None
+    if logs is None:
+        return error(404, "no such task")
+    return PlainTextResponse(logs)
+
+
 async def task_resource(request: Request) -> Response:
     # One route for both methods, so a 405 on this path lists every allowed method.
     return await (cancel_task(request) if request.method == "DELETE" else get_task(request))
@@ -332,6 +341,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         Route("/profile/{user_id}", get_profile, methods=["GET"]),
         Route("/tasks", list_tasks, methods=["GET"]),
         Route("/tasks/{task_id}", task_resource, methods=["GET", "DELETE"]),
+        Route("/tasks/{task_id}/logs", task_logs, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/kinds", list_kinds, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable
@@ -253,3 +254,62 @@ def test_inline_mode_stores_matches_before_the_post_returns(make_client: Callabl
     matches = client.get("/profile/bob").json()["matches"]
     # jaccard 1/2, cosine 1/sqrt(3): 0.25 + 0.288675 = 0.538675
     assert matches == [{"user_id": "ann", "score": 0.538675}]
+
+
+# -- what a task prints or logs is kept with it ------------------------------------------------
+
+
+@kinds.kind(runs_on=Placement.THREAD)
+def talks_on_a_thread(word: str) -> None:
+    print(f"printed {word}")  # noqa: T201 - the output under test
+    logging.getLogger("my.kind").warning("logged %s", word)
+
+
+@kinds.kind(runs_on=Placement.PROCESS)
+def talks_in_a_process(word: str) -> None:
+    print(f"printed {word}")  # noqa: T201 - the output under test
+    logging.getLogger("my.kind").info("logged %s", word)
+
+
+@kinds.kind(runs_on=Placement.LOOP)
+async def talks_on_the_loop(word: str) -> None:
+    print(f"printed {word}")  # noqa: T201 - the output under test
+
+
+@kinds.kind(runs_on=Placement.PROCESS, max_attempts=2, retry_backoff_s=0.01)
+def talks_then_fails() -> None:
+    print("about to fail")  # noqa: T201 - the output under test
+    raise ValueError("bad input")
+
+
+@pytest.mark.parametrize("kind", ["talks_on_a_thread", "talks_in_a_process", "talks_on_the_loop"])
+def test_what_a_task_prints_and_logs_is_kept_with_it(app_client: TestClient, kind: str) -> None:
+    task_id = submit(app_client, kind, {"word": kind})
+    assert wait_for_task(app_client, task_id)["status"] == "succeeded"
+    response = app_client.get(f"/tasks/{task_id}/logs")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    assert response.text.startswith("--- attempt 1 ---\n")
+    assert f"printed {kind}\n" in response.text
+    if kind != "talks_on_the_loop":
+        assert f"my.kind: logged {kind}" in response.text
+
+
+def test_every_attempt_of_a_failing_task_keeps_its_output(app_client: TestClient) -> None:
+    task_id = submit(app_client, "talks_then_fails", {})
+    task = wait_for_task(app_client, task_id)
+    assert (task["status"], task["error"]) == ("failed", "ValueError: bad input")
+    logs = app_client.get(f"/tasks/{task_id}/logs").text
+    assert logs == "--- attempt 1 ---\nabout to fail\n--- attempt 2 ---\nabout to fail\n"
+
+
+def test_concurrent_tasks_keep_their_own_output(app_client: TestClient) -> None:
+    ids = {word: submit(app_client, "talks_on_a_thread", {"word": word}) for word in ("one", "two", "three")}
+    for word, task_id in ids.items():
+        wait_for_task(app_client, task_id)
+        logs = app_client.get(f"/tasks/{task_id}/logs").text
+        assert f"printed {word}\n" in logs
+        assert not any(f"printed {other}\n" in logs for other in ids if other != word)
+
+
+def test_logs_of_an_unknown_task_are_404(app_client: TestClient) -> None:
+    assert app_client.get(f"/tasks/{'0' * 32}/logs").status_code == 404
