@@ -82,6 +82,8 @@ def serve(settings: Settings) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
+        log_config=None,  # the app's lifespan sets up logging (logs.py): one format for all lines
+        access_log=False,  # RequestLogMiddleware writes the one line per request
         timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
     )
     return 0

@@ -36,6 +36,7 @@ from executors import (
     error_line,
     runners_for,
 )
+from logs import task_id_var
 
 logger = logging.getLogger("profile_app.dispatcher")
 
@@ -293,6 +294,7 @@ class Executor:
 
     async def _run_attempt(self, attempt: _Attempt, retry_delay_s: float | None = None) -> None:
         task, kind = attempt.task, attempt.kind
+        log_context = task_id_var.set(task.id)  # the attempt's log lines carry its task id
         error: str | None = None
         outcome: CallResult | None = None
         started = time.monotonic()
@@ -327,6 +329,7 @@ class Executor:
             self._wakeup.set()  # a slot is free: claim the next due task now, not at the next poll
             if not self._attempts:
                 self._idle.set()
+            task_id_var.reset(log_context)
 
     async def _finish(
         self, attempt: _Attempt, outcome: CallResult | None, error: str | None, retry_delay_s: float | None

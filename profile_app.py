@@ -39,6 +39,7 @@ from dispatcher import Executor, ExecutorConfig
 from executors import KindRegistry
 from http_io import error, iso_utc, read_json_object
 from kinds import MATCH, builtin_kinds
+from logs import RequestLogMiddleware, configure_logging
 from loop_watchdog import LoopWatchdog
 from metrics import CONTENT_TYPE_LATEST, Metrics
 from schemas import USER_ID_PATTERN, ProfileIn, TaskQuery, validation_detail
@@ -307,6 +308,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
+        configure_logging(settings.log_level, settings.log_format)
         app_metrics = Metrics()
         async with Database(settings.db) as db, anyio.create_task_group() as task_group:
             config = ExecutorConfig(
@@ -349,7 +351,10 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
     ]
     return Starlette(
         routes=routes,
-        middleware=[Middleware(ExecutorMiddleware, retry_after_s=settings.queue_full_retry_after_s)],
+        middleware=[
+            Middleware(RequestLogMiddleware),
+            Middleware(ExecutorMiddleware, retry_after_s=settings.queue_full_retry_after_s),
+        ],
         exception_handlers={
             HTTPException: http_exception,
             StorageUnavailable: storage_unavailable,

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AnyHttpUrl, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from logs import LogFormat
 
 ENV_PREFIX = "PROFILE_APP_"
 
@@ -51,7 +53,8 @@ class Settings(BaseSettings):
     # The event loop blocked longer than this is logged with the stack that blocked it.
     blocking_threshold_ms: Annotated[float, Field(gt=0)] = 100.0
 
-    log_level: str = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: LogFormat = LogFormat.TEXT
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:

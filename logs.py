@@ -1,0 +1,133 @@
+"""Logging: one structured line per request and per task event, as text or JSON.
+
+Each line carries the request id (from `X-Request-ID`, or a new one, echoed in the
+response) and the task id of the attempt it comes from, through contextvars, so a
+request's lines and a task's lines can be found again.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
+task_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_id", default=None)
+
+REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
+# LogRecord attributes that are not extra fields of ours.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id", "task_id"}
+
+access_logger = logging.getLogger("profile_app.access")
+
+
+class LogFormat(StrEnum):
+    TEXT = "text"
+    JSON = "json"
+
+
+class _ContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.request_id = getattr(record, "request_id", None) or request_id_var.get()
+        record.task_id = getattr(record, "task_id", None) or task_id_var.get()
+        return True
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, ids, and any `extra` fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat().replace("+00:00", "Z"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        for key in ("request_id", "task_id"):
+            if getattr(record, key, None):
+                document[key] = getattr(record, key)
+        document.update({k: v for k, v in record.__dict__.items() if k not in _STANDARD})
+        if record.exc_info:
+            document["exception"] = self.formatException(record.exc_info)
+        return json.dumps(document, default=str)
+
+
+class TextFormatter(logging.Formatter):
+    """`time level logger [request=… task=…] message`."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s%(ids)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        ids = [f"{key}={value}" for key in ("request_id", "task_id") if (value := getattr(record, key, None))]
+        record.ids = f" [{' '.join(ids)}]" if ids else ""
+        return super().format(record)
+
+
+class _ProfileAppHandler(logging.StreamHandler):
+    """Ours, so configuring again replaces it instead of adding a second one."""
+
+
+def configure_logging(level: str, log_format: LogFormat) -> None:
+    """Send every logger's lines (uvicorn's too) to stderr in `log_format`."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if isinstance(h, _ProfileAppHandler)]:
+        root.removeHandler(handler)
+    handler = _ProfileAppHandler(sys.stderr)
+    handler.addFilter(_ContextFilter())
+    handler.setFormatter(JsonFormatter() if log_format is LogFormat.JSON else TextFormatter())
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):  # let uvicorn's lines reach our handler, once
+        logging.getLogger(name).handlers.clear()
+        logging.getLogger(name).propagate = True
+
+
+class RequestLogMiddleware:
+    """Gives each request an id (`X-Request-ID`) and logs one line when it has been answered."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        token = request_id_var.set(request_id)
+        started = time.perf_counter()
+        status = 500  # if the app fails before it answers
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        finally:
+            access_logger.info(
+                "%s %s %d",
+                scope["method"],
+                scope["path"],
+                status,
+                extra={
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+                },
+            )
+            request_id_var.reset(token)
