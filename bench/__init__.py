@@ -1,0 +1,1 @@
+"""`make bench`: profile_app measured side by side with the seed's answers (see BENCHMARKS.md)."""

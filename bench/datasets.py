@@ -1,0 +1,106 @@
+"""The data every measurement uses: seeded profile databases, request bodies, queued tasks.
+
+Databases are seeded once per size with `python profile_app.py seed` and copied for each
+server, so every server starts from the same rows and no run sees another's writes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import closing
+from pathlib import Path
+
+from bench.servers import ROOT
+from synthetic import synthetic_profiles
+
+SEED = 7  # the stored profiles: the same rows on every run
+BODY_SEED = 1234  # request bodies come from another seed than the stored profiles
+
+
+def seed_database(path: Path, count: int) -> Path:
+    """A fresh database with `count` synthetic profiles, made by profile_app's own `seed`."""
+    command = ["profile_app.py", "seed", "--count", str(count), "--db", str(path), "--random-seed", str(SEED)]
+    subprocess.run(
+        [sys.executable, *command],
+        cwd=ROOT,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    return path
+
+
+def copy_database(source: Path, target: Path) -> Path:
+    """A copy of a (closed, checkpointed) database file for one server to use alone."""
+    for suffix in ("", "-wal", "-shm"):
+        if Path(f"{source}{suffix}").exists():
+            shutil.copyfile(f"{source}{suffix}", f"{target}{suffix}")
+    return target
+
+
+def checkpoint(path: Path) -> None:
+    """Fold the WAL into the main file, so that a copy is a single self-contained file."""
+    with closing(sqlite3.connect(path)) as conn:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+
+
+def user_ids(path: Path, limit: int, offset: int = 0) -> list[str]:
+    with closing(sqlite3.connect(path)) as conn:
+        rows = conn.execute(
+            "SELECT user_id FROM profiles ORDER BY rev LIMIT ? OFFSET ?", (limit, offset)
+        ).fetchall()
+    return [user_id for (user_id,) in rows]
+
+
+def profile_bodies(count: int, prefix: str) -> list[bytes]:
+    """`count` POST /profile bodies of new users (realistic synthetic profiles)."""
+    bodies = []
+    for number, profile in enumerate(synthetic_profiles(count, BODY_SEED)):
+        profile["user_id"] = f"{prefix}-{number}"
+        bodies.append(json.dumps(profile).encode())
+    return bodies
+
+
+def queue_match_tasks(path: Path, users: list[str], count: int) -> list[str]:
+    """Queue `count` `match` tasks, for `users` in turn, as POST /profile would.
+
+    Writes the task rows db.py writes (see its MIGRATIONS) and points each profile at its
+    latest task, from another process, in one durable transaction; a running server's
+    dispatcher claims them on its next poll. The profiles themselves are not rewritten.
+    Returns the task ids.
+    """
+    now = time.time()
+    tasks = [(uuid.uuid4().hex, users[number % len(users)]) for number in range(count)]
+    latest = {user_id: task_id for task_id, user_id in tasks}
+    with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as conn:
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        conn.executemany(
+            "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after)"
+            " VALUES (?, 'match', ?, 'queued', 'process', 3, ?, ?)",
+            [(task_id, json.dumps({"user_id": user_id}), now, now) for task_id, user_id in tasks],
+        )
+        conn.executemany(
+            "UPDATE profiles SET task_id = ? WHERE user_id = ?",
+            [(task_id, user_id) for user_id, task_id in latest.items()],
+        )
+        conn.execute("COMMIT")
+    return [task_id for task_id, _ in tasks]
+
+
+def finished_between(path: Path, kind: str, start: float, end: float) -> int:
+    """How many tasks of `kind` succeeded with finished_at in [start, end] (read-only)."""
+    uri = path.resolve().as_uri() + "?mode=ro"
+    with closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+        ((count,),) = conn.execute(
+            "SELECT COUNT(*) FROM tasks WHERE kind = ? AND status = 'succeeded'"
+            " AND finished_at BETWEEN ? AND ?",
+            (kind, start, end),
+        ).fetchall()
+    return count

@@ -1,0 +1,164 @@
+"""From measurements to the JSON keys of issue 5 and the rows of the printed table."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from bench.health import HealthRun
+from bench.report import Row, fmt
+from bench.suite import COMPARISON_APPS, SIZES, THROUGHPUT_SIZE, Config, Measurements
+
+APPS = ("profile_app", *COMPARISON_APPS)
+
+
+def keys(m: Measurements, config: Config) -> dict[str, float]:
+    """The issue's keys (exact names), then the extra ones the table and the notes use."""
+    runs = m.health
+    required = {
+        "health_p99_ratio": runs["profile_app"].ratio,
+        **{f"health_p99_ratio_{name}": runs[name].ratio for name in COMPARISON_APPS},
+        "cpu_efficiency": m.throughput.cpu_efficiency,
+        "noop_roundtrip_ms": m.noop["profile_app"].median_ms,
+        "noop_roundtrip_ms_huey": m.noop["huey"].median_ms,
+        "noop_roundtrip_ms_anyio": m.noop["anyio"].median_ms,
+        "ingest_ratio": m.ingest["profile_app"].per_s / m.ingest["bare"].per_s,
+        **{f"match_seconds_{label}": m.latency[label].task_s for label in SIZES},
+        "rss_mb_100k_queued": m.memory[config.rss_queued].rss_mb,
+        "auto_placement": m.placement["auto_placement"],
+    }
+    extra = {
+        "cpu_efficiency_ceiling": m.ceiling,
+        **{f"cpu_efficiency_10k_{name}": run.cpu_efficiency for name, run in runs.items()},
+        "ingest_per_s": m.ingest["profile_app"].per_s,
+        "ingest_per_s_bare": m.ingest["bare"].per_s,
+        "health_p99_ratio_ingest": m.ingest["profile_app"].health_ratio,
+        **{f"match_client_seconds_{label}": m.latency[label].client_s for label in SIZES},
+        **{f"match_seconds_inprocess_{label}": m.in_process[label].top_matches_s for label in SIZES},
+        **{f"match_task_cpu_seconds_{label}": m.in_process[label].task_cpu_s for label in SIZES},
+        **{f"seed_task_cpu_seconds_{label}": m.in_process[label].seed_task_cpu_s for label in SIZES},
+        "rss_mb_0_queued": m.memory[0].rss_mb,
+        "auto_placement_tasks_per_s": m.placement["auto_tasks_per_s"],
+        "hand_placement_tasks_per_s": m.placement["hand_tasks_per_s"],
+    }
+    return {key: round(value, 6) for key, value in {**required, **extra}.items()}
+
+
+def details(m: Measurements) -> dict[str, Any]:
+    """What lies under the keys: per-run figures that say how far to trust them."""
+    return {
+        "health": {
+            name: {
+                "p50_idle_ms": run.p50_idle_ms,
+                "p50_loaded_ms": run.p50_loaded_ms,
+                "p99_idle_ms": run.p99_idle_ms,
+                "p99_loaded_ms": run.p99_loaded_ms,
+                "samples_idle": len(run.idle),
+                "samples_loaded": len(run.loaded),
+                "probe_errors": run.errors,
+                "cpu_busy": run.cpu_busy,
+                "tasks_per_s": run.tasks_per_s,
+                "unfinished_at_end": run.unfinished_at_end,
+                "task_cpu_s": run.task_cpu_s,
+            }
+            for name, run in m.health.items()
+        },
+        "throughput_100k": {
+            "tasks_per_s": m.throughput.tasks_per_s,
+            "cpu_busy": m.throughput.cpu_busy,
+            "task_cpu_s": m.throughput.task_cpu_s,
+        },
+        "noop_p90_ms": {name: result.p90_ms for name, result in m.noop.items()},
+        "ingest": {
+            name: {
+                "accepted": r.load.accepted,
+                "rejected": r.load.rejected,
+                "seconds": r.load.seconds,
+                "server_cpu_ms_per_request": r.server_cpu_ms_per_request,
+                "workers_cpu_s": r.workers_cpu_s,
+            }
+            for name, r in m.ingest.items()
+        },
+        "memory_queued_seen": {str(queued): result.queued for queued, result in m.memory.items()},
+    }
+
+
+def rows(m: Measurements, k: dict[str, float]) -> list[Row]:
+    def per_app(value: Callable[[HealthRun], float], digits: int = 2) -> dict[str, str]:
+        return {name: fmt(value(m.health[name]), digits) for name in APPS}
+
+    noop_met = (
+        k["noop_roundtrip_ms"] < k["noop_roundtrip_ms_huey"]
+        and k["noop_roundtrip_ms"] <= 3 * k["noop_roundtrip_ms_anyio"]
+    )
+    seed_cpu = {label: fmt(m.in_process[label].seed_task_cpu_s, 3) for label in SIZES}
+    table = [
+        Row("/health p99 idle, ms", per_app(lambda r: r.p99_idle_ms, 1)),
+        Row("/health p99 loaded, ms", per_app(lambda r: r.p99_loaded_ms, 1)),
+        Row("/health p99 loaded/idle", per_app(lambda r: r.ratio, 1), "<= 2", k["health_p99_ratio"] <= 2),
+        Row("  CPU busy under load, % of cores", per_app(lambda r: 100 * r.cpu_busy, 0)),
+        Row("  match tasks/s under load (10k)", per_app(lambda r: r.tasks_per_s, 1)),
+        Row("  cpu_efficiency under load (10k)", per_app(lambda r: r.cpu_efficiency)),
+        Row(
+            f"cpu_efficiency ({THROUGHPUT_SIZE}, backlog)",
+            {"profile_app": fmt(k["cpu_efficiency"])},
+            ">= 0.9",
+            k["cpu_efficiency"] >= 0.9,
+        ),
+        Row("  machine ceiling (in-process, parallel)", {"profile_app": fmt(k["cpu_efficiency_ceiling"])}),
+        Row(
+            "no-op round trip, median ms",
+            {name: fmt(result.median_ms) for name, result in m.noop.items()},
+            "< huey, <= 3x anyio",
+            noop_met,
+        ),
+        Row("POST /profile per s", {name: fmt(result.per_s, 0) for name, result in m.ingest.items()}),
+        Row(
+            "ingest ratio (/ bare)",
+            {"profile_app": fmt(k["ingest_ratio"])},
+            ">= 0.7",
+            k["ingest_ratio"] >= 0.7,
+        ),
+        Row(
+            "  server CPU ms per POST",
+            {name: fmt(result.server_cpu_ms_per_request) for name, result in m.ingest.items()},
+        ),
+        Row("  /health p99 ingest/idle", {"profile_app": fmt(k["health_p99_ratio_ingest"], 1)}),
+    ]
+    for label in SIZES:
+        cells = {"profile_app": fmt(k[f"match_seconds_{label}"], 4)}
+        cells.update(dict.fromkeys(COMPARISON_APPS, seed_cpu[label]))
+        is_100k = label == "100k"
+        table.append(
+            Row(
+                f"match task s, {label} (seed: CPU s)",
+                cells,
+                "< 1 s" if is_100k else "",
+                k["match_seconds_100k"] < 1.0 if is_100k else None,
+            )
+        )
+    table.append(
+        Row(
+            "  top_matches alone s, 1k/10k/100k",
+            {"profile_app": "/".join(fmt(k[f"match_seconds_inprocess_{label}"], 4) for label in SIZES)},
+            "linear",
+        )
+    )
+    rss0, rss = k["rss_mb_0_queued"], k["rss_mb_100k_queued"]
+    table.append(
+        Row(
+            "server RSS MB, 0 / 100k queued",
+            {"profile_app": f"{fmt(rss0, 0)} / {fmt(rss, 0)}"},
+            "flat",
+            rss <= rss0 * 1.1 + 5,
+        )
+    )
+    table.append(
+        Row(
+            "auto placement, mixed workload (/ hand-chosen)",
+            {"profile_app": fmt(k["auto_placement"])},
+            ">= 0.95",
+            k["auto_placement"] >= 0.95,
+        )
+    )
+    return table

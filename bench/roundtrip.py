@@ -1,0 +1,55 @@
+"""No-op task round trips (submit -> result), one at a time, all through the same client.
+
+* profile_app: bench/profile_app_noop.py, a process-kind no-op through the durable queue;
+  the endpoint answers once the task row says `succeeded`.
+* huey: bench/huey_app.py, SqliteHuey (fsync) with a separate process consumer polling
+  every 10 ms (its best case), the endpoint waiting for the stored result.
+* anyio: bench/bare_app.py, a bare `anyio.to_process.run_sync` call (nothing durable).
+"""
+
+from __future__ import annotations
+
+import statistics
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+from bench.load import round_trips
+from bench.servers import free_port, python_command, running, uvicorn_command
+
+HUEY_CONSUMER_ARGS = ("-k", "process", "-w", "2", "-d", "0.01", "-m", "0.01", "-b", "1.0", "-C", "-q")
+
+
+@dataclass(frozen=True)
+class RoundTrips:
+    name: str
+    seconds: list[float]
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.seconds) * 1e3
+
+    @property
+    def p90_ms(self) -> float:
+        return statistics.quantiles(self.seconds, n=10)[-1] * 1e3
+
+
+def measure_all(tmp: Path, count: int, warm_up: int) -> dict[str, RoundTrips]:
+    results = {}
+    port = free_port()
+    env = {"PROFILE_APP_DB": str(tmp / "noop.db")}
+    with running("profile_app_noop", uvicorn_command("bench.profile_app_noop:app", port), port, tmp, env):
+        results["profile_app"] = RoundTrips("profile_app", round_trips(port, "/bench/noop", count, warm_up))
+
+    port = free_port()
+    env = {"BENCH_HUEY_DB": str(tmp / "huey.db")}
+    consumer = python_command("-m", "huey.bin.huey_consumer", "bench.huey_app.huey", *HUEY_CONSUMER_ARGS)
+    with ExitStack() as stack:
+        stack.enter_context(running("huey_consumer", consumer, 0, tmp, env, ready_path=None, stop_grace_s=5))
+        stack.enter_context(running("huey_app", uvicorn_command("bench.huey_app:app", port), port, tmp, env))
+        results["huey"] = RoundTrips("huey", round_trips(port, "/noop", count, warm_up))
+
+    port = free_port()
+    with running("bare_app", uvicorn_command("bench.bare_app:app", port), port, tmp):
+        results["anyio"] = RoundTrips("anyio", round_trips(port, "/noop", count, warm_up))
+    return results

@@ -1,0 +1,191 @@
+"""Every measurement of `make bench`, in order, on servers this module starts and stops."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from bench import datasets, health, ingest, inprocess, memory, placement, report, roundtrip, tasks
+from bench.health import HealthRun
+from bench.load import HealthSampler, wait_until_idle
+from bench.servers import free_port, profile_app_command, running, uvicorn_command
+
+SIZES = {"1k": 1_000, "10k": 10_000, "100k": 100_000}
+HEALTH_SIZE = "10k"  # the table size of the /health and ingest runs (every app the same)
+THROUGHPUT_SIZE = "100k"  # the table size of cpu_efficiency (the most CPU per match task)
+COMPARISON_APPS = {
+    "naive": "bench.naive_app:app",
+    "threads": "bench.threads_app:app",
+    "processpool": "bench.processpool_app:app",
+}
+USERS_PER_SIZE = 1000
+
+
+@dataclass(frozen=True)
+class Config:
+    idle_s: float = 4.0  # /health sampled idle
+    loaded_s: float = 5.0  # ... and under load
+    interval_s: float = 0.01  # one /health probe every 10 ms
+    burst: int = 60  # comparison apps: POSTs at the start of the loaded window (~12 s of work)
+    backlog: int = 3000  # profile_app: match tasks queued at the start of the loaded window
+    throughput_s: float = 8.0  # profile_app at 100k: the window tasks are counted in
+    ceiling_s: float = 3.0  # the in-process parallel ceiling: each loop's length
+    latency_tasks: int = 7  # match tasks timed one at a time, per table size
+    noop_count: int = 300  # no-op round trips per system (after noop_warm_up)
+    noop_warm_up: int = 30
+    ingest_s: float = 5.0
+    rss_queued: int = 100_000
+
+    def quick(self) -> Config:
+        """A smoke run (about half the time); its numbers are noisier."""
+        return replace(
+            self,
+            idle_s=1.5,
+            loaded_s=2.5,
+            burst=30,
+            throughput_s=3.0,
+            ceiling_s=1.5,
+            latency_tasks=3,
+            noop_count=60,
+            noop_warm_up=10,
+            ingest_s=2.0,
+        )
+
+
+@dataclass(frozen=True)
+class Measurements:
+    in_process: dict[str, inprocess.InProcess]
+    ceiling: float  # in-process parallel ceiling of cpu_efficiency at THROUGHPUT_SIZE
+    health: dict[str, HealthRun]
+    latency: dict[str, tasks.Latency]
+    throughput: tasks.Throughput
+    noop: dict[str, roundtrip.RoundTrips]
+    ingest: dict[str, ingest.Ingest]
+    memory: dict[int, memory.Memory]
+    placement: dict[str, float]  # bench.placement.auto_placement_ratio: auto vs hand-chosen
+
+
+def step(text: str) -> None:
+    report.out(f"[{time.strftime('%H:%M:%S')}] {text}")
+
+
+def measure_everything(tmp: Path, config: Config, sampler: HealthSampler) -> Measurements:
+    step("seeding 1k, 10k and 100k profiles (python profile_app.py seed)")
+    dbs: dict[str, Path] = {}
+    for label, count in SIZES.items():
+        dbs[label] = datasets.seed_database(tmp / f"seed_{label}.db", count)
+        datasets.checkpoint(dbs[label])
+    users = {label: datasets.user_ids(db, USERS_PER_SIZE) for label, db in dbs.items()}
+    bodies = datasets.profile_bodies(ingest.bodies_needed(config.ingest_s), "bench")
+
+    step("timing the match in-process, alone and in parallel (no server)")
+    by_count = {SIZES[label]: db for label, db in dbs.items()}
+    found = inprocess.measure(by_count, {SIZES[label]: ids for label, ids in users.items()})
+    in_process = {label: found[count] for label, count in SIZES.items()}
+    ceiling = inprocess.parallel_ceiling(dbs[THROUGHPUT_SIZE], users[THROUGHPUT_SIZE], config.ceiling_s)
+
+    runs = measure_health(tmp, config, sampler, dbs[HEALTH_SIZE], users[HEALTH_SIZE], bodies, in_process)
+    latency, throughput = measure_tasks(tmp, config, dbs, users, bodies, in_process)
+
+    step("no-op round trips: profile_app, huey, anyio.to_process")
+    noop = roundtrip.measure_all(tmp, config.noop_count, config.noop_warm_up)
+
+    step("ingest: a bare Starlette POST handler, then profile_app's POST /profile")
+    ingests = measure_ingest(tmp, config, sampler, dbs[HEALTH_SIZE], bodies)
+
+    step(f"memory: profile_app with 0 and {config.rss_queued:,} tasks queued")
+    memories = {}
+    for queued in (0, config.rss_queued):
+        db = datasets.copy_database(dbs[HEALTH_SIZE], tmp / f"memory_{queued}.db")
+        memories[queued] = memory.measure(db, tmp, queued, users[HEALTH_SIZE])
+    step("automatic placement: a mixed CPU and I/O workload, auto vs hand-chosen (bench/placement.py)")
+    auto = placement.auto_placement_ratio()
+    return Measurements(in_process, ceiling, runs, latency, throughput, noop, ingests, memories, auto)
+
+
+def measure_health(
+    tmp: Path,
+    config: Config,
+    sampler: HealthSampler,
+    db: Path,
+    users: list[str],
+    bodies: list[bytes],
+    in_process: dict[str, inprocess.InProcess],
+) -> dict[str, HealthRun]:
+    runs = {}
+    window = {"idle_s": config.idle_s, "loaded_s": config.loaded_s, "interval_s": config.interval_s}
+    task_cpu = in_process[HEALTH_SIZE]
+    for name, app in COMPARISON_APPS.items():
+        step(f"/health idle and loaded: {name} ({HEALTH_SIZE} profiles, {config.burst} POSTs)")
+        copy = datasets.copy_database(db, tmp / f"health_{name}.db")
+        port = free_port()
+        env = {"BENCH_DB": str(copy)}
+        with running(name, uvicorn_command(app, port), port, tmp, env, stop_grace_s=1.0) as server:
+            health.warm_up(server, bodies)
+            load = health.comparison_app_load(server, bodies[2 : 2 + config.burst])
+            done = health.comparison_app_completed(server)
+            runs[name] = health.measure(name, server, sampler, load, done, task_cpu.seed_task_cpu_s, **window)
+
+    step(f"/health idle and loaded: profile_app ({HEALTH_SIZE} profiles, {config.backlog} queued tasks)")
+    copy = datasets.copy_database(db, tmp / "health_profile_app.db")
+    port = free_port()
+    with running("profile_app", profile_app_command(port, copy), port, tmp) as server:
+        health.warm_up(server, bodies)
+        load = health.profile_app_load(copy, users, config.backlog)
+        done = health.profile_app_completed(copy)
+        runs["profile_app"] = health.measure(
+            "profile_app", server, sampler, load, done, task_cpu.task_cpu_s, **window
+        )
+    return runs
+
+
+def measure_tasks(
+    tmp: Path,
+    config: Config,
+    dbs: dict[str, Path],
+    users: dict[str, list[str]],
+    bodies: list[bytes],
+    in_process: dict[str, inprocess.InProcess],
+) -> tuple[dict[str, tasks.Latency], tasks.Throughput]:
+    """Match tasks one at a time at every size; at THROUGHPUT_SIZE, then a backlog."""
+    latency = {}
+    throughput = None
+    one_by_one = bodies[2 : 2 + config.latency_tasks]
+    for label, db in dbs.items():
+        step(f"profile_app match tasks at {label} profiles")
+        copy = datasets.copy_database(db, tmp / f"tasks_{label}.db")
+        port = free_port()
+        with running(f"profile_app_{label}", profile_app_command(port, copy), port, tmp) as server:
+            health.warm_up(server, bodies)
+            latency[label] = tasks.one_at_a_time(server, one_by_one)
+            if label == THROUGHPUT_SIZE:
+                with server.connect() as conn:
+                    wait_until_idle(conn)
+                throughput = tasks.throughput(
+                    server,
+                    copy,
+                    users[label],
+                    config.backlog,
+                    config.throughput_s,
+                    in_process[label].task_cpu_s,
+                )
+    assert throughput is not None
+    return latency, throughput
+
+
+def measure_ingest(
+    tmp: Path, config: Config, sampler: HealthSampler, db: Path, bodies: list[bytes]
+) -> dict[str, ingest.Ingest]:
+    results = {}
+    port = free_port()
+    with running("bare_ingest", uvicorn_command("bench.bare_app:app", port), port, tmp) as server:
+        results["bare"] = ingest.measure("bare", server, bodies, config.ingest_s)
+    copy = datasets.copy_database(db, tmp / "ingest.db")
+    port = free_port()
+    env = {"PROFILE_APP_MAX_QUEUED": "100000000"}
+    with running("profile_app_ingest", profile_app_command(port, copy), port, tmp, env) as server:
+        results["profile_app"] = ingest.measure(
+            "profile_app", server, bodies, config.ingest_s, sampler, config.interval_s
+        )
+    return results
