@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -104,6 +105,7 @@ class Server:
     db: Path
     env: dict[str, str] = field(default_factory=dict)
     port: int = field(default_factory=free_port)
+    args: list[str] = field(default_factory=list)  # more `serve` flags, e.g. ["--workers", "3"]
     process: subprocess.Popen | None = None
     log: Path | None = None
 
@@ -116,11 +118,21 @@ class Server:
         self.log = self.db.with_suffix(f".{self.port}.log")
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "profile_app.py", "serve", "--port", str(self.port), "--db", str(self.db)],
+                [
+                    sys.executable,
+                    "profile_app.py",
+                    "serve",
+                    "--port",
+                    str(self.port),
+                    "--db",
+                    str(self.db),
+                    *self.args,
+                ],
                 cwd=ROOT,
                 env=environ,
                 stdout=log,
                 stderr=subprocess.STDOUT,
+                start_new_session=True,  # its own process group: kill_all() reaches every process
             )
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -148,6 +160,13 @@ class Server:
         self.process.send_signal(signal.SIGKILL)
         self.process.wait(10)
 
+    def kill_all(self) -> None:
+        """SIGKILL every process of the server at once: supervisor, server processes, workers."""
+        assert self.process is not None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
     def terminate(self, timeout_s: float = 60.0) -> int:
         assert self.process is not None
         self.process.send_signal(signal.SIGTERM)
@@ -157,8 +176,9 @@ class Server:
         return self.log.read_text(errors="replace") if self.log and self.log.exists() else ""
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.kill()
+        if self.process is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)  # and any process it left behind
             self.process.wait(10)
 
 
@@ -166,8 +186,8 @@ class Server:
 def make_server(db_path: Path) -> Iterator[Callable[..., Server]]:
     servers: list[Server] = []
 
-    def make(**env: str) -> Server:
-        server = Server(db_path, env)
+    def make(*args: str, **env: str) -> Server:
+        server = Server(db_path, env, args=list(args))
         servers.append(server)
         return server.start()
 

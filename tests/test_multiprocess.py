@@ -1,0 +1,257 @@
+"""Several server processes on one database: `python profile_app.py serve --workers N`.
+
+Each test starts a real uvicorn supervisor with N server processes (each with its own
+dispatcher and process pool) on one SQLite file, and checks the queue's promises across
+them: every task is claimed by exactly one process and run once, an Idempotency-Key sent
+concurrently yields one task, and SIGTERM to the supervisor drains every process and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from conftest import Server, profile, wait_for_task
+from test_server_e2e import seed
+
+from synthetic import synthetic_profiles
+
+WORKERS = 3
+TASKS = 1000
+INTERESTS = ["chess", "go", "jazz", "hiking", "tea", "rust", "sql", "cats"]
+
+
+def tiny_profiles(count: int, prefix: str) -> list[dict]:
+    """Profiles small enough that each match task takes a millisecond or so."""
+    return [
+        profile(
+            f"{prefix}{n}",
+            [INTERESTS[n % 8], INTERESTS[(n * 3 + 1) % 8]],
+            f"likes {INTERESTS[n % 5]} and {INTERESTS[n % 7]}",
+        )
+        for n in range(count)
+    ]
+
+
+def post_all(server: Server, documents: list[dict], threads: int = 16, **headers: str) -> list[str]:
+    """POST every document from a pool of keep-alive sessions; returns the task ids."""
+    local = threading.local()
+
+    def post(document: dict) -> str:
+        if not hasattr(local, "session"):
+            local.session = requests.Session()
+        response = local.session.post(server.url + "/profile", json=document, headers=headers, timeout=30)
+        assert response.status_code == 202, response.text
+        return response.json()["task_id"]
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(post, documents))
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
+    """Poll `condition` until it holds; `what` (or what it returns) explains a timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what if isinstance(what, str) else what()}")
+        time.sleep(0.05)  # poll interval
+
+
+def queue_is_empty(server: Server) -> bool:
+    health = server.get("/health").json()
+    return health["queued"] == 0 and health["running"] == 0
+
+
+def server_pids(server: Server) -> set[int]:
+    """The pids of the supervisor's server processes: its children that multiprocessing spawned."""
+    assert server.process is not None
+    pids = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent_pid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while we looked
+        if parent_pid == server.process.pid and b"spawn_main" in command:
+            pids.add(int(stat.parent.name))
+    return pids
+
+
+class LeaseWatcher:
+    """Samples which processes hold leases on running tasks, from the database file itself."""
+
+    def __init__(self, db: Path) -> None:
+        self.db = db
+        self.owner_pids: set[int] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+
+    def __enter__(self) -> LeaseWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def _watch(self) -> None:
+        uri = self.db.resolve().as_uri() + "?mode=ro"
+        while not self._stop.wait(0.005):  # sampling interval
+            try:
+                with sqlite3.connect(uri, uri=True, timeout=1) as conn:
+                    rows = conn.execute(
+                        "SELECT DISTINCT lease_owner FROM tasks WHERE status = 'running'"
+                    ).fetchall()
+            except sqlite3.OperationalError:
+                continue  # the file is being created, or locked past the timeout: sample again
+            self.owner_pids.update(int(owner.split(":")[1]) for (owner,) in rows if owner)
+
+
+@pytest.fixture
+def multi_server(db_path: Path) -> Iterator[Server]:
+    server = Server(db_path, args=["--workers", str(WORKERS)]).start()
+    try:
+        wait_until(lambda: len(server_pids(server)) == WORKERS, 30, f"{WORKERS} server processes started")
+        yield server
+    finally:
+        server.stop()
+
+
+def test_every_task_is_claimed_once_across_server_processes(multi_server: Server, db_path: Path) -> None:
+    documents = tiny_profiles(TASKS, "u")
+    with LeaseWatcher(db_path) as watcher:
+        task_ids = post_all(multi_server, documents)
+        wait_until(lambda: queue_is_empty(multi_server), 120, f"{TASKS} tasks finished")
+
+    assert len(set(task_ids)) == TASKS
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute("SELECT id, status, attempts, error FROM tasks WHERE kind = 'match'").fetchall()
+        profiles = conn.execute(
+            "SELECT user_id, task_id, matches IS NOT NULL FROM profiles ORDER BY user_id"
+        ).fetchall()
+    # Every claim adds one to `attempts` in the claiming statement: 1 means claimed exactly once.
+    assert {task_id: (status, attempts, error) for task_id, status, attempts, error in rows} == dict.fromkeys(
+        task_ids, ("succeeded", 1, None)
+    )
+    expected = sorted((d["user_id"], task_id, 1) for d, task_id in zip(documents, task_ids, strict=True))
+    assert profiles == expected
+    # The work really was spread: more than one server process held leases while it ran.
+    assert len(watcher.owner_pids) >= 2, watcher.owner_pids
+    assert watcher.owner_pids <= server_pids(multi_server)
+    # /metrics adds up every server process's counts, whichever process answers.
+    for _ in range(WORKERS):
+        samples = metric_samples(multi_server.get("/metrics").text)
+        assert samples['profile_app_tasks_submitted_total{kind="match"}'] == TASKS
+        assert samples['profile_app_tasks_finished_total{kind="match",status="succeeded"}'] == TASKS
+
+
+def metric_samples(text: str) -> dict[str, float]:
+    return {
+        name: float(value)
+        for name, _, value in (line.rpartition(" ") for line in text.splitlines() if not line.startswith("#"))
+    }
+
+
+def test_an_idempotency_key_sent_concurrently_to_many_processes_makes_one_task(
+    multi_server: Server, db_path: Path
+) -> None:
+    senders = 24
+
+    def send_together(key: str, document: dict) -> list[requests.Response]:
+        barrier = threading.Barrier(senders)
+
+        def send(_: int) -> requests.Response:
+            with requests.Session() as session:
+                session.get(multi_server.url + "/health", timeout=10)  # connect before the barrier
+                barrier.wait(10)
+                return session.post(
+                    multi_server.url + "/profile",
+                    json=document,
+                    headers={"Idempotency-Key": key},
+                    timeout=30,
+                )
+
+        with ThreadPoolExecutor(senders) as pool:
+            return list(pool.map(send, range(senders)))
+
+    for round_number in range(5):
+        key = f"key-{round_number}"
+        document = profile(f"idem{round_number}", ["chess"], "the same body every time")
+        responses = send_together(key, document)
+
+        statuses = [response.status_code for response in responses]
+        assert set(statuses) <= {202, 409}, statuses
+        accepted = {response.json()["task_id"] for response in responses if response.status_code == 202}
+        assert len(accepted) == 1, statuses
+        (task_id,) = accepted
+        # Later repeats get the first response; another body with the key gets 422.
+        repeat = multi_server.post("/profile", json=document, headers={"Idempotency-Key": key})
+        assert (repeat.status_code, repeat.json()["task_id"]) == (202, task_id)
+        other = multi_server.post(
+            "/profile", json={**document, "bio": "changed"}, headers={"Idempotency-Key": key}
+        )
+        assert other.status_code == 422
+        assert wait_for_task(multi_server, task_id)["status"] == "succeeded"
+        with sqlite3.connect(db_path) as conn:
+            queued_for_user = conn.execute(
+                "SELECT id FROM tasks WHERE json_extract(payload, '$.user_id') = ?", (document["user_id"],)
+            ).fetchall()
+        assert queued_for_user == [(task_id,)]
+
+
+def test_sigterm_to_the_supervisor_drains_every_server_process_and_exits_0(db_path: Path) -> None:
+    """Running tasks finish within the grace; what never started stays queued, uncharged.
+
+    (test_server_e2e gives running tasks back with a grace of 0, on one server process.)
+    """
+    grace_s = 30
+    seed(db_path, 5_000)  # each match now takes long enough to be running at SIGTERM
+    server = Server(db_path, {"PROFILE_APP_SHUTDOWN_GRACE_S": str(grace_s)}, args=["--workers", "2"])
+    server.start()
+    try:
+        wait_until(lambda: len(server_pids(server)) == 2, 30, "2 server processes started")
+        children = server_pids(server)
+        task_ids = post_all(server, list(synthetic_profiles(12, seed=21)), threads=4)
+        wait_until(lambda: server.get("/health").json()["running"] >= 2, 30, "tasks running")
+        with sqlite3.connect(db_path) as conn:
+            running = {
+                task_id for (task_id,) in conn.execute("SELECT id FROM tasks WHERE status = 'running'")
+            }
+
+        assert server.terminate(timeout_s=grace_s + 30) == 0
+    finally:
+        server.stop()
+    assert not any(_alive(pid) for pid in children)
+    with sqlite3.connect(db_path) as conn:
+        marks = ",".join("?" * len(task_ids))
+        rows = conn.execute(
+            f"SELECT id, status, attempts, started_at IS NULL FROM tasks WHERE id IN ({marks})", task_ids
+        ).fetchall()
+    outcomes = {task_id: (status, attempts, unstarted) for task_id, status, attempts, unstarted in rows}
+    # Each task finished in its one attempt, or is back in the queue with no attempt charged.
+    assert set(outcomes.values()) <= {("succeeded", 1, False), ("queued", 0, True)}, outcomes
+    assert ("queued", 0, True) in outcomes.values()  # the drain took no new work
+    assert {outcomes[task_id][0] for task_id in running} == {"succeeded"}  # they had the grace
+
+    restarted = Server(db_path).start()
+    try:
+        for task_id in task_ids:
+            task = wait_for_task(restarted, task_id, timeout_s=120)
+            assert (task["status"], task["attempts"]) == ("succeeded", 1)
+    finally:
+        restarted.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
