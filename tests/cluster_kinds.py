@@ -1,0 +1,45 @@
+"""Task kinds for tests/test_dask.py: a module of its own, so Dask workers can import it."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from executors import KindRegistry, Placement, report_progress
+
+kinds = KindRegistry()
+
+
+@kinds.kind(runs_on=Placement.PROCESS, max_attempts=3, retry_backoff_s=0.01)
+def dies_once(pid_file: str) -> dict:
+    """The first attempt waits to be killed with its worker; the next one returns."""
+    path = Path(pid_file)
+    if not path.exists():
+        path.write_text(str(os.getpid()))
+        while True:
+            time.sleep(0.01)
+    return {"pid": os.getpid()}
+
+
+@kinds.kind(runs_on=Placement.PROCESS, time_limit_s=2, max_attempts=1)
+def spins_briefly(started_file: str, stopped_file: str) -> None:
+    _spin(started_file, stopped_file)
+
+
+@kinds.kind(runs_on=Placement.PROCESS, time_limit_s=60, max_attempts=1)
+def spins(started_file: str, stopped_file: str) -> None:
+    _spin(started_file, stopped_file)
+
+
+def _spin(started_file: str, stopped_file: str) -> None:
+    """CPU-bound until stopped; reports progress, which is where a Dask worker stops it."""
+    Path(started_file).write_text(str(os.getpid()))
+    try:
+        while True:
+            deadline = time.perf_counter() + 0.01
+            while time.perf_counter() < deadline:
+                pass
+            report_progress(0.5)
+    finally:
+        Path(stopped_file).write_text("stopped")

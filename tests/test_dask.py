@@ -1,0 +1,358 @@
+"""The `dask` placement on a real cluster: a `dask scheduler` and two `dask worker`s on loopback.
+
+The cluster is started once for the module (subprocesses, torn down with their process
+groups); every app is a real one (TestClient runs its lifespan, which opens the client).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import ROOT, free_port, profile, stored_task, submit, wait_for_task
+from starlette.testclient import TestClient
+
+import dask_backend
+from executors import KindRegistry, Placement
+from matching import reference_matches
+from profile_app import create_app
+from settings import Settings, SettingsError
+from synthetic import synthetic_profiles
+
+distributed = pytest.importorskip("distributed")
+from cluster_kinds import kinds as cluster_kinds  # noqa: E402  (after the skip: workers import it)
+
+WORKERS = 2
+DASK_KINDS = "match,dies_once,spins_briefly,spins"
+
+
+class Cluster:
+    """A scheduler and its workers as subprocesses, each in its own process group."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.address = f"tcp://127.0.0.1:{free_port()}"
+        self.log_dir = log_dir
+        self.processes: list[subprocess.Popen] = []
+        self.environ = {
+            **os.environ,
+            # The scheduler unpickles task graphs and the workers run them: both import our code.
+            "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+            # A worker that dies under a task fails that attempt at once (the queue retries it),
+            # instead of Dask re-running it elsewhere inside the same attempt.
+            "DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0",
+        }
+
+    def _start(self, name: str, *args: str) -> None:
+        with (self.log_dir / f"{name}.log").open("ab") as log:
+            self.processes.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "dask", *args],
+                    cwd=ROOT,
+                    env=self.environ,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            )
+
+    def start(self, timeout_s: float = 60.0) -> Cluster:
+        port = self.address.rsplit(":", 1)[1]
+        self._start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard")
+        for number in range(WORKERS):
+            self._start(
+                f"worker{number}",
+                "worker",
+                self.address,
+                "--host",
+                "127.0.0.1",
+                "--nthreads",
+                "1",
+                "--no-dashboard",
+                "--name",
+                f"worker{number}",
+            )
+        self.wait_for_workers(timeout_s)
+        return self
+
+    def wait_for_workers(self, timeout_s: float = 30.0) -> None:
+        """Poll the scheduler until every worker has joined (a restarted one too), with a deadline."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for process in self.processes:
+                assert process.poll() is None, f"a cluster process exited:\n{self.logs()}"
+            try:
+                with distributed.Client(self.address, timeout=2) as client:
+                    client.wait_for_workers(WORKERS, timeout=max(0.1, deadline - time.monotonic()))
+                    return
+            except (OSError, TimeoutError) as exc:
+                if time.monotonic() > deadline:
+                    raise AssertionError(f"no cluster of {WORKERS} workers: {exc}\n{self.logs()}") from exc
+                time.sleep(0.1)
+
+    def logs(self) -> str:
+        return "\n".join(log.read_text(errors="replace")[-3000:] for log in self.log_dir.glob("*.log"))
+
+    def stop(self) -> None:
+        for process in self.processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    running = Cluster(tmp_path_factory.mktemp("dask"))
+    try:
+        yield running.start()
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def dask_client(cluster: Cluster, make_client: Callable[..., TestClient]) -> TestClient:
+    cluster.wait_for_workers()  # a test before may have killed one: its nanny restarts it
+    return make_client(kinds=cluster_kinds, dask_scheduler=cluster.address, dask_kinds=DASK_KINDS)
+
+
+def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
+        time.sleep(0.02)
+
+
+def store(client: TestClient, profiles: list[dict[str, Any]]) -> None:
+    """Store profiles without queueing tasks (as `seed` does)."""
+    client.portal.call(client.app_state["db"].store_profiles, profiles)  # type: ignore[union-attr]
+
+
+def expected(user_id: str, table: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    pairs = {uid: (p["interests"], p["bio"]) for uid, p in table.items()}
+    return [{"user_id": other, "score": score} for other, score in reference_matches(user_id, pairs)]
+
+
+def run_matches(client: TestClient, user_ids: list[str]) -> list[dict[str, Any]]:
+    ids = [submit(client, "match", {"user_id": user_id}) for user_id in user_ids]
+    return [wait_for_task(client, task_id, timeout_s=30) | {"id": task_id} for task_id in ids]
+
+
+# -- matches on the cluster equal the formula ---------------------------------------------------
+
+
+def test_match_tasks_on_the_cluster_equal_the_reference(dask_client: TestClient) -> None:
+    kinds = {kind["name"]: kind for kind in dask_client.get("/kinds").json()["kinds"]}
+    assert kinds["match"]["placement"] == "dask" and kinds["notify"]["placement"] == "thread"
+    assert kinds["match"]["concurrency"] == 2 * WORKERS  # two in flight per worker thread
+
+    table: dict[str, dict[str, Any]] = {}
+    first = list(synthetic_profiles(400, seed=7))
+    rounds = [
+        # the first tasks: a snapshot is scattered to both workers, each builds its index
+        first,
+        # 300 rows rewritten or added: the delta passes 256 rows, so a new snapshot goes out
+        [{**p, "interests": p["interests"][:1], "bio": "chess"} for p in first[:200]]
+        + list(synthetic_profiles(500, seed=8))[400:],
+        # a few rows: they travel with each task as its delta
+        [profile(f"new-{n}", ["chess", "go"], "I love chess and go") for n in range(5)],
+    ]
+    for changes in rounds:
+        store(dask_client, changes)
+        table.update((p["user_id"], p) for p in changes)
+        user_ids = [p["user_id"] for p in changes[:: max(1, len(changes) // 10)]]
+        for user_id, task in zip(user_ids, run_matches(dask_client, user_ids), strict=True):
+            assert task["status"] == "succeeded", task
+            assert task["executor"].startswith("dask:tcp://127.0.0.1:")
+            assert stored_task(dask_client, task["id"]).result == expected(user_id, table)
+
+    stats = dask_client.app_state["executor"]._runners[Placement.DASK].shipping.stats
+    assert stats.rebases == 2  # the table went out twice, not with every task
+    assert stats.delta_rows <= stats.tasks * 5
+
+
+def test_a_posted_profile_gets_its_matches_from_the_cluster(dask_client: TestClient) -> None:
+    dask_client.post("/profile", json=profile("ann", ["chess", "go"], "I play chess"))
+    task_id = dask_client.post("/profile", json=profile("bob", ["chess"], "chess")).json()["task_id"]
+    assert wait_for_task(dask_client, task_id)["status"] == "succeeded"
+    assert dask_client.get("/profile/bob").json()["matches"] == [{"user_id": "ann", "score": 0.538675}]
+
+
+# -- faults, time limits and cancellation on the cluster ----------------------------------------
+
+
+def test_a_killed_worker_fails_its_attempt_and_the_retry_succeeds(
+    dask_client: TestClient, cluster: Cluster, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    task_id = submit(dask_client, "dies_once", {"pid_file": str(pid_file)})
+    wait_until(lambda: pid_file.exists() and pid_file.read_text(), 30, "the first attempt started")
+    killed = int(pid_file.read_text())
+
+    os.kill(killed, signal.SIGKILL)
+
+    task = wait_for_task(dask_client, task_id, timeout_s=30)
+    assert (task["status"], task["attempts"], task["error"]) == ("succeeded", 2, None), task
+    assert stored_task(dask_client, task_id).result["pid"] != killed
+    cluster.wait_for_workers()  # the nanny restarted the killed worker
+
+
+def test_a_task_past_its_time_limit_is_stopped_on_its_worker(dask_client: TestClient, tmp_path: Path) -> None:
+    started, stopped = tmp_path / "started", tmp_path / "stopped"
+    task_id = submit(
+        dask_client, "spins_briefly", {"started_file": str(started), "stopped_file": str(stopped)}
+    )
+    task = wait_for_task(dask_client, task_id, timeout_s=30)
+    assert (task["status"], task["executor"]) == ("failed", "dask")
+    assert "time limit of 2 s" in task["error"]
+    wait_until(stopped.exists, 5, "the function stopped on its worker at its next progress report")
+
+
+def test_cancelling_a_running_task_stops_it_on_its_worker(dask_client: TestClient, tmp_path: Path) -> None:
+    started, stopped = tmp_path / "started", tmp_path / "stopped"
+    task_id = submit(dask_client, "spins", {"started_file": str(started), "stopped_file": str(stopped)})
+    wait_until(started.exists, 30, "the task started on a worker")
+
+    response = dask_client.delete(f"/tasks/{task_id}")
+
+    assert response.status_code == 200 and response.json()["status"] == "cancelled"
+    wait_until(stopped.exists, 5, "the function stopped on its worker at its next progress report")
+    assert wait_for_task(dask_client, task_id)["status"] == "cancelled"
+
+
+# -- start-up: no scheduler, an unreachable one, bad settings ------------------------------------
+
+
+def test_without_a_scheduler_nothing_of_dask_is_imported(db_path: Path) -> None:
+    code = (
+        "import sys\n"
+        "from starlette.testclient import TestClient\n"
+        "from profile_app import create_app\n"
+        "from settings import Settings\n"
+        f"with TestClient(create_app(Settings(db={str(db_path)!r}))) as client:\n"
+        "    assert client.get('/health').status_code == 200\n"
+        "    kinds = {k['name']: k['placement'] for k in client.get('/kinds').json()['kinds']}\n"
+        "    assert kinds['match'] == 'process', kinds\n"
+        "loaded = sorted(m for m in sys.modules if m.split('.')[0] in ('dask', 'distributed'))\n"
+        "assert not loaded, loaded\n"
+    )
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PROFILE_APP_")}
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=environ, capture_output=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+
+
+def test_an_unreachable_scheduler_stops_start_up_with_one_line(
+    make_settings: Callable[..., Settings], db_path: Path
+) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    app = create_app(make_settings(dask_scheduler=address, dask_connect_timeout_s=1))
+    with pytest.raises(dask_backend.DaskUnavailable, match="no Dask scheduler answers"), TestClient(app):
+        pass
+
+    environ = {**os.environ, "PROFILE_APP_DASK_SCHEDULER": address, "PROFILE_APP_DASK_CONNECT_TIMEOUT_S": "1"}
+    done = subprocess.run(
+        [sys.executable, "profile_app.py", "serve", "--port", str(free_port()), "--db", str(db_path)],
+        cwd=ROOT,
+        env=environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert done.stderr.startswith("profile_app: no Dask scheduler answers at PROFILE_APP_DASK_SCHEDULER=")
+    assert done.stderr.count("\n") == 1, done.stderr
+
+
+def test_an_unreachable_scheduler_can_fall_back_to_local_processes(
+    make_client: Callable[..., TestClient],
+) -> None:
+    address = f"tcp://127.0.0.1:{free_port()}"
+    client = make_client(dask_scheduler=address, dask_connect_timeout_s=1, dask_fallback="process")
+    match = next(kind for kind in client.get("/kinds").json()["kinds"] if kind["name"] == "match")
+    assert match["placement"] == "process" and "did not answer" in match["reason"]
+    client.post("/profile", json=profile("ann", ["chess"], "chess"))
+    task_id = client.post("/profile", json=profile("bob", ["chess"], "chess")).json()["task_id"]
+    assert wait_for_task(client, task_id)["executor"] == "process"
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("dask_scheduler", "http://127.0.0.1:8786", "not a Dask scheduler address"),
+        ("dask_scheduler", "tcp://127.0.0.1", "not a Dask scheduler address"),
+        ("dask_kinds", "match;notify", "comma-separated"),
+        ("dask_fallback", "thread", "PROFILE_APP_DASK_FALLBACK"),
+    ],
+)
+def test_bad_dask_settings_are_one_line(
+    monkeypatch: pytest.MonkeyPatch, setting: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(f"PROFILE_APP_{setting.upper()}", value)
+    with pytest.raises(SettingsError, match=message) as error:
+        Settings.load()
+    assert "\n" not in str(error.value)
+
+
+def test_dask_kinds_must_name_registered_kinds(make_settings: Callable[..., Settings]) -> None:
+    settings = make_settings(dask_scheduler="tcp://127.0.0.1:8786", dask_kinds="match,render")
+    with pytest.raises(SettingsError, match="PROFILE_APP_DASK_KINDS: no task kind 'render'"):
+        create_app(settings)
+
+
+# -- a worker's resident index, without a cluster -------------------------------------------------
+
+
+def test_a_worker_index_follows_snapshots_and_deltas() -> None:
+    def rows(profiles: list[dict[str, Any]], first_rev: int) -> list[tuple[str, str, str, int]]:
+        return [
+            (p["user_id"], json.dumps(p["interests"]), p["bio"], rev)
+            for rev, p in enumerate(profiles, start=first_rev)
+        ]
+
+    dumps = dask_backend._dumps
+    table = list(synthetic_profiles(120, seed=5))
+    snapshot_1 = rows(table, 1)  # revs 1..120
+    changed = [{**p, "interests": ["chess"], "bio": "chess"} for p in table[:30]]
+    delta = rows(changed, 121)  # revs 121..150
+    current = {p["user_id"]: p for p in [*table, *changed]}
+    snapshot_2 = sorted(
+        [r for r in snapshot_1 if r[0] not in {p["user_id"] for p in changed}] + delta, key=lambda r: r[3]
+    )
+    database = "test-db"
+
+    def index_after(snapshot: list, version: int, delta_rows: list) -> Any:
+        base = dask_backend.BaseSnapshot(database, version, len(snapshot))
+        return dask_backend._worker_index(dumps(snapshot), base, dumps(delta_rows))
+
+    dask_backend._indexes.pop(database, None)
+    index_after(snapshot_1, 120, [])
+    index = index_after(snapshot_1, 120, delta)  # warm: applies only the delta
+    assert dask_backend._indexes[database].rev == 150
+    pairs = {uid: (p["interests"], p["bio"]) for uid, p in current.items()}
+    for user_id in list(current)[::17]:
+        assert index.top_matches(user_id) == reference_matches(user_id, pairs)
+    index = index_after(snapshot_2, 150, [])  # a new snapshot it is already past: nothing to do
+    assert dask_backend._indexes[database].rev == 150
+    dask_backend._indexes.pop(database, None)
+    cold = index_after(snapshot_2, 150, [])  # a new worker: builds from the snapshot alone
+    for user_id in list(current)[::17]:
+        assert cold.top_matches(user_id) == reference_matches(user_id, pairs)
+
+
+def test_kinds_registered_on_dask_run_in_processes_without_a_cluster(
+    make_settings: Callable[..., Settings],
+) -> None:
+    registry = KindRegistry()
+    registry.kind(runs_on=Placement.DASK)(dask_backend._dumps)
+    placed = dask_backend.placed_kinds(registry, make_settings(), None)
+    assert placed["_dumps"].placement is Placement.PROCESS
+    assert "no Dask scheduler is configured" in placed["_dumps"].reason
