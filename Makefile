@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint format bench clean
+.PHONY: run test lint format bench clean binary
 
 run: $(VENV)/.installed
 	$(PY) profile_app.py serve
@@ -14,6 +14,9 @@ lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+bench: $(VENV)/.bench-installed
+	$(PY) -m bench.run
+
 format: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
@@ -23,8 +26,25 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
 	touch $@
 
-$(VENV)/.dev-installed: requirements-dev.txt $(VENV)/.installed
+$(VENV)/.dev-installed: requirements-dev.txt requirements-dask.txt $(VENV)/.installed
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+# dist/profile-app: one executable that serves, seeds and runs process tasks without the venv.
+# It is built in a venv of its own, holding only requirements-build.txt, so it bundles the
+# same packages on every machine whatever the dev venv holds. BINARY_DIR and BINARY_WORK
+# let tests/test_binary.py build into a directory of its own.
+BUILD_VENV := build/venv
+BINARY_DIR ?= dist
+BINARY_WORK ?= build/pyinstaller
+
+binary: $(BUILD_VENV)/.installed
+	$(BUILD_VENV)/bin/pyinstaller --noconfirm --log-level WARN --distpath $(BINARY_DIR) \
+		--workpath $(BINARY_WORK) packaging/profile_app.spec
+
+$(BUILD_VENV)/.installed: requirements-build.txt requirements.txt
+	test -x $(BUILD_VENV)/bin/python || $(PYTHON) -m venv $(BUILD_VENV)
+	$(BUILD_VENV)/bin/python -m pip install --quiet --disable-pip-version-check -r requirements-build.txt
 	touch $@
 
 clean:

@@ -7,7 +7,9 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 
@@ -71,22 +73,37 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(settings: Settings) -> int:
     import uvicorn
 
+    from dask_backend import check_scheduler
+
+    check_scheduler(settings)  # an unreachable Dask scheduler stops start-up with one line
     # Server processes (and uvicorn's --workers children) read the settings from here.
     os.environ.update(settings.as_environ())
     # uvicorn re-raises SIGTERM once it has shut down gracefully; a no-op handler makes a
     # graceful stop exit 0, as the contract asks.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    uvicorn.run(
-        "profile_app:app",
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        log_config=None,  # the app's lifespan sets up logging (logs.py): one format for all lines
-        access_log=False,  # RequestLogMiddleware writes the one line per request
-        timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
-    )
+    with metrics_directory(settings.workers):
+        uvicorn.run(
+            "profile_app:app",
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            log_level=settings.log_level,
+            log_config=None,  # the app's lifespan sets up logging (logs.py): one format for all lines
+            access_log=False,  # RequestLogMiddleware writes the one line per request
+            timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+        )
     return 0
+
+
+@contextmanager
+def metrics_directory(workers: int) -> Iterator[None]:
+    """With several server processes, a fresh directory for their metrics, removed at exit."""
+    if workers == 1:
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="profile_app_metrics_") as directory:
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = directory  # read by the server processes
+        yield
 
 
 async def seed(settings: Settings, count: int, random_seed: int) -> int:
@@ -140,7 +157,7 @@ async def task_command(settings: Settings, args: argparse.Namespace) -> int:
 def format_table(rows: list[dict], columns: Sequence[str]) -> str:
     """Rows as a plain-text table with a header, columns as wide as their widest cell."""
     cells = [[_cell(row[column], 60) for column in columns] for row in rows]
-    widths = [max(len(column), *(len(line[i]) for line in cells)) for i, column in enumerate(columns)]
+    widths = [max([len(column), *(len(line[i]) for line in cells)]) for i, column in enumerate(columns)]
     lines = [columns, *cells] if cells else [columns]
     return "".join(
         "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip() + "\n"

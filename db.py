@@ -121,6 +121,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE tasks ADD COLUMN logs TEXT;
     """,
+    # The dashboard's history reads tasks by when they were created and finished.
+    """
+    CREATE INDEX tasks_created ON tasks (created_at);
+    CREATE INDEX tasks_finished ON tasks (finished_at);
+    """,
 )
 
 MAX_LOG_CHARS = 64 * 1024
@@ -209,6 +214,15 @@ class QueueHistory:
 
 
 @dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """Up to `limit` due tasks of `kind`, to run on `executor`."""
+
+    kind: str
+    executor: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
 class NewTask:
     """A task to enqueue."""
 
@@ -284,16 +298,33 @@ class Transaction:
 SuccessEffect = Callable[[Transaction, TaskRecord, Any], Awaitable[None]]
 
 
+_INSERT_TASK = (
+    "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after)"
+    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)"
+)
+
+
+def _task_row(task: NewTask, now: float) -> tuple[Any, ...]:
+    return (task.id, task.kind, json.dumps(task.payload), task.executor, task.max_attempts, now, now)
+
+
 async def _insert_task(conn: aiosqlite.Connection, task: NewTask, now: float) -> None:
-    await conn.execute(
-        "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after)"
-        " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)",
-        (task.id, task.kind, json.dumps(task.payload), task.executor, task.max_attempts, now, now),
-    )
+    await conn.execute(_INSERT_TASK, _task_row(task, now))
+
+
+# What SQLite's primary result codes mean for the operator, by `sqlite_errorname` prefix.
+_FAILURE_CAUSES = {
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_IOERR": "it cannot write to its disk: full, over a size limit, or failing",
+    "SQLITE_READONLY": "it is read-only",
+    "SQLITE_BUSY": "it stayed locked past the busy timeout",
+}
 
 
 def _sqlite_failure(exc: sqlite3.Error) -> StorageUnavailable:
-    return StorageUnavailable(f"the database is unavailable: {exc}")
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    cause = next((text for prefix, text in _FAILURE_CAUSES.items() if name.startswith(prefix)), None)
+    return StorageUnavailable(f"the database is unavailable{f' ({cause})' if cause else ''}: {exc}")
 
 
 class Database:
@@ -450,12 +481,23 @@ class Database:
         max_unfinished: int,
         idempotency_ttl_s: float,
     ) -> list[dict[str, Any] | Exception]:
+        """Decide each submission's outcome, then write every accepted one with a few statements."""
         rows = await conn.execute_fetchall(
             "SELECT (SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'running')),"
             " (SELECT COALESCE(MAX(rev), 0) FROM profiles)"
         )
         unfinished, rev = next(iter(rows))
+        keys = [item.idempotency_key for item in batch if item.idempotency_key is not None]
+        stored_keys: dict[str, tuple[str, str]] = {}
+        if keys:
+            found = await conn.execute_fetchall(
+                "SELECT key, request_hash, response FROM idempotency_keys"
+                f" WHERE key IN ({','.join('?' * len(keys))}) AND created_at > ?",
+                (*keys, now - idempotency_ttl_s),
+            )
+            stored_keys = {key: (stored_hash, response) for key, stored_hash, response in found}
         keys_in_batch: set[str] = set()
+        accepted: list[ProfileSubmission] = []
         outcomes: list[dict[str, Any] | Exception] = []
         for item in batch:
             key = item.idempotency_key
@@ -464,48 +506,48 @@ class Database:
                     outcomes.append(IdempotencyInProgress(key))
                     continue
                 keys_in_batch.add(key)
-                found = await conn.execute_fetchall(
-                    "SELECT request_hash, response FROM idempotency_keys WHERE key = ? AND created_at > ?",
-                    (key, now - idempotency_ttl_s),
-                )
-                if found:
-                    ((stored_hash, stored_response),) = found
-                    if stored_hash != item.request_hash:
-                        outcomes.append(IdempotencyConflict(key))
-                    else:
-                        outcomes.append(json.loads(stored_response))
+                if key in stored_keys:
+                    stored_hash, stored_response = stored_keys[key]
+                    same = stored_hash == item.request_hash
+                    outcomes.append(json.loads(stored_response) if same else IdempotencyConflict(key))
                     continue
             if unfinished >= max_unfinished:
                 outcomes.append(QueueFull(f"{unfinished} unfinished tasks"))
                 continue
             unfinished += 1
-            rev += 1
-            profile = item.profile
-            await conn.execute(
+            assert item.response is not None
+            accepted.append(item)
+            outcomes.append(item.response)
+        if accepted:
+            await conn.executemany(
                 "INSERT INTO profiles (user_id, name, interests, bio, rev, task_id, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
                 " name = excluded.name, interests = excluded.interests, bio = excluded.bio,"
                 " rev = excluded.rev, task_id = excluded.task_id, updated_at = excluded.updated_at,"
                 " matches = NULL, matches_computed_at = NULL",
-                (
-                    profile["user_id"],
-                    profile["name"],
-                    json.dumps(profile["interests"]),
-                    profile["bio"],
-                    rev,
-                    item.task.id,
-                    now,
-                ),
+                [
+                    (
+                        item.profile["user_id"],
+                        item.profile["name"],
+                        json.dumps(item.profile["interests"]),
+                        item.profile["bio"],
+                        rev + number,
+                        item.task.id,
+                        now,
+                    )
+                    for number, item in enumerate(accepted, start=1)
+                ],
             )
-            await _insert_task(conn, item.task, now)
-            assert item.response is not None
-            if key is not None:
-                await conn.execute(
-                    "INSERT OR REPLACE INTO idempotency_keys (key, request_hash, response, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    (key, item.request_hash, json.dumps(item.response), now),
-                )
-            outcomes.append(item.response)
+            await conn.executemany(_INSERT_TASK, [_task_row(item.task, now) for item in accepted])
+            await conn.executemany(
+                "INSERT OR REPLACE INTO idempotency_keys (key, request_hash, response, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                [
+                    (item.idempotency_key, item.request_hash, json.dumps(item.response), now)
+                    for item in accepted
+                    if item.idempotency_key is not None
+                ],
+            )
         return outcomes
 
     async def store_profiles(self, profiles: Iterable[dict[str, Any]]) -> int:
@@ -526,6 +568,18 @@ class Database:
                 rows,
             )
         return len(rows)
+
+    async def instance_id(self) -> str:
+        """This database's id, made when it was created (a copy or a new file has another)."""
+        ((value,),) = await self._read("SELECT value FROM meta WHERE key = 'instance_id'")
+        return str(value)
+
+    async def profiles_since(self, rev: int) -> list[tuple[str, str, str, int]]:
+        """Profiles written after `rev`, oldest write first: (user_id, interests JSON, bio, rev)."""
+        rows = await self._read(
+            "SELECT user_id, interests, bio, rev FROM profiles WHERE rev > ? ORDER BY rev", (rev,)
+        )
+        return [tuple(row) for row in rows]  # type: ignore[misc]
 
     async def get_profile(self, user_id: str) -> ProfileRecord | None:
         rows = list(
@@ -609,46 +663,74 @@ class Database:
         """Tasks created and finished in each of the last `buckets` periods of `bucket_s`.
 
         Buckets start on whole multiples of `bucket_s`, so they do not shift between calls;
-        the last one is the current, partial one.
+        the last one is the current, partial one. (A task is unfinished while its
+        `finished_at` is NULL: a retry clears it.)
         """
         start = (self.clock() // bucket_s + 1 - buckets) * bucket_s
         rows = await self._read(
             "SELECT 'created', CAST((created_at - ?) / ? AS INTEGER), COUNT(*) FROM tasks"
             " WHERE created_at >= ? GROUP BY 2"
             " UNION ALL SELECT status, CAST((finished_at - ?) / ? AS INTEGER), COUNT(*) FROM tasks"
-            " WHERE finished_at >= ? AND status IN ('succeeded', 'failed', 'cancelled') GROUP BY 1, 2"
-            " UNION ALL SELECT 'before', 0, COUNT(*) FROM tasks"
-            " WHERE created_at < ? AND (finished_at IS NULL OR finished_at >= ?)",
-            (start, bucket_s, start, start, bucket_s, start, start, start),
+            " WHERE finished_at >= ? GROUP BY 2, 1"  # (by status first, SQLite would scan tasks_status)
+            " UNION ALL SELECT 'before', 0, COUNT(*) FROM tasks WHERE finished_at IS NULL AND created_at < ?"
+            " UNION ALL SELECT 'before', 0, COUNT(*) FROM tasks WHERE finished_at >= ? AND created_at < ?",
+            (start, bucket_s, start, start, bucket_s, start, start, start, start),
         )
         before = 0
         created = [0] * buckets
         finished = {status: [0] * buckets for status in FINISHED}
         for series, bucket, count in rows:
             if series == "before":
-                before = count
+                before += count
                 continue
-            counts = created if series == "created" else finished[TaskStatus(series)]
-            counts[min(bucket, buckets - 1)] += count  # a time ahead of our clock counts as now
+            counts = created if series == "created" else finished.get(TaskStatus(series))
+            if counts is not None:  # a time ahead of our clock (another server's) counts as now
+                counts[min(bucket, buckets - 1)] += count
         return QueueHistory(start, bucket_s, before, created, finished)
 
     # -- tasks: the dispatcher's side ----------------------------------------------------------
 
     async def claim(self, kind: str, executor: str, limit: int, lease_s: float) -> list[TaskRecord]:
         """Take up to `limit` due tasks of `kind` with a lease, in one statement."""
-        if limit <= 0:
-            return []
+        return (await self.claim_many([ClaimRequest(kind, executor, limit)], lease_s)).get(kind, [])
+
+    async def claim_many(
+        self, requests: Sequence[ClaimRequest], lease_s: float
+    ) -> dict[str, list[TaskRecord]]:
+        """Claim for several kinds in one transaction, one `UPDATE ... RETURNING` each.
+
+        Kinds with nothing due are found first on the read connection, so an idle poll
+        takes no write lock at all.
+        """
+        wanted = {request.kind: request for request in requests if request.limit > 0}
+        if not wanted:
+            return {}
+        now = self.clock()
+        marks = ",".join("?" * len(wanted))
+        due = await self._read(
+            "SELECT DISTINCT kind FROM tasks"
+            f" WHERE status = 'queued' AND kind IN ({marks}) AND run_after <= ?",
+            (*wanted, now),
+        )
+        due_requests = [wanted[kind] for (kind,) in due]
+        if not due_requests:
+            return {}
+        claimed: dict[str, list[TaskRecord]] = {}
         async with self._transaction() as conn:
             now = self.clock()
-            rows = await conn.execute_fetchall(
-                "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?,"
-                " lease_until = ?, started_at = ?, executor = ?, progress = NULL"
-                " WHERE id IN (SELECT id FROM tasks WHERE status = 'queued' AND kind = ?"
-                " AND run_after <= ? ORDER BY run_after, seq LIMIT ?)"
-                f" RETURNING {TASK_COLUMNS}",
-                (self.owner, now + lease_s, now, executor, kind, now, limit),
-            )
-        return sorted((TaskRecord.from_row(row) for row in rows), key=lambda task: task.seq)
+            for request in due_requests:
+                rows = await conn.execute_fetchall(
+                    "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?,"
+                    " lease_until = ?, started_at = ?, executor = ?, progress = NULL"
+                    " WHERE id IN (SELECT id FROM tasks WHERE status = 'queued' AND kind = ?"
+                    " AND run_after <= ? ORDER BY run_after, seq LIMIT ?)"
+                    f" RETURNING {TASK_COLUMNS}",
+                    (self.owner, now + lease_s, now, request.executor, request.kind, now, request.limit),
+                )
+                claimed[request.kind] = sorted(
+                    (TaskRecord.from_row(row) for row in rows), key=lambda t: t.seq
+                )
+        return claimed
 
     async def renew_leases(self, task_ids: Sequence[str], lease_s: float) -> set[str]:
         """Extend this process's leases; returns the ids still running under them."""
@@ -675,10 +757,16 @@ class Database:
         return {task_id for (task_id,) in rows}
 
     async def succeed(
-        self, task: TaskRecord, result: Any, effect: SuccessEffect | None, logs: str = ""
+        self,
+        task: TaskRecord,
+        result: Any,
+        effect: SuccessEffect | None,
+        logs: str = "",
+        executor: str | None = None,
     ) -> list[NewTask] | None:
         """Store the result once: only the attempt that holds the lease can finish the task.
 
+        `executor`, if given, replaces the task's (a backend that knows which worker ran it).
         Returns the follow-up tasks the effect queued, or None when this attempt no longer
         held the task (its result is dropped).
         """
@@ -686,12 +774,14 @@ class Database:
             now = self.clock()
             cursor = await conn.execute(
                 "UPDATE tasks SET status = 'succeeded', finished_at = ?, result = ?, error = NULL,"
-                f" progress = 1, lease_owner = NULL, lease_until = NULL, {_APPEND_LOGS}"
+                f" progress = 1, lease_owner = NULL, lease_until = NULL, {_APPEND_LOGS},"
+                " executor = COALESCE(?, executor)"
                 " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
                 (
                     now,
                     json.dumps(result),
                     _attempt_logs(task.attempts, logs),
+                    executor,
                     task.id,
                     self.owner,
                     task.attempts,

@@ -21,7 +21,7 @@ import anyio
 from anyio import BrokenWorkerProcess, CancelScope
 from anyio.abc import TaskGroup
 
-from db import Database, NewTask, PlacementRecord, StorageUnavailable, TaskRecord, TaskStatus
+from db import ClaimRequest, Database, NewTask, PlacementRecord, StorageUnavailable, TaskRecord, TaskStatus
 from executors import (
     AttemptError,
     Call,
@@ -39,6 +39,8 @@ from executors import (
 from logs import task_id_var
 
 logger = logging.getLogger("profile_app.dispatcher")
+
+CLAIM_ROUND_MAX_S = 5.0  # how long a drain waits for a claim round in flight (SQLite's busy timeout)
 
 
 AttemptObserver = Callable[[str, str, float], None]
@@ -91,6 +93,7 @@ class Executor:
         *,
         on_attempt_end: AttemptObserver | None = None,
         on_submit: Callable[[str], None] | None = None,
+        dask_runner: Runner | None = None,
     ) -> None:
         self.db = db
         self._on_attempt_end = on_attempt_end
@@ -101,6 +104,7 @@ class Executor:
             process_workers=config.process_workers,
             process_nice=config.process_nice,
             inline=config.inline,
+            dask=dask_runner,
         )
         self._attempts: dict[str, _Attempt] = {}
         self._placements: dict[str, PlacementRecord] = {}  # learned placements of `auto` kinds
@@ -109,6 +113,7 @@ class Executor:
         self._accepting = True
         self._task_group: TaskGroup | None = None
         self._drained = anyio.Event()
+        self._claiming_stopped = anyio.Event()  # set when no claim round can start or be in flight
         self._idle = anyio.Event()
 
     # -- what the web layer uses -----------------------------------------------------------
@@ -193,6 +198,7 @@ class Executor:
             self._task_group = task_group
             task_status.started()
             if self.config.inline:
+                self._claiming_stopped.set()  # inline mode claims only inside submitted()
                 await self._run_due_inline()
                 await self._drained.wait()
                 return
@@ -203,6 +209,7 @@ class Executor:
                     with anyio.move_on_after(self.config.poll_interval_s):
                         await self._wakeup.wait()
                     self._wakeup = anyio.Event()
+            self._claiming_stopped.set()
             # Leases are still renewed while the drain lets running attempts finish.
             await self._drained.wait()
             task_group.cancel_scope.cancel()
@@ -211,6 +218,9 @@ class Executor:
         """Stop claiming, let running attempts finish for `grace_s`, then give the rest back."""
         self._accepting = False
         self._wakeup.set()
+        with anyio.move_on_after(CLAIM_ROUND_MAX_S):
+            # A claim round in flight gives what it claimed back before the loop stops.
+            await self._claiming_stopped.wait()
         with anyio.move_on_after(grace_s):
             await self._until_idle()
         leftover = list(self._attempts.values())
@@ -250,23 +260,26 @@ class Executor:
         return free
 
     async def _claim_and_start(self, task_group: TaskGroup) -> int:
+        """Claim what every kind has room for, in one transaction, and start it."""
+        placements = {kind.name: self.placement_of(kind) for kind in self.kinds}
+        requests = [
+            ClaimRequest(
+                kind.name, placements[kind.name].value, self._free_slots(kind, placements[kind.name])
+            )
+            for kind in self.kinds
+        ]
+        try:
+            claimed = await self.db.claim_many(requests, self.config.lease_s)
+        except StorageUnavailable as exc:
+            logger.warning("could not claim tasks: %s", exc)
+            return 0
+        if not self._accepting:  # a drain began while we claimed: take no new work
+            await self.db.release([task for tasks in claimed.values() for task in tasks])
+            return 0
         started = 0
-        for kind in self.kinds:
-            if not self._accepting:
-                return started
-            placement = self.placement_of(kind)
-            try:
-                claimed = await self.db.claim(
-                    kind.name, placement.value, self._free_slots(kind, placement), self.config.lease_s
-                )
-                if not self._accepting:  # a drain began while we claimed: take no new work
-                    await self.db.release(claimed)
-                    return started
-            except StorageUnavailable as exc:
-                logger.warning("could not claim %s tasks: %s", kind.name, exc)
-                return started
-            for task in claimed:
-                attempt = _Attempt(task, kind, placement)
+        for kind_name, tasks in claimed.items():
+            for task in tasks:
+                attempt = _Attempt(task, self.kinds[kind_name], placements[kind_name])
                 self._attempts[task.id] = attempt
                 task_group.start_soon(self._run_attempt, attempt, name=f"task {task.id}")
                 started += 1
@@ -369,7 +382,9 @@ class Executor:
     async def _succeed(self, attempt: _Attempt, outcome: CallResult) -> str:
         task, kind = attempt.task, attempt.kind
         try:
-            follow_ups = await self.db.succeed(task, outcome.value, kind.on_success, attempt.logs)
+            follow_ups = await self.db.succeed(
+                task, outcome.value, kind.on_success, attempt.logs, executor=outcome.ran_on or None
+            )
         except (TypeError, ValueError) as exc:  # the result is not JSON: a defect of the task
             await self.db.fail(task, f"the result could not be stored: {error_line(exc)}", None, attempt.logs)
             return TaskStatus.FAILED.value
@@ -380,7 +395,7 @@ class Executor:
             "task %s (%s) succeeded on %s (cpu %.3f s of %.3f s)",
             task.id,
             kind.name,
-            attempt.placement.value,
+            outcome.ran_on or attempt.placement.value,
             outcome.cpu_s,
             outcome.wall_s,
         )

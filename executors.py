@@ -16,7 +16,8 @@ A kind is a function plus where it runs and its limits::
 `loop` kinds are `async def` functions awaited on the event loop (only for code that
 awaits and never blocks), `thread` kinds run on a worker thread with a limiter of
 their own (blocking I/O), `process` kinds run in a worker process at a lower OS
-priority (CPU work), killed when they pass their time limit or are cancelled.
+priority (CPU work), killed when they pass their time limit or are cancelled. `dask` kinds
+run on a Dask cluster (dask_backend.py), set with PROFILE_APP_DASK_SCHEDULER and _DASK_KINDS.
 The payload is a JSON object passed as keyword arguments; the return value must be
 JSON-serialisable and is stored with the task.
 """
@@ -31,6 +32,7 @@ import pickle
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
@@ -55,6 +57,7 @@ class Placement(StrEnum):
     LOOP = "loop"
     THREAD = "thread"
     PROCESS = "process"
+    DASK = "dask"  # a Dask cluster: only with a scheduler configured (dask_backend.py)
 
 
 AUTO = "auto"
@@ -80,7 +83,12 @@ class TaskKind:
         return self.concurrency or DEFAULT_CONCURRENCY[placement]
 
 
-DEFAULT_CONCURRENCY = {Placement.LOOP: 100, Placement.THREAD: 8, Placement.PROCESS: os.cpu_count() or 2}
+DEFAULT_CONCURRENCY = {
+    Placement.LOOP: 100,
+    Placement.THREAD: 8,
+    Placement.PROCESS: os.cpu_count() or 2,
+    Placement.DASK: 16,
+}
 
 
 class KindRegistry:
@@ -277,20 +285,22 @@ class _SqliteProgress:
     def __init__(self, db_path: str, task_id: str, attempt: int, interval_s: float = 0.5) -> None:
         self.db_path, self.task_id, self.attempt = db_path, task_id, attempt
         self.interval_s = interval_s
-        self._last_write = 0.0
+        # A task shorter than the interval writes nothing: its every write would contend
+        # with the server's writer for SQLite's lock (and its success sets progress to 1).
+        self._last_write = time.monotonic()
 
     def __call__(self, fraction: float) -> None:
         now = time.monotonic()
-        if now - self._last_write < self.interval_s and fraction < 1.0:
+        if now - self._last_write < self.interval_s or fraction >= 1.0:
             return
         self._last_write = now
         try:
-            with sqlite3.connect(self.db_path, timeout=1.0) as conn:
+            with closing(sqlite3.connect(self.db_path, timeout=0.05)) as conn, conn:
                 conn.execute(
                     "UPDATE tasks SET progress = ? WHERE id = ? AND attempts = ? AND status = 'running'",
                     (fraction, self.task_id, self.attempt),
                 )
-        except sqlite3.Error as exc:  # progress is advice: never fail the task over it
+        except sqlite3.Error as exc:  # progress is advice: never fail or slow the task over it
             logger.debug("progress of task %s not stored: %s", self.task_id, exc)
 
 
@@ -316,6 +326,7 @@ class CallResult:
     wall_s: float
     runnable_s: float = 0.0  # ready to run but waiting for a core (a busy machine, not the task)
     logs: str = ""
+    ran_on: str = ""  # where it ran, when a backend knows more than its placement ("dask:tcp://...")
 
     @property
     def cpu_share(self) -> float:
@@ -447,16 +458,25 @@ class InlineRunner:
         )
 
 
-def runners_for(*, process_workers: int, process_nice: int, inline: bool) -> dict[Placement, Runner]:
-    """The one place that maps a placement to the code that runs it."""
+def runners_for(
+    *, process_workers: int, process_nice: int, inline: bool, dask: Runner | None = None
+) -> dict[Placement, Runner]:
+    """The one place that maps a placement to the code that runs it.
+
+    `dask` is the app's Dask runner (dask_backend.DaskRunner), opened by the lifespan when a
+    scheduler is configured; only then are kinds placed on `dask`.
+    """
     if inline:
         inline_runner = InlineRunner()
         return dict.fromkeys(Placement, inline_runner)
-    return {
+    runners: dict[Placement, Runner] = {
         Placement.LOOP: run_on_loop,
         Placement.THREAD: ThreadRunner(),
         Placement.PROCESS: ProcessRunner(process_workers, process_nice),
     }
+    if dask is not None:
+        runners[Placement.DASK] = dask
+    return runners
 
 
 # -- inside a worker process -----------------------------------------------------------------

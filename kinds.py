@@ -58,7 +58,11 @@ def _json_list(text: str) -> list[str]:
 
 def match_profile(user_id: str) -> list[dict[str, Any]]:
     """The ten best matches of a stored profile against every other (see shared/API.md)."""
-    index = resident_index(current_task().db_path)
+    return match_in(resident_index(current_task().db_path), user_id)
+
+
+def match_in(index: MatchIndex, user_id: str) -> list[dict[str, Any]]:
+    """`match` against an index kept up to date elsewhere (a Dask worker's: dask_backend.py)."""
     if user_id not in index:
         raise LookupError(f"profile {user_id!r} is not stored")
     best = index.top_matches(user_id, MATCH_COUNT, progress=report_progress)

@@ -1,12 +1,21 @@
-"""Prometheus metrics of one app (prometheus-client), kept in the app's own registry."""
+"""Prometheus metrics of one app (prometheus-client), kept in the app's own registry.
+
+With several server processes (`serve --workers N`), `serve` points PROMETHEUS_MULTIPROC_DIR
+at a fresh directory; each process then writes its values there and /metrics, whichever
+process answers, adds up every process's (prometheus-client's multiprocess mode).
+"""
 
 from __future__ import annotations
 
+import os
 import time
 
 import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.multiprocess import MultiProcessCollector
+
+MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -18,6 +27,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.multiprocess_dir = os.environ.get(MULTIPROCESS_DIR_VARIABLE)
         self.submitted = Counter(
             "profile_app_tasks_submitted", "Tasks queued.", ["kind"], registry=self.registry
         )
@@ -34,20 +44,31 @@ class Metrics:
             buckets=DURATION_BUCKETS_S,
             registry=self.registry,
         )
+        # multiprocess_mode: how the values of several server processes add up.
         self.queue_depth = Gauge(
-            "profile_app_queue_depth", "Tasks queued and not yet running.", registry=self.registry
+            "profile_app_queue_depth",
+            "Tasks queued and not yet running.",
+            registry=self.registry,
+            multiprocess_mode="livemax",  # every process reads the same database
         )
-        self.running = Gauge("profile_app_tasks_running", "Tasks running now.", registry=self.registry)
+        self.running = Gauge(
+            "profile_app_tasks_running",
+            "Tasks running now.",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.loop_lag = Gauge(
             "profile_app_event_loop_lag_seconds",
-            "How late the event loop woke a timer, at the last sample.",
+            "How late the event loop woke a timer, at the last sample (the worst process).",
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.placement = Gauge(
             "profile_app_kind_placement",
             "1 where each task kind runs now (auto kinds move between thread and process).",
             ["kind", "placement"],
             registry=self.registry,
+            multiprocess_mode="livemax",
         )
         self.blocked = Counter(
             "profile_app_event_loop_blocked",
@@ -58,7 +79,7 @@ class Metrics:
     def set_placements(self, placements: dict[str, str]) -> None:
         """Where each task kind runs now: 1 for its placement, 0 for the others."""
         for kind, placement in placements.items():
-            for candidate in ("loop", "thread", "process"):
+            for candidate in ("loop", "thread", "process", "dask"):
                 self.placement.labels(kind, candidate).set(1 if candidate == placement else 0)
 
     def loop_blocked(self, blocked_s: float, stack: str) -> None:
@@ -72,7 +93,11 @@ class Metrics:
         self.duration.labels(kind).observe(duration_s)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess_dir is None:
+            return generate_latest(self.registry)
+        every_process = CollectorRegistry()
+        MultiProcessCollector(every_process, path=self.multiprocess_dir)
+        return generate_latest(every_process)
 
     async def sample_loop_lag(self, interval_s: float = 0.25) -> None:
         """Forever: sleep `interval_s` and record how much later than asked the loop woke us."""

@@ -23,6 +23,8 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import dashboard
+import dask_backend
 import openapi
 from db import (
     Database,
@@ -305,12 +307,17 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
     registry = builtin_kinds(settings)
     if kinds is not None:
         registry = registry.merged(kinds)
+    dask_backend.check_kinds(registry, settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         configure_logging(settings.log_level, settings.log_format)
         app_metrics = Metrics()
-        async with Database(settings.db) as db, anyio.create_task_group() as task_group:
+        async with (
+            Database(settings.db) as db,
+            dask_backend.open_dask(settings, db) as dask_runner,  # None without a scheduler
+            anyio.create_task_group() as task_group,
+        ):
             config = ExecutorConfig(
                 lease_s=settings.lease_s,
                 poll_interval_s=settings.poll_interval_s,
@@ -322,10 +329,11 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
             )
             executor = Executor(
                 db,
-                registry,
+                dask_backend.placed_kinds(registry, settings, dask_runner),
                 config,
                 on_attempt_end=app_metrics.task_finished,
                 on_submit=app_metrics.task_submitted,
+                dask_runner=dask_runner,
             )
             await task_group.start(executor.run)
             task_group.start_soon(app_metrics.sample_loop_lag)
@@ -348,6 +356,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         Route("/kinds", list_kinds, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_schema, methods=["GET"], include_in_schema=False),
+        *dashboard.routes(),
     ]
     return Starlette(
         routes=routes,

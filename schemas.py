@@ -30,6 +30,9 @@ Text = Annotated[str, AfterValidator(_encodable)]
 UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
 Interest = Annotated[Text, StringConstraints(min_length=1, max_length=50)]
 TaskStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# A character str.strip() keeps (not str.isspace()), so the documented schema of `name` says
+# what ProfileIn._name_not_blank checks. The same pattern reads alike in Python and ECMA-262.
+NOT_ONLY_WHITESPACE = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
 
 
 class ProfileIn(BaseModel):
@@ -38,7 +41,11 @@ class ProfileIn(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     user_id: UserId
-    name: Annotated[Text, StringConstraints(min_length=1, max_length=200)]
+    name: Annotated[
+        Text,
+        StringConstraints(min_length=1, max_length=200),
+        Field(json_schema_extra={"pattern": NOT_ONLY_WHITESPACE}),
+    ]
     interests: Annotated[list[Interest], Field(max_length=100)] = []
     bio: Annotated[Text, StringConstraints(max_length=10_000)] = ""
 

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AnyHttpUrl, Field, ValidationError
+from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from logs import LogFormat
 
 ENV_PREFIX = "PROFILE_APP_"
+DASK_ADDRESS = re.compile(r"(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
+KIND_NAMES = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
 
 
 class SettingsError(ValueError):
@@ -47,6 +50,13 @@ class Settings(BaseSettings):
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 30.0
     idempotency_ttl_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
 
+    # Scale-out (optional, requirements-dask.txt): these kinds run on a Dask cluster.
+    dask_scheduler: str | None = None  # tcp://host:port of a `dask scheduler`
+    dask_kinds: str = "match"  # comma-separated kind names
+    dask_fallback: Literal["fail", "process"] = "fail"  # scheduler unreachable at start-up
+    dask_connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    dask_concurrency: Annotated[int | None, Field(ge=1)] = None  # default: 2 per worker thread
+
     webhook_url: AnyHttpUrl | None = None
     webhook_timeout_s: Annotated[float, Field(gt=0)] = 10.0
 
@@ -55,6 +65,25 @@ class Settings(BaseSettings):
 
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: LogFormat = LogFormat.TEXT
+
+    @field_validator("dask_scheduler")
+    @classmethod
+    def _dask_address(cls, value: str | None) -> str | None:
+        if value is not None and not DASK_ADDRESS.fullmatch(value):
+            raise ValueError(f"{value!r} is not a Dask scheduler address like tcp://host:8786")
+        return value
+
+    @field_validator("dask_kinds")
+    @classmethod
+    def _kind_names(cls, value: str) -> str:
+        value = value.replace(" ", "")
+        if not KIND_NAMES.fullmatch(value):
+            raise ValueError(f"{value!r} is not a comma-separated list of task kind names")
+        return value
+
+    @property
+    def dask_kind_names(self) -> tuple[str, ...]:
+        return tuple(self.dask_kinds.split(","))
 
     @classmethod
     def load(cls, **overrides: Any) -> Settings:

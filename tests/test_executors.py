@@ -35,12 +35,6 @@ def add_in_process(a: int, b: int) -> dict:
     return {"sum": a + b, "pid": os.getpid(), "nice": os.nice(0)}
 
 
-def _wait_for_file(path: str) -> None:
-    """Inside a task: block until the test creates `path` (the task's own work, not a test wait)."""
-    while not os.path.exists(path):
-        time.sleep(0.01)
-
-
 @kinds.kind(runs_on=Placement.PROCESS, time_limit_s=60)
 def run_until_killed(pid_file: str) -> None:
     Path(pid_file).write_text(str(os.getpid()))
@@ -77,8 +71,9 @@ def crashes_its_worker() -> None:
 
 @kinds.kind(runs_on=Placement.PROCESS)
 def reports_progress(go_file: str) -> str:
-    report_progress(0.5)
-    _wait_for_file(go_file)
+    while not os.path.exists(go_file):  # half way until the test says go, reporting as long tasks do
+        report_progress(0.5)
+        time.sleep(0.01)
     return "done"
 
 

@@ -814,26 +814,26 @@ def test_a_405_allows_every_method_of_the_path(client: TestClient) -> None:
 
 def test_a_drain_takes_no_new_work(make_client: ClientFactory, db_path: Path) -> None:
     # Deterministic form of a race: the dispatcher's claim round is in flight when the drain
-    # begins (db.claim is held until then), and the running task's release waits for that claim.
+    # begins (db.claim_many is held until then), and the running task's release waits for it.
     kinds = hold_kinds()
     kinds.kind("late", runs_on="loop")(hold)
     client = make_client(kinds=kinds, shutdown_grace_s=0)
     executor, db = client.app_state["executor"], client.app_state["db"]
     submit_running(client)
     draining, claimed = portal(client).call(anyio.Event), portal(client).call(anyio.Event)
-    drain, claim, release = executor.drain, db.claim, db.release
+    drain, claim_many, release = executor.drain, db.claim_many, db.release
 
     async def signalled_drain(grace_s: float) -> None:
         draining.set()
         await drain(grace_s)
 
-    async def claim_once_draining(kind: str, *args: Any) -> Any:
-        if kind != "late":
-            return await claim(kind, *args)
+    async def claim_once_draining(requests: Any, *args: Any) -> Any:
+        if "late" not in {request.kind for request in requests}:
+            return await claim_many(requests, *args)
         with anyio.fail_after(10):
             await draining.wait()
         try:
-            return await claim(kind, *args)
+            return await claim_many(requests, *args)
         finally:
             claimed.set()
 
@@ -842,7 +842,7 @@ def test_a_drain_takes_no_new_work(make_client: ClientFactory, db_path: Path) ->
             await claimed.wait()
         return await release(tasks)
 
-    executor.drain, db.claim, db.release = signalled_drain, claim_once_draining, release_after_claim
+    executor.drain, db.claim_many, db.release = signalled_drain, claim_once_draining, release_after_claim
     late = portal(client).call(executor.submit, "late", {})
     client.__exit__(None, None, None)
     with sqlite3.connect(db_path) as conn:
