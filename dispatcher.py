@@ -92,11 +92,13 @@ class Executor:
         config: ExecutorConfig,
         *,
         on_attempt_end: AttemptObserver | None = None,
+        on_worker_replaced: Callable[[str], None] | None = None,
         on_submit: Callable[[str], None] | None = None,
         dask_runner: Runner | None = None,
     ) -> None:
         self.db = db
         self._on_attempt_end = on_attempt_end
+        self._on_worker_replaced = on_worker_replaced
         self._on_submit = on_submit
         self.kinds = KindRegistry(checked_for_processes(kind) for kind in kinds)
         self.config = config
@@ -315,6 +317,7 @@ class Executor:
             "task %s (%s) attempt %d/%d started", task.id, kind.name, task.attempts, task.max_attempts
         )
         call = Call(kind, task.payload, self._context(task))
+        worker_lost: str | None = None  # why a process worker had to be replaced, if it was
         try:
             with attempt.scope:
                 try:
@@ -322,12 +325,18 @@ class Executor:
                         outcome = await self._runners[attempt.placement](call)
                 except TimeoutError:
                     error = f"time limit of {kind.time_limit_s:g} s exceeded: the attempt was stopped"
+                    worker_lost = "time_limit"
                 except BrokenWorkerProcess:
                     error = "the worker process died (crash, kill or out of memory)"
+                    worker_lost = "crashed"
                 except AttemptError as exc:  # raised in a worker process, with its output
                     error, attempt.logs = exc.error, exc.logs
                 except Exception as exc:  # the task boundary: any error of the task is its outcome
                     error = error_line(exc)
+            if attempt.scope.cancelled_caught and outcome is None:
+                worker_lost = "stopped"  # cancelled or drained mid-call: anyio killed the worker
+            if worker_lost and attempt.placement is Placement.PROCESS and self._on_worker_replaced:
+                self._on_worker_replaced(worker_lost)
             if outcome is not None:
                 attempt.logs = outcome.logs
             elif not attempt.logs:

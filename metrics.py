@@ -70,6 +70,12 @@ class Metrics:
             registry=self.registry,
             multiprocess_mode="livemax",
         )
+        self.worker_restarts = Counter(
+            "profile_app_process_worker_restarts",
+            "Process workers replaced: crashed, killed at the time limit, or stopped by a cancel or drain.",
+            ["reason"],
+            registry=self.registry,
+        )
         self.blocked = Counter(
             "profile_app_event_loop_blocked",
             "Times the event loop was blocked past the threshold (each is logged with its stack).",
@@ -84,6 +90,9 @@ class Metrics:
 
     def loop_blocked(self, blocked_s: float, stack: str) -> None:
         self.blocked.inc()
+
+    def worker_replaced(self, reason: str) -> None:
+        self.worker_restarts.labels(reason).inc()
 
     def task_submitted(self, kind: str) -> None:
         self.submitted.labels(kind).inc()

@@ -333,6 +333,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
                 config,
                 on_attempt_end=app_metrics.task_finished,
                 on_submit=app_metrics.task_submitted,
+                on_worker_replaced=app_metrics.worker_replaced,
                 dask_runner=dask_runner,
             )
             await task_group.start(executor.run)

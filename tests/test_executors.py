@@ -184,6 +184,8 @@ def test_a_crashing_worker_fails_only_its_own_attempts(app_client: TestClient) -
         == "succeeded"
     )
     assert app_client.get("/health").json()["status"] == "ok"
+    restarts = 'profile_app_process_worker_restarts_total{reason="crashed"} 2.0'
+    assert restarts in app_client.get("/metrics").text
 
 
 def test_a_task_past_its_time_limit_is_killed(app_client: TestClient, tmp_path: Path) -> None:
@@ -193,6 +195,10 @@ def test_a_task_past_its_time_limit_is_killed(app_client: TestClient, tmp_path: 
     assert "time limit of 3 s" in task["error"]
     pid = int(pid_file.read_text())
     wait_until(lambda: not pid_alive(pid), 1.0, "the runaway worker process is gone")
+    assert (
+        'profile_app_process_worker_restarts_total{reason="time_limit"} 1.0'
+        in app_client.get("/metrics").text
+    )
 
 
 def test_cancelling_a_running_process_task_kills_it(app_client: TestClient, tmp_path: Path) -> None:
