@@ -30,6 +30,10 @@ $(VENV)/.dev-installed: requirements-dev.txt requirements-dask.txt $(VENV)/.inst
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
 	touch $@
 
+$(VENV)/.bench-installed: requirements-bench.txt requirements-dask.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-bench.txt -r requirements-dask.txt
+	touch $@
+
 # dist/profile-app: one executable that serves, seeds and runs process tasks without the venv.
 # It is built in a venv of its own, holding only requirements-build.txt, so it bundles the
 # same packages on every machine whatever the dev venv holds. BINARY_DIR and BINARY_WORK

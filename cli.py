@@ -129,7 +129,7 @@ TASK_COLUMNS = ("task_id", "kind", "status", "executor", "attempts", "created_at
 async def task_command(settings: Settings, args: argparse.Namespace) -> int:
     """Read or change the queue in the database directly; a running server sees the change."""
     from db import Database
-    from profile_app import task_document
+    from http_io import task_document
 
     async with Database(settings.db) as db:
         if args.verb == "list":

@@ -22,9 +22,9 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from db import Database, StorageUnavailable, TaskRecord, TaskStatus
+from db import Database, StorageUnavailable, TaskStatus
 from dispatcher import Executor
-from http_io import iso_utc
+from http_io import iso_utc, task_document
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -146,23 +146,7 @@ async def snapshot(db: Database) -> dict[str, Any]:
             "unfinished": history.unfinished(),
             "finished": {status.value: series for status, series in history.finished.items()},
         },
-        "running": [_task(task) for task in running],
-        "queued": [_task(task) for task in queued],
-        "failures": [_task(task) for task in failures],
-    }
-
-
-def _task(task: TaskRecord) -> dict[str, Any]:
-    return {
-        "task_id": task.id,
-        "kind": task.kind,
-        "status": task.status.value,
-        "executor": task.executor,
-        "attempts": task.attempts,
-        "max_attempts": task.max_attempts,
-        "progress": task.progress,
-        "created_at": iso_utc(task.created_at),
-        "started_at": iso_utc(task.started_at),
-        "finished_at": iso_utc(task.finished_at),
-        "error": task.error,
+        "running": [task_document(task) for task in running],
+        "queued": [task_document(task) for task in queued],
+        "failures": [task_document(task) for task in failures],
     }

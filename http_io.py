@@ -10,6 +10,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from db import TaskRecord
+
 JSON_MEDIA_TYPE = "application/json"
 
 
@@ -58,3 +60,20 @@ async def read_json_object(request: Request, max_body_bytes: int) -> dict[str, A
     if not isinstance(document, dict):
         raise HTTPException(400, "the body must be a JSON object")
     return document
+
+
+def task_document(task: TaskRecord) -> dict[str, Any]:
+    """A task as GET /tasks/{task_id} shows it (and the dashboard and the CLI)."""
+    return {
+        "task_id": task.id,
+        "kind": task.kind,
+        "status": task.status.value,
+        "executor": task.executor,
+        "attempts": task.attempts,
+        "max_attempts": task.max_attempts,
+        "created_at": iso_utc(task.created_at),
+        "started_at": iso_utc(task.started_at),
+        "finished_at": iso_utc(task.finished_at),
+        "error": task.error,
+        "progress": task.progress,
+    }

@@ -33,13 +33,12 @@ from db import (
     ProfileSubmission,
     QueueFull,
     StorageUnavailable,
-    TaskRecord,
     TaskStatus,
     request_hash,
 )
 from dispatcher import Executor, ExecutorConfig
 from executors import KindRegistry
-from http_io import error, iso_utc, read_json_object
+from http_io import error, iso_utc, read_json_object, task_document
 from kinds import MATCH, builtin_kinds
 from logs import RequestLogMiddleware, configure_logging
 from loop_watchdog import LoopWatchdog
@@ -154,22 +153,6 @@ async def get_profile(request: Request) -> Response:
 
 def _is_user_id(text: str) -> bool:
     return USER_ID.fullmatch(text) is not None
-
-
-def task_document(task: TaskRecord) -> dict[str, Any]:
-    return {
-        "task_id": task.id,
-        "kind": task.kind,
-        "status": task.status.value,
-        "executor": task.executor,
-        "attempts": task.attempts,
-        "max_attempts": task.max_attempts,
-        "created_at": iso_utc(task.created_at),
-        "started_at": iso_utc(task.started_at),
-        "finished_at": iso_utc(task.finished_at),
-        "error": task.error,
-        "progress": task.progress,
-    }
 
 
 def _task_id(request: Request) -> str | None:

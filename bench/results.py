@@ -26,6 +26,7 @@ def keys(m: Measurements, config: Config) -> dict[str, float]:
         **{f"match_seconds_{label}": m.latency[label].task_s for label in SIZES},
         "rss_mb_100k_queued": m.memory[config.rss_queued].rss_mb,
         "auto_placement": m.placement["auto_placement"],
+        "dask_scaling": m.dask["dask_scaling"],
     }
     extra = {
         "cpu_efficiency_ceiling": m.ceiling,
@@ -151,6 +152,14 @@ def rows(m: Measurements, k: dict[str, float]) -> list[Row]:
             {"profile_app": f"{fmt(rss0, 0)} / {fmt(rss, 0)}"},
             "flat",
             rss <= rss0 * 1.1 + 5,
+        )
+    )
+    table.append(
+        Row(
+            "Dask, match tasks/s 2 workers / 1 (100k)",
+            {"profile_app": fmt(k["dask_scaling"])},
+            "near 2",
+            k["dask_scaling"] >= 1.8,
         )
     )
     table.append(

@@ -5,8 +5,20 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
-from bench import datasets, health, ingest, inprocess, memory, placement, report, roundtrip, tasks
+from bench import (
+    dask_scaling,
+    datasets,
+    health,
+    ingest,
+    inprocess,
+    memory,
+    placement,
+    report,
+    roundtrip,
+    tasks,
+)
 from bench.health import HealthRun
 from bench.load import HealthSampler, wait_until_idle
 from bench.servers import free_port, profile_app_command, running, uvicorn_command
@@ -64,6 +76,7 @@ class Measurements:
     ingest: dict[str, ingest.Ingest]
     memory: dict[int, memory.Memory]
     placement: dict[str, float]  # bench.placement.auto_placement_ratio: auto vs hand-chosen
+    dask: dict[str, Any]  # bench.dask_scaling.measure: two Dask workers against one
 
 
 def step(text: str) -> None:
@@ -101,7 +114,9 @@ def measure_everything(tmp: Path, config: Config, sampler: HealthSampler) -> Mea
         memories[queued] = memory.measure(db, tmp, queued, users[HEALTH_SIZE])
     step("automatic placement: a mixed CPU and I/O workload, auto vs hand-chosen (bench/placement.py)")
     auto = placement.auto_placement_ratio()
-    return Measurements(in_process, ceiling, runs, latency, throughput, noop, ingests, memories, auto)
+    step("Dask: match tasks/s with two workers against one, on a real local cluster (bench/dask_scaling.py)")
+    dask = dask_scaling.measure(repeats=3)
+    return Measurements(in_process, ceiling, runs, latency, throughput, noop, ingests, memories, auto, dask)
 
 
 def measure_health(
