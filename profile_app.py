@@ -364,7 +364,9 @@ def __getattr__(name: str) -> Any:
     """
     if name == "app":
         try:
-            return create_app()
+            settings = Settings.load()
+            dask_backend.check_scheduler(settings)  # unreachable: one line, like a bad setting
+            return create_app(settings)
         except SettingsError as exc:
             raise SystemExit(f"profile_app: {exc}") from None
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -59,14 +59,20 @@ def test_a_bad_setting_stops_serve_with_one_line_naming_it(
     assert len(lines) == 1 and named in lines[0], result.stderr
 
 
-def test_a_bad_setting_stops_uvicorn_with_one_line_naming_it() -> None:
-    result = run(
-        "-m", "uvicorn", "profile_app:app", "--port", str(free_port()), env={"PROFILE_APP_LEASE_S": "-1"}
-    )
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        ({"PROFILE_APP_LEASE_S": "-1"}, "profile_app: invalid setting PROFILE_APP_LEASE_S"),
+        (
+            {"PROFILE_APP_DASK_SCHEDULER": f"tcp://127.0.0.1:{free_port()}"},
+            "profile_app: no Dask scheduler answers at PROFILE_APP_DASK_SCHEDULER=",
+        ),
+    ],
+)
+def test_a_bad_setting_stops_uvicorn_with_one_line_naming_it(env: dict[str, str], line: str) -> None:
+    result = run("-m", "uvicorn", "profile_app:app", "--port", str(free_port()), env=env)
     assert result.returncode != 0
-    assert (
-        result.stderr.strip().splitlines()[-1].startswith("profile_app: invalid setting PROFILE_APP_LEASE_S")
-    )
+    assert result.stderr.strip().splitlines()[-1].startswith(line), result.stderr
     assert "Traceback" not in result.stderr
 
 
