@@ -54,7 +54,7 @@ from executors import (
     KindRegistry,
     Placement,
     TaskContext,
-    _call_with_context,
+    call_in_task_context,
     error_line,
 )
 from kinds import match_in, match_profile
@@ -341,7 +341,7 @@ def _run_on_worker(
     context = TaskContext(task_id, kind, attempt, "", _stop_if_unwanted)  # no SQLite file here
     output = TaskOutput()
     try:
-        result = _call_with_context(func, payload, context, output)
+        result = call_in_task_context(func, payload, context, output)
     except Exception as exc:
         raise AttemptError(error_line(exc), output.text()) from None
     return replace(result, ran_on=f"dask:{get_worker().address}")

@@ -359,13 +359,15 @@ def error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:MAX_ERROR_CHARS]
 
 
-def _call_with_context(
+def call_in_task_context(
     func: Callable[..., Any],
     payload: dict[str, Any],
     context: TaskContext,
     output: TaskOutput,
     cpu_clock: Callable[[], float] = time.thread_time,
 ) -> CallResult:
+    """Call a synchronous task function as an attempt: in its task context, its output
+    captured, its CPU and wall time measured (for runners of every placement, Dask's too)."""
     token = _current_task.set(context)
     start_cpu, start_wall, start_runnable = cpu_clock(), time.perf_counter(), _runnable_s()
     try:
@@ -417,7 +419,7 @@ class ThreadRunner:
         # abandon_on_cancel: a thread cannot be killed, so a time limit or cancel stops waiting
         # for it (its result is dropped); CPU work that must really stop belongs in a process.
         return await anyio.to_thread.run_sync(
-            _call_with_context,
+            call_in_task_context,
             call.kind.func,
             call.payload,
             call.context,
@@ -454,7 +456,7 @@ class InlineRunner:
         if call.kind.placement is Placement.LOOP:
             return await run_on_loop(call)
         return await anyio.to_thread.run_sync(
-            _call_with_context, call.kind.func, call.payload, call.context, call.output
+            call_in_task_context, call.kind.func, call.payload, call.context, call.output
         )
 
 
@@ -517,6 +519,6 @@ def _run_in_worker_process(
     output = TaskOutput()
     try:
         # The whole worker's CPU time: numpy's BLAS threads compute for the task too.
-        return _call_with_context(func, payload, context, output, time.process_time)
+        return call_in_task_context(func, payload, context, output, time.process_time)
     except Exception as exc:  # send the error and the output back, whatever the exception's type
         raise AttemptError(error_line(exc), output.text()) from None
