@@ -10,7 +10,6 @@ after that commit.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -20,113 +19,58 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 import anyio
 
+from migrations import MIGRATIONS
+from records import (
+    FINISHED,
+    UNFINISHED,
+    ClaimRequest,
+    IdempotencyConflict,
+    IdempotencyInProgress,
+    NewTask,
+    PlacementRecord,
+    ProfileRecord,
+    ProfileSubmission,
+    QueueFull,
+    QueueHistory,
+    StorageUnavailable,
+    TaskRecord,
+    TaskStatus,
+    request_hash,
+)
+
+# db is the persistence API: the records it reads and writes are importable from here too.
+__all__ = [
+    "FINISHED",
+    "MIGRATIONS",
+    "UNFINISHED",
+    "ClaimRequest",
+    "Database",
+    "IdempotencyConflict",
+    "IdempotencyInProgress",
+    "NewTask",
+    "PlacementRecord",
+    "ProfileRecord",
+    "ProfileSubmission",
+    "QueueFull",
+    "QueueHistory",
+    "StorageUnavailable",
+    "SuccessEffect",
+    "TaskRecord",
+    "TaskStatus",
+    "Transaction",
+    "request_hash",
+]
+
 logger = logging.getLogger("profile_app.db")
 
 Clock = Callable[[], float]
 
-
-class TaskStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-
-UNFINISHED = (TaskStatus.QUEUED, TaskStatus.RUNNING)
-FINISHED = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
-
-
-class StorageUnavailable(RuntimeError):
-    """Raised when SQLite cannot serve a request (locked past the timeout, disk full, read-only)."""
-
-
-class QueueFull(RuntimeError):
-    """Raised when accepting a task would pass the limit of unfinished tasks."""
-
-
-class IdempotencyConflict(RuntimeError):
-    """Raised when an Idempotency-Key is reused with a different request body."""
-
-
-class IdempotencyInProgress(RuntimeError):
-    """Raised when an Idempotency-Key arrives again while its first request is being handled."""
-
-
-# Each entry moves the schema one version up; PRAGMA user_version records how far it got.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE profiles (
-        user_id TEXT PRIMARY KEY,
-        name TEXT NOT NULL,
-        interests TEXT NOT NULL,
-        bio TEXT NOT NULL,
-        rev INTEGER NOT NULL,
-        task_id TEXT,
-        matches TEXT,
-        matches_computed_at REAL,
-        updated_at REAL NOT NULL
-    );
-    CREATE INDEX profiles_rev ON profiles (rev);
-    CREATE TABLE tasks (
-        seq INTEGER PRIMARY KEY AUTOINCREMENT,
-        id TEXT NOT NULL UNIQUE,
-        kind TEXT NOT NULL,
-        payload TEXT NOT NULL,
-        status TEXT NOT NULL,
-        executor TEXT NOT NULL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        max_attempts INTEGER NOT NULL,
-        created_at REAL NOT NULL,
-        run_after REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        lease_owner TEXT,
-        lease_until REAL,
-        error TEXT,
-        progress REAL,
-        result TEXT
-    );
-    CREATE INDEX tasks_claimable ON tasks (kind, run_after, seq) WHERE status = 'queued';
-    CREATE INDEX tasks_status ON tasks (status, seq);
-    CREATE INDEX tasks_kind ON tasks (kind, seq);
-    CREATE INDEX tasks_leased ON tasks (lease_until) WHERE status = 'running';
-    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    INSERT INTO meta (key, value) VALUES ('instance_id', lower(hex(randomblob(8))));
-    CREATE TABLE idempotency_keys (
-        key TEXT PRIMARY KEY,
-        request_hash TEXT NOT NULL,
-        response TEXT NOT NULL,
-        created_at REAL NOT NULL
-    );
-    """,
-    """
-    CREATE TABLE kind_placements (
-        kind TEXT PRIMARY KEY,
-        placement TEXT NOT NULL,
-        reason TEXT NOT NULL,
-        observations INTEGER NOT NULL,
-        cpu_share REAL NOT NULL,
-        updated_at REAL NOT NULL
-    );
-    """,
-    """
-    ALTER TABLE tasks ADD COLUMN logs TEXT;
-    """,
-    # The dashboard's history reads tasks by when they were created and finished.
-    """
-    CREATE INDEX tasks_created ON tasks (created_at);
-    CREATE INDEX tasks_finished ON tasks (finished_at);
-    """,
-)
 
 MAX_LOG_CHARS = 64 * 1024
 # Appends an attempt's output to the task's, keeping the newest MAX_LOG_CHARS characters.
@@ -141,114 +85,6 @@ TASK_COLUMNS = (
     "seq, id, kind, payload, status, executor, attempts, max_attempts, created_at, run_after, "
     "started_at, finished_at, lease_owner, error, progress, result"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class TaskRecord:
-    """One row of the task queue."""
-
-    seq: int
-    id: str
-    kind: str
-    payload: dict[str, Any]
-    status: TaskStatus
-    executor: str
-    attempts: int
-    max_attempts: int
-    created_at: float
-    run_after: float
-    started_at: float | None
-    finished_at: float | None
-    lease_owner: str | None
-    error: str | None
-    progress: float | None
-    result: Any
-
-    @classmethod
-    def from_row(cls, row: Sequence[Any]) -> TaskRecord:
-        values = list(row)
-        values[3] = json.loads(values[3])
-        values[4] = TaskStatus(values[4])
-        values[15] = None if values[15] is None else json.loads(values[15])
-        return cls(*values)
-
-
-@dataclass(frozen=True, slots=True)
-class ProfileRecord:
-    user_id: str
-    name: str
-    interests: list[str]
-    bio: str
-    task_id: str | None
-    matches: list[dict[str, Any]] | None
-    matches_computed_at: float | None
-
-
-@dataclass(frozen=True, slots=True)
-class PlacementRecord:
-    """Where an `auto` task kind runs now, why, and the figures behind it."""
-
-    placement: str
-    reason: str
-    observations: int
-    cpu_share: float
-
-
-@dataclass(frozen=True, slots=True)
-class QueueHistory:
-    """Tasks created and finished per time bucket over a recent window (the dashboard's charts)."""
-
-    start: float  # when the first bucket begins; the last one is the current one
-    bucket_s: float
-    unfinished_at_start: int  # queued or running at `start`
-    created: list[int]  # per bucket
-    finished: dict[TaskStatus, list[int]]  # per bucket, by final status
-
-    def unfinished(self) -> list[int]:
-        """How many tasks were queued or running at the end of each bucket."""
-        depth, series = self.unfinished_at_start, []
-        for bucket, created in enumerate(self.created):
-            depth += created - sum(counts[bucket] for counts in self.finished.values())
-            series.append(depth)
-        return series
-
-
-@dataclass(frozen=True, slots=True)
-class ClaimRequest:
-    """Up to `limit` due tasks of `kind`, to run on `executor`."""
-
-    kind: str
-    executor: str
-    limit: int
-
-
-@dataclass(frozen=True, slots=True)
-class NewTask:
-    """A task to enqueue."""
-
-    kind: str
-    payload: dict[str, Any]
-    executor: str
-    max_attempts: int
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
-
-
-@dataclass(slots=True)
-class ProfileSubmission:
-    """One POST /profile waiting for the group commit; `outcome` is filled in by it."""
-
-    profile: dict[str, Any]
-    task: NewTask
-    idempotency_key: str | None = None
-    request_hash: str | None = None
-    response: dict[str, Any] | None = None
-    outcome: dict[str, Any] | Exception | None = None
-
-
-def request_hash(document: Any) -> str:
-    """A stable hash of a JSON document, for comparing idempotent requests."""
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 def lease_owner_id() -> str:

@@ -1,0 +1,147 @@
+"""The records of profile_app's store: task states, rows, submissions and the queue's errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class TaskStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+UNFINISHED = (TaskStatus.QUEUED, TaskStatus.RUNNING)
+FINISHED = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+
+
+class StorageUnavailable(RuntimeError):
+    """Raised when SQLite cannot serve a request (locked past the timeout, disk full, read-only)."""
+
+
+class QueueFull(RuntimeError):
+    """Raised when accepting a task would pass the limit of unfinished tasks."""
+
+
+class IdempotencyConflict(RuntimeError):
+    """Raised when an Idempotency-Key is reused with a different request body."""
+
+
+class IdempotencyInProgress(RuntimeError):
+    """Raised when an Idempotency-Key arrives again while its first request is being handled."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One row of the task queue."""
+
+    seq: int
+    id: str
+    kind: str
+    payload: dict[str, Any]
+    status: TaskStatus
+    executor: str
+    attempts: int
+    max_attempts: int
+    created_at: float
+    run_after: float
+    started_at: float | None
+    finished_at: float | None
+    lease_owner: str | None
+    error: str | None
+    progress: float | None
+    result: Any
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> TaskRecord:
+        values = list(row)
+        values[3] = json.loads(values[3])
+        values[4] = TaskStatus(values[4])
+        values[15] = None if values[15] is None else json.loads(values[15])
+        return cls(*values)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileRecord:
+    user_id: str
+    name: str
+    interests: list[str]
+    bio: str
+    task_id: str | None
+    matches: list[dict[str, Any]] | None
+    matches_computed_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class PlacementRecord:
+    """Where an `auto` task kind runs now, why, and the figures behind it."""
+
+    placement: str
+    reason: str
+    observations: int
+    cpu_share: float
+
+
+@dataclass(frozen=True, slots=True)
+class QueueHistory:
+    """Tasks created and finished per time bucket over a recent window (the dashboard's charts)."""
+
+    start: float  # when the first bucket begins; the last one is the current one
+    bucket_s: float
+    unfinished_at_start: int  # queued or running at `start`
+    created: list[int]  # per bucket
+    finished: dict[TaskStatus, list[int]]  # per bucket, by final status
+
+    def unfinished(self) -> list[int]:
+        """How many tasks were queued or running at the end of each bucket."""
+        depth, series = self.unfinished_at_start, []
+        for bucket, created in enumerate(self.created):
+            depth += created - sum(counts[bucket] for counts in self.finished.values())
+            series.append(depth)
+        return series
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """Up to `limit` due tasks of `kind`, to run on `executor`."""
+
+    kind: str
+    executor: str
+    limit: int
+
+
+@dataclass(frozen=True, slots=True)
+class NewTask:
+    """A task to enqueue."""
+
+    kind: str
+    payload: dict[str, Any]
+    executor: str
+    max_attempts: int
+    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+
+
+@dataclass(slots=True)
+class ProfileSubmission:
+    """One POST /profile waiting for the group commit; `outcome` is filled in by it."""
+
+    profile: dict[str, Any]
+    task: NewTask
+    idempotency_key: str | None = None
+    request_hash: str | None = None
+    response: dict[str, Any] | None = None
+    outcome: dict[str, Any] | Exception | None = None
+
+
+def request_hash(document: Any) -> str:
+    """A stable hash of a JSON document, for comparing idempotent requests."""
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()
