@@ -46,6 +46,16 @@ def post_profiles(server: Server, profiles: list[dict]) -> list[str]:
     return task_ids
 
 
+def assert_a_restart_finishes(db_path: Path, task_ids: list[str]) -> None:
+    """A new server on the same database runs every one of these tasks to success."""
+    restarted = Server(db_path).start()
+    try:
+        for task_id in task_ids:
+            assert wait_for_task(restarted, task_id)["status"] == "succeeded"
+    finally:
+        restarted.stop()
+
+
 def test_matches_over_http_equal_the_formula(make_server: Callable[..., Server]) -> None:
     server = make_server()
     documents = list(synthetic_profiles(60, seed=11))
@@ -89,12 +99,7 @@ def test_kill_9_with_tasks_queued_then_restart_finishes_them(db_path: Path) -> N
     try:
         task_ids = post_profiles(server, list(synthetic_profiles(30, seed=5)))
         server.kill()  # SIGKILL: no chance to clean up
-        restarted = Server(db_path).start()
-        try:
-            for task_id in task_ids:
-                assert wait_for_task(restarted, task_id)["status"] == "succeeded"
-        finally:
-            restarted.stop()
+        assert_a_restart_finishes(db_path, task_ids)
     finally:
         server.stop()
     with sqlite3.connect(db_path) as conn:
@@ -118,12 +123,7 @@ def test_sigterm_exits_0_and_gives_running_tasks_back(db_path: Path) -> None:
         ).fetchone()
         running = conn.execute("SELECT COUNT(*) FROM tasks WHERE status = 'running'").fetchone()
     assert charged == (0,) and running == (0,)
-    restarted = Server(db_path).start()
-    try:
-        for task_id in task_ids:
-            assert wait_for_task(restarted, task_id)["status"] == "succeeded"
-    finally:
-        restarted.stop()
+    assert_a_restart_finishes(db_path, task_ids)
 
 
 def test_uvicorn_import_string_serves_with_settings_from_the_environment(db_path: Path) -> None:
