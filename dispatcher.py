@@ -37,6 +37,7 @@ from executors import (
     runners_for,
 )
 from logs import task_id_var
+from process_pool import RecyclePolicy
 
 logger = logging.getLogger("profile_app.dispatcher")
 
@@ -80,6 +81,8 @@ class ExecutorConfig:
     idempotency_ttl_s: float = 24 * 3600.0
     auto_placement: bool = True
     placement_policy: PlacementPolicy = field(default_factory=PlacementPolicy)
+    recycle: RecyclePolicy = field(default_factory=RecyclePolicy)  # when process workers are replaced
+    task_max_memory_mb: int | None = None  # what one process attempt may allocate
 
 
 class Executor:
@@ -107,6 +110,9 @@ class Executor:
             process_nice=config.process_nice,
             inline=config.inline,
             dask=dask_runner,
+            recycle=config.recycle,
+            task_max_memory_mb=config.task_max_memory_mb,
+            on_retire=on_worker_replaced,
         )
         self._attempts: dict[str, _Attempt] = {}
         self._placements: dict[str, PlacementRecord] = {}  # learned placements of `auto` kinds
@@ -196,6 +202,21 @@ class Executor:
         """Claim and run tasks until `drain` is called; start it with `task_group.start`."""
         await self._recover()
         await self._load_placements()
+        try:
+            await self._dispatch(task_status)
+        finally:
+            with CancelScope(shield=True):
+                await self._close_runners()
+
+    async def _close_runners(self) -> None:
+        """Stop the runners that own resources (the process pool's workers); the Dask
+        runner has no `aclose`: the lifespan that opened it closes it."""
+        for runner in set(self._runners.values()):
+            close = getattr(runner, "aclose", None)
+            if close is not None:
+                await close()
+
+    async def _dispatch(self, task_status: anyio.abc.TaskStatus[None]) -> None:
         async with anyio.create_task_group() as task_group:
             self._task_group = task_group
             task_status.started()

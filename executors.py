@@ -32,7 +32,7 @@ import pickle
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
@@ -43,6 +43,7 @@ import anyio.to_thread
 from anyio import CapacityLimiter
 
 from db import PlacementRecord, SuccessEffect
+from process_pool import KEEP_WORKERS, ProcessPool, RecyclePolicy, Retirement
 from task_output import TaskOutput, capturing_into, install_for_worker_process
 
 logger = logging.getLogger("profile_app.executors")
@@ -78,6 +79,7 @@ class TaskKind:
     on_success: SuccessEffect | None = None
     reason: str = ""
     auto: bool = False
+    max_memory_mb: int | None = None  # per attempt, in a process; None: the server's default
 
     def concurrency_in(self, placement: Placement) -> int:
         return self.concurrency or DEFAULT_CONCURRENCY[placement]
@@ -115,21 +117,29 @@ class KindRegistry:
         concurrency: int | None = None,
         retry_backoff_s: float = 1.0,
         on_success: SuccessEffect | None = None,
+        max_memory_mb: int | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated function as a task kind (named after it by default).
 
         `runs_on` defaults to `loop` for an `async def` and `auto` for a plain `def`: an
         `auto` kind starts in a process (so an unknown function never starves the loop) and
         moves to a thread if its attempts show that it mostly waits. An explicit placement
-        always wins.
+        always wins. `max_memory_mb` caps the memory one attempt may add in a worker
+        process (PROFILE_APP_TASK_MAX_MEMORY_MB by default): past it the attempt fails with
+        a MemoryError and its worker is replaced.
         """
 
         def register(func: F) -> F:
             placement, reason, auto = _placement_for(func, runs_on)
-            if time_limit_s <= 0 or max_attempts < 1 or (concurrency is not None and concurrency < 1):
+            if (
+                time_limit_s <= 0
+                or max_attempts < 1
+                or (concurrency is not None and concurrency < 1)
+                or (max_memory_mb is not None and max_memory_mb < 1)
+            ):
                 raise ValueError(
                     f"task kind {name or func.__name__!r}: time_limit_s must be > 0,"
-                    " max_attempts >= 1 and concurrency >= 1"
+                    " max_attempts, concurrency and max_memory_mb >= 1"
                 )
             self.add(
                 TaskKind(
@@ -143,6 +153,7 @@ class KindRegistry:
                     on_success=on_success,
                     reason=reason,
                     auto=auto,
+                    max_memory_mb=max_memory_mb,
                 )
             )
             return func
@@ -341,11 +352,15 @@ Runner = Callable[[Call], Awaitable[CallResult]]
 
 
 class AttemptError(Exception):
-    """Raised from a worker process when the task raised: its one-line error and its output."""
+    """Raised from a worker process when the task raised: its one-line error and its output.
 
-    def __init__(self, error: str, logs: str) -> None:
-        super().__init__(error, logs)
-        self.error, self.logs = error, logs
+    `retire_reason` set (a process_pool.Retirement value) tells the pool not to trust the
+    worker with another task.
+    """
+
+    def __init__(self, error: str, logs: str, retire_reason: str | None = None) -> None:
+        super().__init__(error, logs, retire_reason)
+        self.error, self.logs, self.retire_reason = error, logs, retire_reason
 
     def __str__(self) -> str:
         return self.error
@@ -430,23 +445,34 @@ class ThreadRunner:
 
 
 class ProcessRunner:
-    """CPU work in worker processes (anyio's pool): a cancel or time limit kills the worker."""
+    """CPU work in worker processes (process_pool.py): a cancel or time limit kills the worker,
+    a worker is recycled by `recycle`, and each attempt's memory is capped."""
 
-    def __init__(self, workers: int, nice: int) -> None:
-        self.limiter = CapacityLimiter(workers)
+    def __init__(
+        self,
+        workers: int,
+        nice: int,
+        recycle: RecyclePolicy = KEEP_WORKERS,
+        task_max_memory_mb: int | None = None,
+        on_retire: Callable[[Retirement], None] | None = None,
+    ) -> None:
+        self.pool = ProcessPool(workers, recycle, on_retire)
         self.nice = nice
+        self.task_max_memory_mb = task_max_memory_mb
 
     async def __call__(self, call: Call) -> CallResult:
         context = call.context
-        return await anyio.to_process.run_sync(
+        return await self.pool.run_sync(
             _run_in_worker_process,
             call.kind.func,
             call.payload,
             (context.task_id, context.kind, context.attempt, context.db_path),
             self.nice,
-            cancellable=True,
-            limiter=self.limiter,
+            call.kind.max_memory_mb or self.task_max_memory_mb,
         )
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
 
 
 class InlineRunner:
@@ -461,7 +487,14 @@ class InlineRunner:
 
 
 def runners_for(
-    *, process_workers: int, process_nice: int, inline: bool, dask: Runner | None = None
+    *,
+    process_workers: int,
+    process_nice: int,
+    inline: bool,
+    dask: Runner | None = None,
+    recycle: RecyclePolicy = KEEP_WORKERS,
+    task_max_memory_mb: int | None = None,
+    on_retire: Callable[[Retirement], None] | None = None,
 ) -> dict[Placement, Runner]:
     """The one place that maps a placement to the code that runs it.
 
@@ -474,7 +507,9 @@ def runners_for(
     runners: dict[Placement, Runner] = {
         Placement.LOOP: run_on_loop,
         Placement.THREAD: ThreadRunner(),
-        Placement.PROCESS: ProcessRunner(process_workers, process_nice),
+        Placement.PROCESS: ProcessRunner(
+            process_workers, process_nice, recycle, task_max_memory_mb, on_retire
+        ),
     }
     if dask is not None:
         runners[Placement.DASK] = dask
@@ -510,7 +545,11 @@ def _prepare_worker_process(nice: int) -> None:
 
 
 def _run_in_worker_process(
-    func: Callable[..., Any], payload: dict[str, Any], context: tuple[str, str, int, str], nice: int
+    func: Callable[..., Any],
+    payload: dict[str, Any],
+    context: tuple[str, str, int, str],
+    nice: int,
+    max_memory_mb: int | None = None,
 ) -> CallResult:
     _prepare_worker_process(nice)
     task_id, kind, attempt, db_path = context
@@ -518,7 +557,42 @@ def _run_in_worker_process(
     context = TaskContext(task_id, kind, attempt, db_path, report)
     output = TaskOutput()
     try:
-        # The whole worker's CPU time: numpy's BLAS threads compute for the task too.
-        return call_in_task_context(func, payload, context, output, time.process_time)
+        with _memory_capped(max_memory_mb):
+            # The whole worker's CPU time: numpy's BLAS threads compute for the task too.
+            return call_in_task_context(func, payload, context, output, time.process_time)
+    except MemoryError as exc:
+        # The worker's heap may be left fragmented or half-built: the pool replaces it.
+        cap = f": the task passed its memory cap of {max_memory_mb} MB" if max_memory_mb else ""
+        raise AttemptError(f"{error_line(exc)}{cap}", output.text(), Retirement.MEMORY_CAP.value) from None
     except Exception as exc:  # send the error and the output back, whatever the exception's type
         raise AttemptError(error_line(exc), output.text()) from None
+
+
+@contextmanager
+def _memory_capped(max_mb: int | None) -> Iterator[None]:
+    """Let the call grow this worker's address space by at most `max_mb`; past it,
+    allocations fail with MemoryError (RLIMIT_AS) rather than the machine running out.
+
+    The cap is set above what the worker already maps (the interpreter, numpy and its
+    threads' stacks), so it measures what the task itself allocates.
+    """
+    if max_mb is None:
+        yield
+        return
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = _mapped_bytes() + max_mb * 2**20
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def _mapped_bytes() -> int:
+    """This process's virtual memory size (Linux /proc/self/statm, in pages)."""
+    with open("/proc/self/statm", "rb") as statm:
+        return int(statm.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
