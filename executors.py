@@ -562,8 +562,10 @@ def _run_in_worker_process(
             return call_in_task_context(func, payload, context, output, time.process_time)
     except MemoryError as exc:
         # The worker's heap may be left fragmented or half-built: the pool replaces it.
-        cap = f": the task passed its memory cap of {max_memory_mb} MB" if max_memory_mb else ""
-        raise AttemptError(f"{error_line(exc)}{cap}", output.text(), Retirement.MEMORY_CAP.value) from None
+        error = f"MemoryError: the attempt passed its memory cap of {max_memory_mb} MB"
+        raise AttemptError(
+            error if max_memory_mb else error_line(exc), output.text(), Retirement.MEMORY_CAP.value
+        ) from None
     except Exception as exc:  # send the error and the output back, whatever the exception's type
         raise AttemptError(error_line(exc), output.text()) from None
 

@@ -72,7 +72,8 @@ class Metrics:
         )
         self.worker_restarts = Counter(
             "profile_app_process_worker_restarts",
-            "Process workers replaced: crashed, killed at the time limit, or stopped by a cancel or drain.",
+            "Process workers replaced: crashed, killed at the time limit, stopped by a cancel or drain,"
+            " or recycled (max_tasks, max_rss, memory_cap).",
             ["reason"],
             registry=self.registry,
         )

@@ -43,6 +43,7 @@ from kinds import MATCH, builtin_kinds
 from logs import RequestLogMiddleware, configure_logging
 from loop_watchdog import LoopWatchdog
 from metrics import CONTENT_TYPE_LATEST, Metrics
+from process_pool import RecyclePolicy
 from schemas import USER_ID_PATTERN, ProfileIn, TaskQuery, validation_detail
 from settings import Settings, SettingsError
 
@@ -309,6 +310,8 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
                 inline=settings.inline,
                 idempotency_ttl_s=settings.idempotency_ttl_s,
                 auto_placement=settings.auto_placement,
+                recycle=RecyclePolicy(settings.worker_max_tasks, settings.worker_max_rss_mb),
+                task_max_memory_mb=settings.task_max_memory_mb,
             )
             executor = Executor(
                 db,

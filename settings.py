@@ -38,6 +38,12 @@ class Settings(BaseSettings):
     # Where tasks run.
     process_workers: Annotated[int, Field(ge=1, le=256)] = os.cpu_count() or 2
     process_nice: Annotated[int, Field(ge=0, le=19)] = 10
+    # A process worker is replaced after this many tasks, or once its resident memory
+    # passes this after a task (leaks cannot grow forever); unset: never.
+    worker_max_tasks: Annotated[int | None, Field(ge=1)] = None
+    worker_max_rss_mb: Annotated[float | None, Field(gt=0)] = None
+    # What one attempt may allocate in a worker process (a kind's max_memory_mb wins).
+    task_max_memory_mb: Annotated[int | None, Field(ge=1)] = None
     inline: bool = False
     auto_placement: bool = True  # let `auto` kinds move between threads and processes
     match_time_limit_s: Annotated[float, Field(gt=0)] = 60.0
