@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -74,6 +75,7 @@ def serve(settings: Settings) -> int:
     import uvicorn
 
     from dask_backend import check_scheduler
+    from http_guard import GuardedH11Protocol
 
     check_scheduler(settings)  # an unreachable Dask scheduler stops start-up with one line
     # Server processes (and uvicorn's --workers children) read the settings from here.
@@ -91,6 +93,12 @@ def serve(settings: Settings) -> int:
             log_config=None,  # the app's lifespan sets up logging (logs.py): one format for all lines
             access_log=False,  # RequestLogMiddleware writes the one line per request
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+            # Slow clients get deadlines, too many get a JSON 503 (http_guard.py).
+            http=functools.partial(
+                GuardedH11Protocol,
+                header_timeout_s=settings.header_timeout_s,
+                max_connections=settings.max_connections,
+            ),
         )
     return 0
 

@@ -6,6 +6,7 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
+import anyio
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
@@ -33,11 +34,12 @@ def error(status_code: int, detail: Any, headers: dict[str, str] | None = None) 
     return ErrorResponse({"detail": detail}, status_code=status_code, headers=headers)
 
 
-async def read_json_object(request: Request, max_body_bytes: int) -> dict[str, Any]:
+async def read_json_object(request: Request, max_body_bytes: int, timeout_s: float) -> dict[str, Any]:
     """The request body as a JSON object, checked in the contract's order: 415, 413, 400.
 
     A body over the limit is refused from its Content-Length, or as soon as the streamed
-    bytes pass the limit, without reading it to its end.
+    bytes pass the limit, without reading it to its end; one that takes longer than
+    `timeout_s` to arrive gets 408 (a slow client cannot hold a request open).
     """
     media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if media_type != JSON_MEDIA_TYPE:
@@ -47,10 +49,13 @@ async def read_json_object(request: Request, max_body_bytes: int) -> dict[str, A
     if declared is not None and declared.strip().isdigit() and int(declared) > max_body_bytes:
         raise too_large
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_body_bytes:
-            raise too_large
+    with anyio.move_on_after(timeout_s) as reading:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > max_body_bytes:
+                raise too_large
+    if reading.cancelled_caught:
+        raise HTTPException(408, f"the request body did not arrive within {timeout_s:g} s")
     try:
         document = json.loads(body)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, or an integer too long to read

@@ -73,6 +73,7 @@ def document() -> dict[str, Any]:
                         {"Location": {"schema": {"type": "string"}, "description": "the task's URL"}},
                     ),
                     "400": _json(ErrorDetail, "not JSON, not an object, or a bad Idempotency-Key"),
+                    "408": _json(ErrorDetail, "the body did not arrive within PROFILE_APP_BODY_TIMEOUT_S"),
                     "409": _json(ErrorDetail, "the same Idempotency-Key is still being handled"),
                     "413": _json(ErrorDetail, "the body is over the size limit"),
                     "415": _json(ErrorDetail, "the Content-Type is not application/json"),

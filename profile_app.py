@@ -95,7 +95,7 @@ async def post_profile(request: Request) -> Response:
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
         raise HTTPException(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
-    document = await read_json_object(request, settings.max_body_bytes)
+    document = await read_json_object(request, settings.max_body_bytes, settings.body_timeout_s)
     try:
         profile = ProfileIn.model_validate(document)
     except ValidationError as exc:

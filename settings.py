@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     db: Path = Path("profile_app.db")
 
     max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
+    # Slow or too many clients: a request's head must arrive within header_timeout_s and
+    # its body within body_timeout_s; past max_connections, requests get 503 at once.
+    header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
+    body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
+    max_connections: Annotated[int, Field(ge=1)] = 1000
     max_queued: Annotated[int, Field(ge=1)] = 10_000
     queue_full_retry_after_s: Annotated[int, Field(ge=1)] = 5
 
