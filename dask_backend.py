@@ -33,6 +33,7 @@ import math
 import pickle
 import socket
 import threading
+import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
@@ -45,14 +46,17 @@ import anyio
 import anyio.to_thread
 from anyio import CancelScope
 
+from dask_cluster import ClusterStatus, DaskCluster
 from db import Database
+from dispatcher import AttemptGivenBack
 from executors import (
-    DEFAULT_CONCURRENCY,
     AttemptError,
     Call,
     CallResult,
     KindRegistry,
     Placement,
+    ProcessRunner,
+    Runner,
     TaskContext,
     call_in_task_context,
     error_line,
@@ -112,8 +116,8 @@ def check_kinds(kinds: KindRegistry, settings: Settings) -> None:
 
 
 def placed_kinds(kinds: KindRegistry, settings: Settings, runner: DaskRunner | None) -> KindRegistry:
-    """The kinds as they run in this server process: the configured ones on `dask` if a
-    cluster is connected, else (and any kind registered with `runs_on="dask"`) in processes."""
+    """The kinds as they run in this server process: the configured ones on `dask` when a
+    scheduler is configured, else (and any kind registered with `runs_on="dask"`) in processes."""
     wanted = set(settings.dask_kind_names) if settings.dask_scheduler else set()
     placed = []
     for kind in kinds:
@@ -122,105 +126,221 @@ def placed_kinds(kinds: KindRegistry, settings: Settings, runner: DaskRunner | N
                 kind,
                 placement=Placement.DASK,
                 auto=False,
-                concurrency=runner.concurrency,
-                reason=f"on the Dask cluster at {runner.address} (PROFILE_APP_DASK_KINDS)",
+                # A ceiling: the runner's capacity() follows the cluster below it.
+                concurrency=settings.dask_concurrency or MAX_IN_FLIGHT,
+                reason=f"on the Dask cluster at {runner.address} (PROFILE_APP_DASK_KINDS);"
+                f" {runner.while_down}",
             )
         elif kind.name in wanted or kind.placement is Placement.DASK:
-            why = (
-                "no Dask scheduler is configured"
-                if settings.dask_scheduler is None
-                else f"the Dask scheduler at {settings.dask_scheduler} did not answer at start-up"
-                " (PROFILE_APP_DASK_FALLBACK=process)"
+            kind = replace(
+                kind,
+                placement=Placement.PROCESS,
+                auto=False,
+                reason="no Dask scheduler is configured: in local processes",
             )
-            kind = replace(kind, placement=Placement.PROCESS, auto=False, reason=f"{why}: in local processes")
         placed.append(kind)
     return KindRegistry(placed)
 
 
 @asynccontextmanager
-async def open_dask(settings: Settings, db: Database) -> AsyncIterator[DaskRunner | None]:
-    """The app's Dask runner for its lifespan, or None when no cluster is configured (or it
-    is unreachable and the fallback is `process`). Closes the client on the way out."""
+async def open_dask(
+    settings: Settings,
+    db: Database,
+    *,
+    on_attempt: DaskAttemptObserver | None = None,
+    on_status: Callable[[ClusterStatus], None] | None = None,
+) -> AsyncIterator[DaskRunner | None]:
+    """The app's Dask runner for its lifespan, or None when no scheduler is configured.
+
+    An unreachable scheduler stops start-up (DaskUnavailable) unless the fallback is
+    `process`: then the runner starts degraded and its kinds run in local processes until
+    the scheduler answers. The cluster is watched (reconnection, its size) in a task group
+    of its own; the client is closed on the way out.
+    """
     address = settings.dask_scheduler
     if address is None:
         yield None
         return
     # Imported on a thread: `distributed` takes half a second to import, the loop is running.
     distributed = await anyio.to_thread.run_sync(importlib.import_module, "distributed")
+    fallback = settings.dask_fallback == "process"
+    cluster = DaskCluster(
+        distributed,
+        address,
+        connect_timeout_s=settings.dask_connect_timeout_s,
+        refresh_s=settings.dask_refresh_s,
+        fixed_concurrency=settings.dask_concurrency,
+        while_down=(
+            "while it is unavailable, its kinds run in local processes (PROFILE_APP_DASK_FALLBACK=process)"
+            if fallback
+            else "while it is unavailable, its tasks wait in the queue"
+        ),
+    )
+    if on_status is not None:
+        cluster.on_refresh.append(on_status)
+    local = ProcessRunner(settings.process_workers, settings.process_nice) if fallback else None
     try:
-        with anyio.fail_after(settings.dask_connect_timeout_s + 1):
-            client = await distributed.Client(
-                address,
-                asynchronous=True,
-                timeout=settings.dask_connect_timeout_s,
-                set_as_default=False,
-                name="profile_app",
-            )
-    except (OSError, TimeoutError) as exc:
-        if settings.dask_fallback != "process":
-            raise _unavailable(address, error_line(exc)) from None
-        logger.warning(
-            "the Dask scheduler at %s did not answer (%s): its kinds run in local processes",
-            address,
-            error_line(exc),
+        if not await cluster.connect() and cluster.client is None and not fallback:
+            raise _unavailable(address, cluster.last_error)
+        runner = DaskRunner(
+            cluster, db, local=local, local_slots=settings.process_workers, on_attempt=on_attempt
         )
-        yield None
-        return
-    try:
-        threads = sum((await client.nthreads()).values())
-        # Two tasks in flight per worker thread: the next one waits on the cluster while one
-        # runs, which hides Dask's round trip (~30 ms here) behind the computation.
-        concurrency = settings.dask_concurrency or 2 * threads or DEFAULT_CONCURRENCY[Placement.DASK]
-        runner = DaskRunner(client, db, address, concurrency=concurrency)
-        logger.info(
-            "Dask cluster at %s: %d worker thread(s), up to %d task(s) in flight",
-            address,
-            threads,
-            runner.concurrency,
-        )
-        yield runner
+        async with anyio.create_task_group() as watchers:
+            watchers.start_soon(cluster.watch)
+            try:
+                yield runner
+            finally:
+                watchers.cancel_scope.cancel()
     finally:
         with CancelScope(shield=True):
-            await client.close()
+            await cluster.aclose()
+            close = getattr(local, "aclose", None)  # the process pool of newer executors
+            if close is not None:
+                await close()
 
 
 # -- the server's side: one attempt, one future ---------------------------------------------
 
+PROGRESS_TOPIC = "profile_app-progress"
+MAX_IN_FLIGHT = 256  # per kind and server process: a ceiling, the cluster's size decides below it
+
+DaskAttemptObserver = Callable[[str, str, str], None]
+"""Called with (kind, worker address, outcome) after an attempt ran on a Dask worker."""
+
 
 class DaskRunner:
-    """Runs an attempt as one Dask future; `match` gets its profiles shipped (ProfileShipping)."""
+    """Runs an attempt as one Dask future; `match` gets its profiles shipped (ProfileShipping).
 
-    def __init__(self, client: Client, db: Database, address: str, *, concurrency: int) -> None:
-        self.client = client
-        self.address = address
-        self.concurrency = concurrency
-        self.shipping = ProfileShipping(client, db)
+    While the cluster is unavailable (the scheduler went away, or no worker is left),
+    `capacity()` tells the dispatcher how many attempts to claim: none (the tasks wait in
+    the queue, uncharged) or, with the `process` fallback, the local process workers. An
+    attempt whose scheduler went away under it is given back to the queue uncharged, or
+    with the fallback finishes in a local process: never lost, and stored once (only the
+    lease holder stores).
+    """
+
+    def __init__(
+        self,
+        cluster: DaskCluster,
+        db: Database,
+        *,
+        local: Runner | None = None,
+        local_slots: int = 0,
+        on_attempt: DaskAttemptObserver | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.address = cluster.address
+        self.local = local
+        self.local_slots = local_slots if local is not None else 0
+        self._on_attempt = on_attempt
+        self.shipping = ProfileShipping(cluster.client, db)  # type: ignore[arg-type]
+        self._progress: dict[tuple[str, int], Callable[[float], None]] = {}
+        cluster.on_connect.append(self._connected)
+        if cluster.client is not None and cluster.client.status == "running":
+            self._connected(cluster.client)  # connect() ran before this hook was added
+
+    @property
+    def while_down(self) -> str:
+        return self.cluster.while_down
+
+    def capacity(self) -> int:
+        """How many attempts of `dask` kinds this server process should run now."""
+        return self.cluster.concurrency if self.cluster.available else self.local_slots
+
+    def health(self) -> dict[str, Any]:
+        return self.cluster.status().document()
+
+    def _connected(self, client: Client) -> None:
+        # A (re)started scheduler holds none of our data and knows no subscriber.
+        self.shipping.client = client
+        self.shipping.forget_base()
+        client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
+
+    def _on_progress(self, event: tuple[float, dict[str, Any]]) -> None:
+        """A worker's progress report (log_event): hand it to the attempt's reporter, which the
+        dispatcher writes to the database with its next housekeeping tick."""
+        _timestamp, message = event
+        report = self._progress.get((message.get("task_id"), message.get("attempt")))  # type: ignore[arg-type]
+        if report is not None:
+            report(float(message["progress"]))
 
     async def __call__(self, call: Call) -> CallResult:
+        if not self.cluster.available:
+            return await self._locally_or_give_back(call, "the Dask cluster is unavailable")
+        client = self.cluster.client
+        assert client is not None
         context = call.context
         key = f"{context.kind}-{context.task_id}-{context.attempt}-{uuid.uuid4().hex[:8]}"
         where = (context.task_id, context.kind, context.attempt)
-        if call.kind.func is match_profile:
-            snapshot, base, delta = await self.shipping.for_task()
-            future = self.client.submit(
-                _match_on_worker, snapshot, base, delta, call.payload["user_id"], where, key=key, pure=False
-            )
-        else:
-            future = self.client.submit(
-                _run_on_worker, call.kind.func, call.payload, where, key=key, pure=False
-            )
+        self._progress[(context.task_id, context.attempt)] = context.report
+        future: Future | None = None
         try:
-            return await future
-        except AttemptError:
-            raise  # the task itself raised, on the worker
-        except Exception as exc:  # the cluster failed the attempt; the queue retries it
+            if call.kind.func is match_profile:
+                snapshot, base, delta = await self.shipping.for_task()
+                future = client.submit(
+                    _match_on_worker,
+                    snapshot,
+                    base,
+                    delta,
+                    call.payload["user_id"],
+                    where,
+                    key=key,
+                    pure=False,
+                )
+            else:
+                future = client.submit(
+                    _run_on_worker, call.kind.func, call.payload, where, key=key, pure=False
+                )
+            result = await future
+        except RaisedOnWorker as exc:  # the task itself raised, on the worker
+            self._observe(call, exc.worker, "raised")
+            raise
+        except Exception as exc:
+            if _scheduler_lost(exc, client):
+                self.cluster.lost("lost the connection to the Dask scheduler")
+                return await self._locally_or_give_back(call, "the Dask scheduler went away under it")
             self.shipping.check_base()
-            raise AttemptError(_cluster_error(exc), "") from None
+            worker = _killed_on(exc)
+            if worker is not None:
+                self._observe(call, worker, "worker_died")
+            raise AttemptError(_cluster_error(exc), "") from None  # the queue retries it
         finally:
-            with CancelScope(shield=True):
-                if not future.done():  # a time limit, a DELETE or a drain: the result is not wanted
-                    await self.client.cancel([future], force=True, reason="profile_app stopped the attempt")
-                future.release()
+            self._progress.pop((context.task_id, context.attempt), None)
+            if future is not None:
+                with CancelScope(shield=True):
+                    if not future.done() and client.status == "running":
+                        # A time limit, a DELETE or a drain: the result is not wanted.
+                        await client.cancel([future], force=True, reason="profile_app stopped the attempt")
+                    future.release()
+        self._observe(call, result.ran_on.removeprefix("dask:"), "succeeded")
+        return result
+
+    async def _locally_or_give_back(self, call: Call, why: str) -> CallResult:
+        if self.local is None:
+            raise AttemptGivenBack(f"{why}: the task waits in the queue for it")
+        result = await self.local(call)
+        return replace(result, ran_on=Placement.PROCESS.value)
+
+    def _observe(self, call: Call, worker: str, outcome: str) -> None:
+        if self._on_attempt is not None and worker:
+            self._on_attempt(call.kind.name, worker, outcome)
+
+
+def _scheduler_lost(exc: BaseException, client: Client) -> bool:
+    """Did the attempt fail because the scheduler connection went, not the task or its worker?"""
+    from distributed.client import FutureCancelledError
+
+    if isinstance(exc, FutureCancelledError):
+        return exc.reason == "scheduler-connection-lost"
+    return isinstance(exc, OSError) or client.status != "running"
+
+
+def _killed_on(exc: BaseException) -> str | None:
+    from distributed import KilledWorker
+
+    if isinstance(exc, KilledWorker):
+        return str(getattr(exc.last_worker, "address", "")) or None
+    return None
 
 
 def _cluster_error(exc: BaseException) -> str:
@@ -264,7 +384,7 @@ class ProfileShipping:
     shipping the table to every worker (a warm worker then applies only the rows it lacks).
     """
 
-    client: Client
+    client: Client  # replaced when the app reconnects to a scheduler
     db: Database
     min_rebase_rows: int = 256
     stats: ShippingStats = field(default_factory=ShippingStats)
@@ -274,6 +394,10 @@ class ProfileShipping:
 
     def rebase_rows(self, rows: int) -> int:
         return max(self.min_rebase_rows, int(4 * math.sqrt(rows)))
+
+    def forget_base(self) -> None:
+        """After a new connection: the snapshot went with the scheduler that held it."""
+        self._base, self._future = None, None
 
     def check_base(self) -> None:
         """After a cluster failure: forget a snapshot the cluster lost (all its holders died)."""
@@ -321,11 +445,46 @@ class StoppedOnWorker(Exception):
     """Raised in a task on a Dask worker once the server no longer wants its result."""
 
 
-def _stop_if_unwanted(_fraction: float = 0.0) -> None:
-    """`report_progress` on a worker: stop the task if it was cancelled or timed out."""
-    from distributed import get_worker
+class RaisedOnWorker(AttemptError):
+    """The task raised on a Dask worker: its error, its output and the worker's address."""
 
-    worker = get_worker()
+    def __init__(self, error: str, logs: str, worker: str) -> None:
+        AttemptError.__init__(self, error, logs)
+        self.worker = worker
+
+    def __reduce__(self) -> tuple[Any, ...]:  # it crosses the network pickled
+        return (type(self), (self.error, self.logs, self.worker))
+
+
+PROGRESS_INTERVAL_S = 0.5  # as executors._SqliteProgress: at most two events a second per task
+
+
+class _WorkerProgress:
+    """`report_progress` on a Dask worker: stops the task if the server no longer wants it,
+    and sends the fraction to the server as a Dask event (worker -> scheduler -> our
+    client's subscription), at most every `interval_s`: the worker cannot open SQLite."""
+
+    def __init__(self, task_id: str, attempt: int, interval_s: float = PROGRESS_INTERVAL_S) -> None:
+        self.task_id, self.attempt, self.interval_s = task_id, attempt, interval_s
+        # A task shorter than the interval sends nothing: its success sets progress to 1.
+        self._last_sent = time.monotonic()
+
+    def __call__(self, fraction: float) -> None:
+        from distributed import get_worker
+
+        worker = get_worker()
+        _stop_if_unwanted(worker)
+        now = time.monotonic()
+        if now - self._last_sent < self.interval_s or fraction >= 1.0:
+            return
+        self._last_sent = now
+        worker.log_event(
+            PROGRESS_TOPIC, {"task_id": self.task_id, "attempt": self.attempt, "progress": fraction}
+        )
+
+
+def _stop_if_unwanted(worker: Any) -> None:
+    """Stop the task if it was cancelled or timed out (the scheduler released it)."""
     task = worker.state.tasks.get(worker.get_current_task())
     if task is None or task.state not in ("executing", "long-running"):
         raise StoppedOnWorker("stopped: the server cancelled the task or it passed its time limit")
@@ -338,13 +497,14 @@ def _run_on_worker(
     from distributed import get_worker
 
     task_id, kind, attempt = where
-    context = TaskContext(task_id, kind, attempt, "", _stop_if_unwanted)  # no SQLite file here
+    address = get_worker().address
+    context = TaskContext(task_id, kind, attempt, "", _WorkerProgress(task_id, attempt))  # no SQLite here
     output = TaskOutput()
     try:
         result = call_in_task_context(func, payload, context, output)
     except Exception as exc:
-        raise AttemptError(error_line(exc), output.text()) from None
-    return replace(result, ran_on=f"dask:{get_worker().address}")
+        raise RaisedOnWorker(error_line(exc), output.text(), address) from None
+    return replace(result, ran_on=f"dask:{address}")
 
 
 @dataclass(slots=True)
@@ -394,7 +554,9 @@ def _match_on_worker(
     """`match` on a Dask worker, against its resident index brought up to date."""
 
     def match(user_id: str) -> list[dict[str, Any]]:
-        _stop_if_unwanted()
+        from distributed import get_worker
+
+        _stop_if_unwanted(get_worker())
         with _indexes_lock:
             return match_in(_worker_index(snapshot, base, delta), user_id)
 

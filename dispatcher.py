@@ -52,6 +52,11 @@ class UnknownKind(LookupError):
     """Raised when submitting a task of a kind this app has not registered."""
 
 
+class AttemptGivenBack(Exception):
+    """Raised by a runner whose backend lost the attempt through no fault of the task (the
+    Dask scheduler went away): the task goes back to the queue uncharged, as in a drain."""
+
+
 class _StopReason(Enum):
     CANCELLED = auto()  # DELETE /tasks/{id}, or the lease was lost to another process
     DRAIN = auto()  # shutdown: give the task back without charging the attempt
@@ -275,6 +280,10 @@ class Executor:
     def _free_slots(self, kind: TaskKind, placement: Placement) -> int:
         running_of_kind = sum(1 for attempt in self._attempts.values() if attempt.kind is kind)
         free = kind.concurrency_in(placement) - running_of_kind
+        capacity = getattr(self._runners.get(placement), "capacity", None)
+        if capacity is not None:  # a runner whose room follows its backend (dask_backend.DaskRunner)
+            running_there = sum(1 for attempt in self._attempts.values() if attempt.placement is placement)
+            free = min(free, capacity() - running_there)
         if placement is Placement.PROCESS:
             running_in_processes = sum(
                 1 for attempt in self._attempts.values() if attempt.placement is Placement.PROCESS
@@ -350,6 +359,9 @@ class Executor:
                 except BrokenWorkerProcess:
                     error = "the worker process died (crash, kill or out of memory)"
                     worker_lost = "crashed"
+                except AttemptGivenBack as exc:
+                    logger.warning("task %s (%s): %s", task.id, kind.name, exc)
+                    attempt.stop_reason = _StopReason.DRAIN
                 except AttemptError as exc:  # raised in a worker process, with its output
                     error, attempt.logs = exc.error, exc.logs
                 except Exception as exc:  # the task boundary: any error of the task is its outcome

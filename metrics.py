@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import os
 import time
+from typing import TYPE_CHECKING
 
 import anyio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
+
+if TYPE_CHECKING:
+    from dask_cluster import ClusterStatus
 
 MULTIPROCESS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -77,6 +81,33 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
+        # Dask (dask_backend.py): which worker ran each attempt. Labelled by the worker's
+        # address only, so the series grow with the cluster, never with the tasks.
+        self.dask_attempts = Counter(
+            "profile_app_dask_attempts",
+            "Attempts that ran on a Dask worker, by kind, worker address and outcome"
+            " (succeeded, raised, worker_died).",
+            ["kind", "worker", "outcome"],
+            registry=self.registry,
+        )
+        self.dask_up = Gauge(
+            "profile_app_dask_up",
+            "1 while the Dask backend is connected to its scheduler with workers, 0 while degraded.",
+            registry=self.registry,
+            multiprocess_mode="livemin",
+        )
+        self.dask_threads = Gauge(
+            "profile_app_dask_worker_threads",
+            "Worker threads of the Dask cluster at the last refresh.",
+            registry=self.registry,
+            multiprocess_mode="livemax",
+        )
+        self.dask_concurrency = Gauge(
+            "profile_app_dask_concurrency",
+            "Tasks each server process puts on the Dask cluster now (0 while it is degraded).",
+            registry=self.registry,
+            multiprocess_mode="livesum",
+        )
         self.blocked = Counter(
             "profile_app_event_loop_blocked",
             "Times the event loop was blocked past the threshold (each is logged with its stack).",
@@ -88,6 +119,14 @@ class Metrics:
         for kind, placement in placements.items():
             for candidate in ("loop", "thread", "process", "dask"):
                 self.placement.labels(kind, candidate).set(1 if candidate == placement else 0)
+
+    def dask_attempt(self, kind: str, worker: str, outcome: str) -> None:
+        self.dask_attempts.labels(kind, worker, outcome).inc()
+
+    def dask_cluster(self, status: ClusterStatus) -> None:
+        self.dask_up.set(1 if status.status == "ok" else 0)
+        self.dask_threads.set(status.threads)
+        self.dask_concurrency.set(status.concurrency)
 
     def loop_blocked(self, blocked_s: float, stack: str) -> None:
         self.blocked.inc()

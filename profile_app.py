@@ -221,9 +221,15 @@ async def health(request: Request) -> Response:
             counts = await db.count_unfinished()
     except (StorageUnavailable, TimeoutError):
         return JSONResponse({"status": "unavailable"}, status_code=503)
-    return JSONResponse(
-        {"status": "ok", "queued": counts[TaskStatus.QUEUED], "running": counts[TaskStatus.RUNNING]}
-    )
+    body: dict[str, Any] = {
+        "status": "ok",
+        "queued": counts[TaskStatus.QUEUED],
+        "running": counts[TaskStatus.RUNNING],
+    }
+    dask_runner: dask_backend.DaskRunner | None = getattr(request.state, "dask", None)
+    if dask_runner is not None:  # an added key: "status" stays "ok", the service takes work
+        body["dask"] = dask_runner.health()
+    return JSONResponse(body)
 
 
 async def list_kinds(request: Request) -> Response:
@@ -299,7 +305,9 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         app_metrics = Metrics()
         async with (
             Database(settings.db) as db,
-            dask_backend.open_dask(settings, db) as dask_runner,  # None without a scheduler
+            dask_backend.open_dask(
+                settings, db, on_attempt=app_metrics.dask_attempt, on_status=app_metrics.dask_cluster
+            ) as dask_runner,  # None without a scheduler
             anyio.create_task_group() as task_group,
         ):
             config = ExecutorConfig(
@@ -327,7 +335,13 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
             watchdog = LoopWatchdog(settings.blocking_threshold_ms / 1000, on_block=app_metrics.loop_blocked)
             task_group.start_soon(watchdog.heartbeat)
             try:
-                yield {"settings": settings, "db": db, "executor": executor, "metrics": app_metrics}
+                yield {
+                    "settings": settings,
+                    "db": db,
+                    "executor": executor,
+                    "metrics": app_metrics,
+                    "dask": dask_runner,
+                }
             finally:
                 with anyio.CancelScope(shield=True):
                     await executor.drain(settings.shutdown_grace_s)

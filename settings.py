@@ -66,7 +66,8 @@ class Settings(BaseSettings):
     dask_kinds: str = "match"  # comma-separated kind names
     dask_fallback: Literal["fail", "process"] = "fail"  # scheduler unreachable at start-up
     dask_connect_timeout_s: Annotated[float, Field(gt=0)] = 10.0
-    dask_concurrency: Annotated[int | None, Field(ge=1)] = None  # default: 2 per worker thread
+    dask_concurrency: Annotated[int | None, Field(ge=1)] = None  # default: 2 per worker thread, live
+    dask_refresh_s: Annotated[float, Field(gt=0)] = 2.0  # how often the cluster's size and health are checked
 
     webhook_url: AnyHttpUrl | None = None
     webhook_timeout_s: Annotated[float, Field(gt=0)] = 10.0

@@ -43,3 +43,14 @@ def _spin(started_file: str, stopped_file: str) -> None:
             report_progress(0.5)
     finally:
         Path(stopped_file).write_text("stopped")
+
+
+@kinds.kind(runs_on=Placement.PROCESS, time_limit_s=60, max_attempts=3, retry_backoff_s=0.01)
+def waits_for_go(started_file: str, go_file: str) -> dict:
+    """Notes each run (a line with its pid) in `started_file`, then waits for `go_file`."""
+    with open(started_file, "a") as started:
+        started.write(f"{os.getpid()}\n")
+    while not Path(go_file).exists():
+        time.sleep(0.01)
+        report_progress(0.5)
+    return {"pid": os.getpid()}

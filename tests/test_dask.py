@@ -32,16 +32,18 @@ distributed = pytest.importorskip("distributed")
 from cluster_kinds import kinds as cluster_kinds  # noqa: E402  (after the skip: workers import it)
 
 WORKERS = 2
-DASK_KINDS = "match,dies_once,spins_briefly,spins"
+DASK_KINDS = "match,dies_once,spins_briefly,spins,waits_for_go"
 
 
 class Cluster:
     """A scheduler and its workers as subprocesses, each in its own process group."""
 
-    def __init__(self, log_dir: Path) -> None:
+    def __init__(self, log_dir: Path, workers: int = WORKERS, threads: int = 1) -> None:
         self.address = f"tcp://127.0.0.1:{free_port()}"
         self.log_dir = log_dir
-        self.processes: list[subprocess.Popen] = []
+        self.workers = workers
+        self.threads = threads
+        self.processes: dict[str, subprocess.Popen] = {}
         self.environ = {
             **os.environ,
             # The scheduler unpickles task graphs and the workers run them: both import our code.
@@ -53,64 +55,85 @@ class Cluster:
 
     def _start(self, name: str, *args: str) -> None:
         with (self.log_dir / f"{name}.log").open("ab") as log:
-            self.processes.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "dask", *args],
-                    cwd=ROOT,
-                    env=self.environ,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
+            self.processes[name] = subprocess.Popen(
+                [sys.executable, "-m", "dask", *args],
+                cwd=ROOT,
+                env=self.environ,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
-    def start(self, timeout_s: float = 60.0) -> Cluster:
+    def start_scheduler(self) -> None:
         port = self.address.rsplit(":", 1)[1]
         self._start("scheduler", "scheduler", "--host", "127.0.0.1", "--port", port, "--no-dashboard")
-        for number in range(WORKERS):
-            self._start(
-                f"worker{number}",
-                "worker",
-                self.address,
-                "--host",
-                "127.0.0.1",
-                "--nthreads",
-                "1",
-                "--no-dashboard",
-                "--name",
-                f"worker{number}",
-            )
-        self.wait_for_workers(timeout_s)
+
+    def add_worker(self) -> None:
+        name = f"worker{sum(1 for name in self.processes if name.startswith('worker'))}"
+        self._start(
+            name,
+            "worker",
+            self.address,
+            "--host",
+            "127.0.0.1",
+            "--nthreads",
+            str(self.threads),
+            "--no-dashboard",
+            "--name",
+            name,
+        )
+
+    def start(self, timeout_s: float = 60.0) -> Cluster:
+        self.start_scheduler()
+        for _ in range(self.workers):
+            self.add_worker()
+        self.wait_for_workers(timeout_s=timeout_s)
         return self
 
-    def wait_for_workers(self, timeout_s: float = 30.0) -> None:
-        """Poll the scheduler until every worker has joined (a restarted one too), with a deadline."""
+    def kill(self, name: str) -> None:
+        """SIGKILL a process and its group (a worker's nanny and its worker process)."""
+        process = self.processes.pop(name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+
+    def wait_for_workers(self, workers: int | None = None, timeout_s: float = 30.0) -> None:
+        """Poll the scheduler until `workers` have joined (a restarted one too), with a deadline."""
+        workers = self.workers if workers is None else workers
         deadline = time.monotonic() + timeout_s
         while True:
-            for process in self.processes:
+            for process in self.processes.values():
                 assert process.poll() is None, f"a cluster process exited:\n{self.logs()}"
             try:
                 with distributed.Client(self.address, timeout=2) as client:
-                    client.wait_for_workers(WORKERS, timeout=max(0.1, deadline - time.monotonic()))
+                    client.wait_for_workers(workers, timeout=max(0.1, deadline - time.monotonic()))
                     return
             except (OSError, TimeoutError) as exc:
                 if time.monotonic() > deadline:
-                    raise AssertionError(f"no cluster of {WORKERS} workers: {exc}\n{self.logs()}") from exc
+                    raise AssertionError(f"no cluster of {workers} workers: {exc}\n{self.logs()}") from exc
                 time.sleep(0.1)
 
     def logs(self) -> str:
         return "\n".join(log.read_text(errors="replace")[-3000:] for log in self.log_dir.glob("*.log"))
 
     def stop(self) -> None:
-        for process in self.processes:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, signal.SIGKILL)
-            process.wait(10)
+        for name in list(self.processes):
+            self.kill(name)
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     running = Cluster(tmp_path_factory.mktemp("dask"))
+    try:
+        yield running.start()
+    finally:
+        running.stop()
+
+
+@pytest.fixture
+def small_cluster(tmp_path: Path) -> Iterator[Cluster]:
+    """A cluster of one worker (of 2 threads) for one test, which may kill its scheduler."""
+    running = Cluster(tmp_path, workers=1, threads=2)
     try:
         yield running.start()
     finally:
@@ -151,7 +174,10 @@ def run_matches(client: TestClient, user_ids: list[str]) -> list[dict[str, Any]]
 def test_match_tasks_on_the_cluster_equal_the_reference(dask_client: TestClient) -> None:
     kinds = {kind["name"]: kind for kind in dask_client.get("/kinds").json()["kinds"]}
     assert kinds["match"]["placement"] == "dask" and kinds["notify"]["placement"] == "thread"
-    assert kinds["match"]["concurrency"] == 2 * WORKERS  # two in flight per worker thread
+    assert kinds["match"]["concurrency"] == dask_backend.MAX_IN_FLIGHT  # a ceiling: the cluster decides
+    dask = dask_client.get("/health").json()["dask"]
+    assert (dask["status"], dask["workers"], dask["threads"]) == ("ok", WORKERS, WORKERS)
+    assert dask["concurrency"] == 2 * WORKERS  # two in flight per worker thread
 
     table: dict[str, dict[str, Any]] = {}
     first = list(synthetic_profiles(400, seed=7))
@@ -183,6 +209,38 @@ def test_a_posted_profile_gets_its_matches_from_the_cluster(dask_client: TestCli
     task_id = dask_client.post("/profile", json=profile("bob", ["chess"], "chess")).json()["task_id"]
     assert wait_for_task(dask_client, task_id)["status"] == "succeeded"
     assert dask_client.get("/profile/bob").json()["matches"] == [{"user_id": "ann", "score": 0.538675}]
+
+
+def test_the_worker_that_ran_a_task_is_a_metric_label(dask_client: TestClient) -> None:
+    dask_client.post("/profile", json=profile("ann", ["go"], "go"))
+    task_id = dask_client.post("/profile", json=profile("bob", ["go"], "go")).json()["task_id"]
+    task = wait_for_task(dask_client, task_id)
+    worker = task["executor"].removeprefix("dask:")
+    assert task["status"] == "succeeded" and worker.startswith("tcp://127.0.0.1:")
+
+    metrics = dask_client.get("/metrics").text
+
+    counted = f'profile_app_dask_attempts_total{{kind="match",outcome="succeeded",worker="{worker}"}}'
+    assert any(line.startswith(counted) and float(line.split()[-1]) >= 1 for line in metrics.splitlines())
+    assert "profile_app_dask_up 1.0" in metrics
+    assert f"profile_app_dask_worker_threads {float(WORKERS)}" in metrics
+
+
+def test_progress_of_a_task_on_a_worker_shows_while_it_runs(dask_client: TestClient, tmp_path: Path) -> None:
+    started, go = tmp_path / "started", tmp_path / "go"
+    task_id = submit(dask_client, "waits_for_go", {"started_file": str(started), "go_file": str(go)})
+
+    # The worker reports 0.5 every 10 ms; an event reaches the server at most every 0.5 s.
+    running = wait_for_task(dask_client, task_id, timeout_s=30, statuses={"running"})
+    wait_until(
+        lambda: dask_client.get(f"/tasks/{task_id}").json()["progress"] == 0.5,
+        10,
+        "the worker's progress reached GET /tasks/{id}",
+    )
+    assert running["executor"] == "dask"
+    go.write_text("go")
+    task = wait_for_task(dask_client, task_id)
+    assert (task["status"], task["progress"]) == ("succeeded", 1.0)
 
 
 # -- faults, time limits and cancellation on the cluster ----------------------------------------
@@ -225,6 +283,104 @@ def test_cancelling_a_running_task_stops_it_on_its_worker(dask_client: TestClien
     assert response.status_code == 200 and response.json()["status"] == "cancelled"
     wait_until(stopped.exists, 5, "the function stopped on its worker at its next progress report")
     assert wait_for_task(dask_client, task_id)["status"] == "cancelled"
+
+
+# -- the cluster changes under a running server -------------------------------------------------
+
+
+def running_tasks(client: TestClient, kind: str) -> int:
+    return len(client.get("/tasks", params={"status": "running", "kind": kind}).json()["tasks"])
+
+
+def test_concurrency_follows_the_cluster_as_workers_join_and_leave(
+    cluster: Cluster, make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    cluster.wait_for_workers()
+    client = make_client(
+        kinds=cluster_kinds, dask_scheduler=cluster.address, dask_kinds=DASK_KINDS, dask_refresh_s=0.1
+    )
+    assert client.get("/health").json()["dask"]["concurrency"] == 2 * WORKERS  # one thread per worker
+    go = tmp_path / "go"
+    ids = [
+        submit(client, "waits_for_go", {"started_file": str(tmp_path / f"started-{n}"), "go_file": str(go)})
+        for n in range(2 * WORKERS + 4)
+    ]
+    wait_until(lambda: running_tasks(client, "waits_for_go") == 2 * WORKERS, 30, "2 per thread in flight")
+
+    cluster.add_worker()
+    cluster.wait_for_workers(WORKERS + 1)
+
+    wait_until(lambda: client.get("/health").json()["dask"]["concurrency"] == 2 * (WORKERS + 1), 10, "grown")
+    wait_until(lambda: running_tasks(client, "waits_for_go") == 2 * (WORKERS + 1), 10, "more in flight")
+    assert client.get("/health").json()["queued"] == 2
+
+    cluster.kill(f"worker{WORKERS}")  # the one added: the cluster shrinks back
+
+    wait_until(lambda: client.get("/health").json()["dask"]["concurrency"] == 2 * WORKERS, 10, "shrunk")
+    go.write_text("go")
+    for task_id in ids:
+        task = wait_for_task(client, task_id)
+        # The tasks on the killed worker failed that attempt and were retried.
+        assert task["status"] == "succeeded", task
+
+
+def test_a_scheduler_that_goes_away_loses_no_task(
+    small_cluster: Cluster, make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    """Two server processes on one cluster: one keeps dask tasks queued while the scheduler is
+    away, the other (PROFILE_APP_DASK_FALLBACK=process) runs them in local processes."""
+    settings = {
+        "kinds": cluster_kinds,
+        "dask_scheduler": small_cluster.address,
+        "dask_kinds": DASK_KINDS,
+        "dask_refresh_s": 0.1,
+        "dask_connect_timeout_s": 1,
+    }
+    waits = make_client(**settings, db=tmp_path / "waits.db")
+    falls_back = make_client(**settings, db=tmp_path / "falls-back.db", dask_fallback="process")
+    go = tmp_path / "go"
+    runs = {name: tmp_path / f"{name}-runs" for name in ("waits", "falls_back", "later")}
+    first = submit(waits, "waits_for_go", {"started_file": str(runs["waits"]), "go_file": str(go)})
+    second = submit(falls_back, "waits_for_go", {"started_file": str(runs["falls_back"]), "go_file": str(go)})
+    wait_until(
+        lambda: runs["waits"].exists() and runs["falls_back"].exists(), 30, "both started on the worker"
+    )
+
+    small_cluster.kill("scheduler")
+
+    for client in (waits, falls_back):
+        wait_until(lambda c=client: c.get("/health").json()["dask"]["status"] == "degraded", 10, "degraded")
+        wait_until(lambda c=client: "profile_app_dask_up 0.0" in c.get("/metrics").text, 5, "metric")
+    health = waits.get("/health").json()
+    assert health["status"] == "ok" and "wait in the queue" in health["dask"]["detail"], health
+    # Without the fallback, the attempt in flight was given back uncharged, and a new task
+    # is not claimed while the scheduler is away.
+    wait_for_task(waits, first, timeout_s=10, statuses={"queued"})
+    later = submit(waits, "waits_for_go", {"started_file": str(runs["later"]), "go_file": str(go)})
+    for task_id in (first, later):
+        task = waits.get(f"/tasks/{task_id}").json()
+        assert (task["status"], task["attempts"]) == ("queued", 0), task
+    # With it, the same attempt went on in a local process at once.
+    wait_until(lambda: len(runs["falls_back"].read_text().split()) == 2, 30, "re-ran in a local process")
+    assert "run in local processes" in falls_back.get("/health").json()["dask"]["detail"]
+
+    # Dask workers do not outlive their scheduler (each closes with its nanny): a supervisor
+    # starts both again, at the same address; the servers reconnect by themselves.
+    small_cluster.kill("worker0")
+    small_cluster.start_scheduler()
+    small_cluster.add_worker()
+    small_cluster.wait_for_workers(1)
+    go.write_text("go")
+
+    task = wait_for_task(falls_back, second, timeout_s=30)
+    assert (task["status"], task["attempts"], task["executor"]) == ("succeeded", 1, "process"), task
+    for task_id in (first, later):
+        task = wait_for_task(waits, task_id, timeout_s=30)
+        assert (task["status"], task["attempts"], task["error"]) == ("succeeded", 1, None), task
+        assert task["executor"].startswith("dask:tcp://")
+    assert len(runs["waits"].read_text().split()) == 2  # it ran twice, was charged and stored once
+    for client in (waits, falls_back):
+        wait_until(lambda c=client: c.get("/health").json()["dask"]["status"] == "ok", 10, "reconnected")
 
 
 # -- start-up: no scheduler, an unreachable one, bad settings ------------------------------------
@@ -278,7 +434,9 @@ def test_an_unreachable_scheduler_can_fall_back_to_local_processes(
     address = f"tcp://127.0.0.1:{free_port()}"
     client = make_client(dask_scheduler=address, dask_connect_timeout_s=1, dask_fallback="process")
     match = next(kind for kind in client.get("/kinds").json()["kinds"] if kind["name"] == "match")
-    assert match["placement"] == "process" and "did not answer" in match["reason"]
+    assert match["placement"] == "dask" and "run in local processes" in match["reason"]
+    dask = client.get("/health").json()["dask"]
+    assert dask["status"] == "degraded" and "no Dask scheduler answers" in dask["detail"], dask
     client.post("/profile", json=profile("ann", ["chess"], "chess"))
     task_id = client.post("/profile", json=profile("bob", ["chess"], "chess")).json()["task_id"]
     assert wait_for_task(client, task_id)["executor"] == "process"
