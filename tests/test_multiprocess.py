@@ -8,23 +8,28 @@ concurrently yields one task, and SIGTERM to the supervisor drains every process
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import anyio
 import pytest
 import requests
 from conftest import Server, profile, wait_for_task
 from test_server_e2e import seed
 
+from db import Database
 from synthetic import synthetic_profiles
 
-WORKERS = 3
-TASKS = 1000
+WORKERS = 4
+POSTED = 1000  # through HTTP, spread over the server processes by the kernel
+QUEUED = 9000  # written straight into the queue, as many POSTs at once would
 INTERESTS = ["chess", "go", "jazz", "hiking", "tea", "rust", "sql", "cats"]
 
 
@@ -124,32 +129,56 @@ def multi_server(db_path: Path) -> Iterator[Server]:
         server.stop()
 
 
-def test_every_task_is_claimed_once_across_server_processes(multi_server: Server, db_path: Path) -> None:
-    documents = tiny_profiles(TASKS, "u")
-    with LeaseWatcher(db_path) as watcher:
-        task_ids = post_all(multi_server, documents)
-        wait_until(lambda: queue_is_empty(multi_server), 120, f"{TASKS} tasks finished")
+def queue_match_tasks(db: Path, user_ids: list[str]) -> list[str]:
+    """One queued `match` task per user, in one transaction, as POST /profile writes them."""
+    now = time.time()
+    tasks = [(uuid.uuid4().hex, user_id) for user_id in user_ids]
+    with sqlite3.connect(db, timeout=30) as conn:
+        conn.executemany(
+            "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after)"
+            " VALUES (?, 'match', ?, 'queued', 'process', 3, ?, ?)",
+            [(task_id, json.dumps({"user_id": user_id}), now, now) for task_id, user_id in tasks],
+        )
+        conn.executemany("UPDATE profiles SET task_id = ? WHERE user_id = ?", tasks)
+    return [task_id for task_id, _ in tasks]
 
-    assert len(set(task_ids)) == TASKS
+
+async def store_profiles(db_path: Path, profiles: list[dict]) -> None:
+    async with Database(db_path) as db:
+        await db.store_profiles(profiles)
+
+
+@pytest.mark.timeout(300)
+def test_every_task_is_claimed_once_across_server_processes(multi_server: Server, db_path: Path) -> None:
+    # Tiny profiles: each match takes about a millisecond, so the queue's own work dominates.
+    stored = tiny_profiles(QUEUED, "s")
+    anyio.run(store_profiles, db_path, stored)
+    seeded = [document["user_id"] for document in stored]
+    documents = tiny_profiles(POSTED, "u")
+    with LeaseWatcher(db_path) as watcher:
+        task_ids = queue_match_tasks(db_path, seeded)
+        task_ids += post_all(multi_server, documents)
+        wait_until(lambda: queue_is_empty(multi_server), 180, f"{POSTED + QUEUED} tasks finished")
+
+    assert len(set(task_ids)) == POSTED + QUEUED
     with sqlite3.connect(db_path) as conn:
         rows = conn.execute("SELECT id, status, attempts, error FROM tasks WHERE kind = 'match'").fetchall()
-        profiles = conn.execute(
-            "SELECT user_id, task_id, matches IS NOT NULL FROM profiles ORDER BY user_id"
-        ).fetchall()
+        profiles = conn.execute("SELECT user_id, task_id, matches IS NOT NULL FROM profiles").fetchall()
     # Every claim adds one to `attempts` in the claiming statement: 1 means claimed exactly once.
     assert {task_id: (status, attempts, error) for task_id, status, attempts, error in rows} == dict.fromkeys(
         task_ids, ("succeeded", 1, None)
     )
-    expected = sorted((d["user_id"], task_id, 1) for d, task_id in zip(documents, task_ids, strict=True))
-    assert profiles == expected
-    # The work really was spread: more than one server process held leases while it ran.
+    users = seeded + [document["user_id"] for document in documents]
+    assert sorted(profiles) == sorted(zip(users, task_ids, [1] * len(users), strict=True))
+    # The work really was spread: several server processes held leases while it ran.
     assert len(watcher.owner_pids) >= 2, watcher.owner_pids
     assert watcher.owner_pids <= server_pids(multi_server)
     # /metrics adds up every server process's counts, whichever process answers.
     for _ in range(WORKERS):
         samples = metric_samples(multi_server.get("/metrics").text)
-        assert samples['profile_app_tasks_submitted_total{kind="match"}'] == TASKS
-        assert samples['profile_app_tasks_finished_total{kind="match",status="succeeded"}'] == TASKS
+        assert samples['profile_app_tasks_submitted_total{kind="match"}'] == POSTED
+        finished = samples['profile_app_tasks_finished_total{kind="match",status="succeeded"}']
+        assert finished == POSTED + QUEUED
 
 
 def metric_samples(text: str) -> dict[str, float]:
