@@ -2,13 +2,19 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test lint format bench clean binary
+.PHONY: run test soak lint format bench clean binary
 
 run: $(VENV)/.installed
 	$(PY) profile_app.py serve
 
 test: $(VENV)/.dev-installed lint
 	$(PY) -m pytest
+
+# Minutes, not part of `make test`: the crash loop with 40 kills (about 4,100 tasks) and the
+# 512-connection overload burst for 3 minutes.
+soak: $(VENV)/.dev-installed
+	PROFILE_APP_TEST_KILLS=40 PROFILE_APP_TEST_BURST_S=180 $(PY) -m pytest -v tests/test_crash_loop.py \
+		tests/test_overload.py::test_a_burst_of_512_connections_gets_only_the_contracts_answers
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .

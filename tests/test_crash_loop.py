@@ -47,7 +47,7 @@ def queue_state(db: Path, server: Server) -> str:
     return f"tasks (status, attempts, lease owner, count): {rows}\nserver log:\n{server.output()[-3000:]}"
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(60 + 25 * KILLS)
 def test_sigkill_at_random_moments_loses_and_duplicates_nothing(db_path: Path) -> None:
     rng = random.Random(20261126)
     env = {"PROFILE_APP_MAX_ATTEMPTS": str(KILLS + 1), "PROFILE_APP_PROCESS_WORKERS": str(PROCESS_WORKERS)}

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 from conftest import Server, profile
 
@@ -35,6 +36,7 @@ HEADER_TIMEOUT_S = 2.0
 CONTRACT_STATUSES = {202, 409, 413, 422, 429, 503}
 
 
+@pytest.mark.timeout(BURST_S + 90)
 def test_a_burst_of_512_connections_gets_only_the_contracts_answers(
     make_server: Callable[..., Server], db_path: Path
 ) -> None:
