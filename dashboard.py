@@ -14,7 +14,7 @@ import math
 import signal
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 from starlette.requests import Request
@@ -25,6 +25,9 @@ from starlette.staticfiles import StaticFiles
 from db import Database, StorageUnavailable, TaskStatus
 from dispatcher import Executor
 from http_io import iso_utc, task_document
+
+if TYPE_CHECKING:
+    from dask_backend import DaskRunner
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -76,9 +79,12 @@ class SharedSnapshot:
     However many dashboards are open, the database answers one set of queries a second.
     """
 
-    def __init__(self, db: Database, max_age_s: float = SNAPSHOT_INTERVAL_S * 0.9) -> None:
+    def __init__(
+        self, db: Database, max_age_s: float = SNAPSHOT_INTERVAL_S * 0.9, *, dask: DaskRunner | None = None
+    ) -> None:
         self.db = db
         self.max_age_s = max_age_s
+        self.dask = dask
         self._lock = anyio.Lock()
         self._data = ""
         self._taken_at = -math.inf
@@ -86,7 +92,7 @@ class SharedSnapshot:
     async def data(self) -> str:
         async with self._lock:
             if anyio.current_time() - self._taken_at >= self.max_age_s:
-                self._data = json.dumps(await _snapshot_or_error(self.db))
+                self._data = json.dumps(await _snapshot_or_error(self.db, self.dask))
                 self._taken_at = anyio.current_time()
             return self._data
 
@@ -96,7 +102,8 @@ def _snapshots(request: Request) -> SharedSnapshot:
     db: Database = request.state.db
     shared: SharedSnapshot | None = getattr(request.app.state, "dashboard_snapshot", None)
     if shared is None or shared.db is not db:
-        shared = request.app.state.dashboard_snapshot = SharedSnapshot(db)
+        dask = getattr(request.state, "dask", None)
+        shared = request.app.state.dashboard_snapshot = SharedSnapshot(db, dask=dask)
     return shared
 
 
@@ -123,21 +130,22 @@ def _server_exiting() -> bool:
     return getattr(getattr(handler, "__self__", None), "should_exit", False) is True
 
 
-async def _snapshot_or_error(db: Database) -> dict[str, Any]:
+async def _snapshot_or_error(db: Database, dask: DaskRunner | None = None) -> dict[str, Any]:
     try:
-        return await snapshot(db)
+        return await snapshot(db, dask)
     except StorageUnavailable as exc:
         return {"at": iso_utc(db.clock()), "error": str(exc)}
 
 
-async def snapshot(db: Database) -> dict[str, Any]:
-    """What the dashboard shows: queue depth, its history, throughput, running, queued, failures."""
+async def snapshot(db: Database, dask: DaskRunner | None = None) -> dict[str, Any]:
+    """What the dashboard shows: queue depth, its history, throughput, running, queued, failures,
+    and with a Dask cluster its state and workers."""
     counts = await db.count_unfinished()
     history = await db.queue_history(buckets=HISTORY_BUCKETS, bucket_s=HISTORY_BUCKET_S)
     running = await db.list_tasks(status=TaskStatus.RUNNING, limit=RUNNING_SHOWN)
     queued = await db.oldest_queued(QUEUED_SHOWN)
     failures = await db.list_tasks(status=TaskStatus.FAILED, limit=FAILURES_SHOWN)
-    return {
+    document: dict[str, Any] = {
         "at": iso_utc(db.clock()),
         "queue": {"queued": counts[TaskStatus.QUEUED], "running": counts[TaskStatus.RUNNING]},
         "history": {
@@ -150,3 +158,11 @@ async def snapshot(db: Database) -> dict[str, Any]:
         "queued": [task_document(task) for task in queued],
         "failures": [task_document(task) for task in failures],
     }
+    if dask is not None:
+        document["dask"] = dask.dashboard()
+        for task in document["running"]:
+            # Stored as "dask" until it ends; its progress reports say which worker runs it.
+            worker = dask.running_on.get(task["task_id"])
+            if task["executor"] == "dask" and worker:
+                task["executor"] = f"dask:{worker}"
+    return document

@@ -203,6 +203,8 @@ async def open_dask(
 
 PROGRESS_TOPIC = "profile_app-progress"
 MAX_IN_FLIGHT = 256  # per kind and server process: a ceiling, the cluster's size decides below it
+MAX_WORKERS_SHOWN = 64
+OUTCOMES = ("succeeded", "raised", "worker_died")  # of an attempt on a worker (a metric label)
 
 DaskAttemptObserver = Callable[[str, str, str], None]
 """Called with (kind, worker address, outcome) after an attempt ran on a Dask worker."""
@@ -235,6 +237,9 @@ class DaskRunner:
         self._on_attempt = on_attempt
         self.shipping = ProfileShipping(cluster.client, db)  # type: ignore[arg-type]
         self._progress: dict[tuple[str, int], Callable[[float], None]] = {}
+        self.running_on: dict[str, str] = {}  # task id -> worker address, from its progress events
+        # worker address -> outcome -> attempts of this server process (for the dashboard)
+        self._tally: dict[str, dict[str, int]] = {}
         cluster.on_connect.append(self._connected)
         if cluster.client is not None and cluster.client.status == "running":
             self._connected(cluster.client)  # connect() ran before this hook was added
@@ -250,6 +255,26 @@ class DaskRunner:
     def health(self) -> dict[str, Any]:
         return self.cluster.status().document()
 
+    def dashboard(self) -> dict[str, Any]:
+        """The cluster as /health has it, plus a row per worker: its threads, the tasks of this
+        server process running there now (known from their progress reports) and the
+        attempts it ran, by outcome."""
+        running: dict[str, int] = {}
+        for worker in self.running_on.values():
+            running[worker] = running.get(worker, 0) + 1
+        current = self.cluster.workers
+        addresses = [*current, *(address for address in self._tally if address not in current)]
+        per_worker = [
+            {
+                "address": address,
+                "threads": current.get(address),  # None: it left the cluster
+                "running": running.get(address, 0),
+                **{outcome: self._tally.get(address, {}).get(outcome, 0) for outcome in OUTCOMES},
+            }
+            for address in addresses[:MAX_WORKERS_SHOWN]
+        ]
+        return {**self.health(), "per_worker": per_worker}
+
     def _connected(self, client: Client) -> None:
         # A (re)started scheduler holds none of our data and knows no subscriber.
         self.shipping.client = client
@@ -260,9 +285,12 @@ class DaskRunner:
         """A worker's progress report (log_event): hand it to the attempt's reporter, which the
         dispatcher writes to the database with its next housekeeping tick."""
         _timestamp, message = event
-        report = self._progress.get((message.get("task_id"), message.get("attempt")))  # type: ignore[arg-type]
+        task_id, attempt = message.get("task_id"), message.get("attempt")
+        report = self._progress.get((task_id, attempt))  # type: ignore[arg-type]
         if report is not None:
             report(float(message["progress"]))
+            if message.get("worker"):  # log_event adds the worker's address
+                self.running_on[task_id] = message["worker"]  # type: ignore[index]
 
     async def __call__(self, call: Call) -> CallResult:
         if not self.cluster.available:
@@ -306,6 +334,7 @@ class DaskRunner:
             raise AttemptError(_cluster_error(exc), "") from None  # the queue retries it
         finally:
             self._progress.pop((context.task_id, context.attempt), None)
+            self.running_on.pop(context.task_id, None)
             if future is not None:
                 with CancelScope(shield=True):
                     if not future.done() and client.status == "running":
@@ -322,8 +351,16 @@ class DaskRunner:
         return replace(result, ran_on=Placement.PROCESS.value)
 
     def _observe(self, call: Call, worker: str, outcome: str) -> None:
-        if self._on_attempt is not None and worker:
+        if not worker:
+            return
+        if self._on_attempt is not None:
             self._on_attempt(call.kind.name, worker, outcome)
+        tally = self._tally.setdefault(worker, dict.fromkeys(OUTCOMES, 0))
+        tally[outcome] += 1
+        if len(self._tally) > MAX_WORKERS_SHOWN:  # forget workers that left, oldest first
+            gone = [address for address in self._tally if address not in self.cluster.workers]
+            for address in gone[: len(self._tally) - MAX_WORKERS_SHOWN]:
+                del self._tally[address]
 
 
 def _scheduler_lost(exc: BaseException, client: Client) -> bool:

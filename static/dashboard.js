@@ -61,6 +61,7 @@
     $("running-count").textContent = snapshot.queue.running;
     $("finished-count").textContent = STATUSES.reduce((sum, s) => sum + total(finished[s]), 0);
     $("failed-count").textContent = total(finished.failed);
+    renderDask(snapshot.dask);
     drawDepth(snapshot.history);
     drawThroughput(snapshot.history);
     syncTable("running", snapshot.running, [
@@ -87,6 +88,32 @@
       (t) => ago(t.finished_at),
       errorText,
     ]);
+  }
+
+  // The Dask cluster (only with a scheduler configured): its state and a row per worker.
+  function renderDask(dask) {
+    $("dask").hidden = !dask;
+    if (!dask) return;
+    const state = $("dask-state");
+    state.dataset.state = dask.status === "ok" ? "live" : "error";
+    state.textContent = dask.status;
+    $("dask-summary").textContent =
+      `${dask.scheduler} · ${dask.workers} worker(s), ${dask.threads} thread(s) · up to ${dask.concurrency} task(s) in flight`;
+    const detail = $("dask-detail");
+    detail.hidden = !dask.detail;
+    detail.textContent = dask.detail || "";
+    const table = $("dask-workers");
+    table.tBodies[0].replaceChildren(
+      ...dask.per_worker.map((worker) => {
+        const row = document.createElement("tr");
+        const threads = worker.threads === null ? "left the cluster" : String(worker.threads);
+        for (const value of [worker.address, threads, worker.running, worker.succeeded, worker.raised, worker.worker_died]) {
+          row.insertCell().textContent = String(value);
+        }
+        return row;
+      }),
+    );
+    table.hidden = dask.per_worker.length === 0;
   }
 
   // Rows are kept per task id and updated in place, so a button stays put under the pointer.

@@ -153,6 +153,15 @@ def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> No
         time.sleep(0.02)
 
 
+def first_event(client: TestClient) -> dict[str, Any]:
+    """The first snapshot of the dashboard's event stream (closing the response ends it)."""
+    with client.stream("GET", "/dashboard/events") as response:
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                return json.loads(line.removeprefix("data: "))
+    raise AssertionError("the stream ended before its first event")
+
+
 def store(client: TestClient, profiles: list[dict[str, Any]]) -> None:
     """Store profiles without queueing tasks (as `seed` does)."""
     client.portal.call(client.app_state["db"].store_profiles, profiles)  # type: ignore[union-attr]
@@ -238,9 +247,27 @@ def test_progress_of_a_task_on_a_worker_shows_while_it_runs(dask_client: TestCli
         "the worker's progress reached GET /tasks/{id}",
     )
     assert running["executor"] == "dask"
+
+    # The dashboard names the worker it runs on (from its progress events), and the cluster.
+    event = first_event(dask_client)
+    (shown,) = [task for task in event["running"] if task["task_id"] == task_id]
+    worker = shown["executor"].removeprefix("dask:")
+    assert worker.startswith("tcp://127.0.0.1:"), shown
+    assert (event["dask"]["status"], event["dask"]["workers"]) == ("ok", WORKERS)
+    rows = {row["address"]: row for row in event["dask"]["per_worker"]}
+    assert rows[worker]["running"] == 1 and rows[worker]["threads"] == 1
+
     go.write_text("go")
     task = wait_for_task(dask_client, task_id)
-    assert (task["status"], task["progress"]) == ("succeeded", 1.0)
+    assert (task["status"], task["progress"], task["executor"]) == ("succeeded", 1.0, f"dask:{worker}")
+    wait_until(
+        lambda: (
+            {row["address"]: row for row in first_event(dask_client)["dask"]["per_worker"]}[worker]
+            == {"address": worker, "threads": 1, "running": 0, "succeeded": 1, "raised": 0, "worker_died": 0}
+        ),
+        5,
+        "the dashboard counts the attempt on its worker",
+    )
 
 
 # -- faults, time limits and cancellation on the cluster ----------------------------------------
