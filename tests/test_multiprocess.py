@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sqlite3
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import anyio
@@ -284,3 +286,69 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+class HoldingWebhook:
+    """A webhook whose first call is held open until the test lets it go; later calls get 204."""
+
+    def __init__(self) -> None:
+        self.held = threading.Event()
+        self.release = threading.Event()
+        webhook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers["Content-Length"]))
+                if not webhook.held.is_set():
+                    webhook.held.set()
+                    webhook.release.wait(60)
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def __enter__(self) -> HoldingWebhook:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release.set()
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_a_task_of_a_killed_server_process_is_taken_back_within_seconds(db_path: Path) -> None:
+    """Stall detection by heartbeat: a server process dies under a running task (a webhook
+    call held open), and another process runs it again within half a lease, not after a
+    guessed wall-clock timeout; the lost attempt is counted."""
+    lease_s = 4.0
+    with HoldingWebhook() as webhook:
+        env = {"PROFILE_APP_WEBHOOK_URL": webhook.url, "PROFILE_APP_LEASE_S": str(lease_s)}
+        server = Server(db_path, env, args=["--workers", "2"]).start()
+        try:
+            wait_until(lambda: len(server_pids(server)) == 2, 30, "2 server processes started")
+            server.post("/profile", json=profile("held", ["chess"], "chess"))
+            assert webhook.held.wait(30), "the notify task never called the webhook"
+            with sqlite3.connect(db_path) as conn:
+                ((task_id, owner),) = conn.execute(
+                    "SELECT id, lease_owner FROM tasks WHERE kind = 'notify' AND status = 'running'"
+                ).fetchall()
+            os.kill(int(owner.split(":")[1]), signal.SIGKILL)
+            killed_at = time.monotonic()
+
+            def taken_back() -> bool:
+                task = server.get(f"/tasks/{task_id}").json()
+                return task["attempts"] == 2 and task["status"] in ("running", "succeeded")
+
+            wait_until(taken_back, 30, "the task was claimed again")
+            taken_back_s = time.monotonic() - killed_at
+            webhook.release.set()
+            task = wait_for_task(server, task_id)
+        finally:
+            server.stop()
+    assert taken_back_s < lease_s, taken_back_s
+    assert (task["status"], task["attempts"]) == ("succeeded", 2)
