@@ -100,6 +100,25 @@ class Cluster:
                     raise
                 time.sleep(0.1)
 
+    def cpu_s(self) -> tuple[float, float]:
+        """CPU seconds used so far by the scheduler, and by the workers (each `dask worker`,
+        its nanny and its worker process): where a 2-core machine's time goes."""
+        import psutil
+
+        def tree_cpu_s(pid: int) -> float:
+            total = 0.0
+            try:
+                root = psutil.Process(pid)
+                for process in [root, *root.children(recursive=True)]:
+                    times = process.cpu_times()
+                    total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+            return total
+
+        scheduler, *workers = self.processes
+        return tree_cpu_s(scheduler.pid), sum(tree_cpu_s(worker.pid) for worker in workers)
+
     def __exit__(self, *exc_info: object) -> None:
         for process in self.processes:
             with contextlib.suppress(ProcessLookupError):
@@ -209,13 +228,20 @@ async def measure_cluster(
             warm_up_s = time.perf_counter() - started
             stats = runner.shipping.stats
             before_tasks, before_rows, before_bytes = stats.tasks, stats.delta_rows, stats.delta_bytes
+            scheduler_before, workers_before = cluster.cpu_s()
             wall, cpu, lag_ms = await run_batch(db, settings, runner, rng.sample(user_ids, tasks))
+            scheduler_after, workers_after = cluster.cpu_s()
+            scheduler_cpu, workers_cpu = scheduler_after - scheduler_before, workers_after - workers_before
             result: dict[str, Any] = {
                 "workers": workers,
                 "tasks": tasks,
                 "tasks_per_s": round(tasks / wall, 2),
                 "loop_lag_p99_ms": round(lag_ms, 1),
                 "server_cpu_ms_per_task": round(1000 * cpu / tasks, 2),
+                "scheduler_cpu_ms_per_task": round(1000 * scheduler_cpu / tasks, 2),
+                "workers_cpu_ms_per_task": round(1000 * workers_cpu / tasks, 2),
+                # Cores the server, the scheduler and the workers kept busy during the run.
+                "cores_busy": round((cpu + scheduler_cpu + workers_cpu) / wall, 2),
                 "delta_bytes_per_task": round((stats.delta_bytes - before_bytes) / tasks, 1),
                 "delta_rows_per_task": round((stats.delta_rows - before_rows) / tasks, 1),
                 "warm_up_s": round(warm_up_s, 2),
@@ -307,8 +333,10 @@ def main(argv: list[str] | None = None) -> int:
     out(f"{result['profiles']} profiles, {args.tasks} match tasks per run, {result['cpus']} CPUs")
     for run in (one, two):
         out(
-            f"  {run['workers']} worker(s): {run['tasks_per_s']:8.2f} tasks/s; server CPU"
-            f" {run['server_cpu_ms_per_task']:.2f} ms/task; loop lag p99 {run['loop_lag_p99_ms']} ms;"
+            f"  {run['workers']} worker(s): {run['tasks_per_s']:8.2f} tasks/s; CPU ms/task: server"
+            f" {run['server_cpu_ms_per_task']:.2f}, scheduler {run['scheduler_cpu_ms_per_task']:.2f},"
+            f" workers {run['workers_cpu_ms_per_task']:.2f}; {run['cores_busy']} cores busy;"
+            f" loop lag p99 {run['loop_lag_p99_ms']} ms;"
             f" delta {run['delta_bytes_per_task']:.0f} B/task;"
             f" warm-up {run['warm_up_s']} s; snapshot {run['snapshot_bytes'] / 1e6:.1f} MB"
         )
