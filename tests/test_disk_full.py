@@ -1,4 +1,5 @@
-"""A full disk, injected for real: the kernel refuses the server's writes past a file size.
+"""Storage faults, injected for real: a full disk (the kernel refuses writes past a file size)
+and a database locked by another process past the busy timeout.
 
 `RLIMIT_FSIZE` is set on the running server process with prlimit(2) (Python ignores
 SIGXFSZ, so a write past the limit fails with EFBIG, as SQLite sees a full disk). SQLite
@@ -97,3 +98,26 @@ def _post_until_accepted(server: Server, document: dict, timeout_s: float) -> st
         assert response.status_code == 503, response.text
         assert time.monotonic() < deadline, f"still refused after {timeout_s} s: {response.text}"
         time.sleep(0.1)  # poll interval
+
+
+def test_a_database_locked_past_the_busy_timeout_gets_503_and_recovers(server: Server) -> None:
+    """Another process holds SQLite's write lock longer than the server's busy timeout (5 s):
+    POST waits that long, then gets 503 naming the lock, stores nothing; reads go on; once
+    the lock is let go, the same server accepts again and runs what it accepted."""
+    blocker = sqlite3.connect(server.db, timeout=10, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # the write lock; readers go on in WAL mode
+        response = server.post("/profile", json=profile("locked", ["go"], "go"), timeout=30)
+        assert response.status_code == 503, response.text
+        assert response.json()["detail"].startswith(
+            "the database is unavailable (it stayed locked past the busy timeout)"
+        )
+        assert response.headers["Retry-After"].isdigit()
+        assert server.get("/health").status_code == 200
+        assert server.get("/profile/locked").status_code == 404
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    task_id = _post_until_accepted(server, profile("unlocked", ["go"], "go"), timeout_s=10)
+    assert wait_for_task(server, task_id, timeout_s=60)["status"] == "succeeded"
+    assert server.get("/profile/locked").status_code == 404
