@@ -136,7 +136,7 @@ class ProcessPool:
         """
         command = ("run", func, args)
         async with self.limiter:
-            worker = self._idle.pop() if self._idle else await self._start_worker()
+            worker = await self._idle_worker() or await self._start_worker()
             self._busy.add(worker)
             try:
                 returned, value = await worker.request(command)
@@ -165,6 +165,16 @@ class ProcessPool:
         """The worker processes alive now (for tests and the dashboard)."""
         return sorted(worker.pid for worker in [*self._idle, *self._busy])
 
+    async def _idle_worker(self) -> _Worker | None:
+        """The most recently used idle worker that is still alive (one may have been killed
+        while idle, by the OOM killer say: it must not cost a task an attempt)."""
+        while self._idle:
+            worker = self._idle.pop()
+            if worker.process.returncode is None:
+                return worker
+            await worker.kill()  # reap it
+        return None
+
     async def _keep_or_retire(self, worker: _Worker, error: BaseException | None) -> None:
         reason = getattr(error, "retire_reason", None)
         retirement = (
@@ -181,7 +191,10 @@ class ProcessPool:
         await worker.stop()
 
     async def _start_worker(self) -> _Worker:
-        process = await anyio.open_process(self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        # stderr is the server's: what a dying worker's interpreter prints reaches its log.
+        process = await anyio.open_process(
+            self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None
+        )
         worker = _Worker(process)
         try:
             with anyio.fail_after(START_TIMEOUT_S):

@@ -159,3 +159,18 @@ def test_workers_are_recycled_past_max_rss(make_client: Callable[..., TestClient
     pids = [worker_pid_of_a_leak(client, megabytes) for megabytes in (250, 0, 0)]
     assert pids[0] != pids[1] == pids[2], pids  # only the worker that grew past 200 MB was replaced
     assert restarts(client, "max_rss") == 1
+
+
+def test_a_worker_killed_while_idle_costs_the_next_task_nothing(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(kinds=kinds, process_workers=1)
+    idle_pid = worker_pid_of_a_leak(client, 0)
+    os.kill(idle_pid, signal.SIGKILL)  # as the OOM killer would, between tasks
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{idle_pid}").exists():  # until the server has reaped it
+        assert time.monotonic() < deadline, "the killed worker was never reaped"
+        time.sleep(0.01)  # poll interval
+    task = wait_for_task(client, submit(client, "leaks", {"megabytes": 0}))
+    assert (task["status"], task["attempts"]) == ("succeeded", 1)
+    assert stored_task(client, task["task_id"]).result != idle_pid
