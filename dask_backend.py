@@ -302,6 +302,7 @@ class DaskRunner:
         where = (context.task_id, context.kind, context.attempt)
         self._progress[(context.task_id, context.attempt)] = context.report
         future: Future | None = None
+        scheduler_lost = False
         try:
             if call.kind.func is match_profile:
                 snapshot, base, delta = await self.shipping.for_task()
@@ -324,14 +325,13 @@ class DaskRunner:
             self._observe(call, exc.worker, "raised")
             raise
         except Exception as exc:
-            if _scheduler_lost(exc, client):
-                self.cluster.lost("lost the connection to the Dask scheduler")
-                return await self._locally_or_give_back(call, "the Dask scheduler went away under it")
-            self.shipping.check_base()
-            worker = _killed_on(exc)
-            if worker is not None:
-                self._observe(call, worker, "worker_died")
-            raise AttemptError(_cluster_error(exc), "") from None  # the queue retries it
+            scheduler_lost = _scheduler_lost(exc, client)
+            if not scheduler_lost:  # the cluster failed the attempt: the queue retries it
+                self.shipping.check_base()
+                worker = _killed_on(exc)
+                if worker is not None:
+                    self._observe(call, worker, "worker_died")
+                raise AttemptError(_cluster_error(exc), "") from None
         finally:
             self._progress.pop((context.task_id, context.attempt), None)
             self.running_on.pop(context.task_id, None)
@@ -341,6 +341,9 @@ class DaskRunner:
                         # A time limit, a DELETE or a drain: the result is not wanted.
                         await client.cancel([future], force=True, reason="profile_app stopped the attempt")
                     future.release()
+        if scheduler_lost:
+            self.cluster.lost("lost the connection to the Dask scheduler")
+            return await self._locally_or_give_back(call, "the Dask scheduler went away under it")
         self._observe(call, result.ran_on.removeprefix("dask:"), "succeeded")
         return result
 
@@ -364,12 +367,16 @@ class DaskRunner:
 
 
 def _scheduler_lost(exc: BaseException, client: Client) -> bool:
-    """Did the attempt fail because the scheduler connection went, not the task or its worker?"""
+    """Did the attempt fail because the scheduler connection went, not the task or its worker?
+
+    Anything else (a worker that died, a result lost with its worker) fails the attempt and
+    is charged, so a task that keeps breaking the cluster runs out of attempts.
+    """
     from distributed.client import FutureCancelledError
 
-    if isinstance(exc, FutureCancelledError):
-        return exc.reason == "scheduler-connection-lost"
-    return isinstance(exc, OSError) or client.status != "running"
+    if isinstance(exc, FutureCancelledError) and exc.reason == "scheduler-connection-lost":
+        return True
+    return client.status != "running"
 
 
 def _killed_on(exc: BaseException) -> str | None:
