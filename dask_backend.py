@@ -262,7 +262,7 @@ class DaskRunner:
         running: dict[str, int] = {}
         for worker in self.running_on.values():
             running[worker] = running.get(worker, 0) + 1
-        current = self.cluster.workers
+        current = self.cluster.workers if self.cluster.available else {}  # else: last known, gone
         addresses = [*current, *(address for address in self._tally if address not in current)]
         per_worker = [
             {

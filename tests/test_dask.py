@@ -351,6 +351,17 @@ def test_concurrency_follows_the_cluster_as_workers_join_and_leave(
         assert task["status"] == "succeeded", task
 
 
+def test_a_set_concurrency_wins_over_the_cluster_s_size(
+    cluster: Cluster, make_client: Callable[..., TestClient]
+) -> None:
+    client = make_client(
+        kinds=cluster_kinds, dask_scheduler=cluster.address, dask_kinds=DASK_KINDS, dask_concurrency=3
+    )
+    assert client.get("/health").json()["dask"]["concurrency"] == 3
+    match = next(kind for kind in client.get("/kinds").json()["kinds"] if kind["name"] == "match")
+    assert match["concurrency"] == 3
+
+
 def test_a_scheduler_that_goes_away_loses_no_task(
     small_cluster: Cluster, make_client: Callable[..., TestClient], tmp_path: Path
 ) -> None:
@@ -380,6 +391,8 @@ def test_a_scheduler_that_goes_away_loses_no_task(
         wait_until(lambda c=client: "profile_app_dask_up 0.0" in c.get("/metrics").text, 5, "metric")
     health = waits.get("/health").json()
     assert health["status"] == "ok" and "wait in the queue" in health["dask"]["detail"], health
+    panel = first_event(waits)["dask"]  # the dashboard says so too
+    assert panel["status"] == "degraded" and all(row["threads"] is None for row in panel["per_worker"])
     # Without the fallback, the attempt in flight was given back uncharged, and a new task
     # is not claimed while the scheduler is away.
     wait_for_task(waits, first, timeout_s=10, statuses={"queued"})
