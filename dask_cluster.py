@@ -147,7 +147,11 @@ class DaskCluster:
         """Forever: refresh every `refresh_s` (run it in the lifespan's task group)."""
         while True:
             await anyio.sleep(self.refresh_s)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception as exc:  # the watch must outlive any one failure: it is the way back
+                logger.exception("checking the Dask cluster failed")
+                self._down(f"checking the Dask cluster failed ({error_line(exc)})")
 
     async def refresh(self) -> None:
         """Look at the connection and the cluster's size now; tell the `on_refresh` hooks."""
@@ -177,7 +181,10 @@ class DaskCluster:
                 hook(client)
         self._ready_comm = comm
         self.workers = {str(address): int(threads) for address, threads in nthreads.items()}
-        self._up() if self.workers else self._down("the Dask cluster has no workers")
+        if self.workers:
+            self._up()
+        else:
+            self._down("the Dask cluster has no workers")
 
     async def _open_client(self) -> Client | None:
         old, self.client = self.client, None
