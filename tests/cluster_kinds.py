@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -54,3 +55,9 @@ def waits_for_go(started_file: str, go_file: str) -> dict:
         time.sleep(0.01)
         report_progress(0.5)
     return {"pid": os.getpid()}
+
+
+@kinds.kind(runs_on=Placement.PROCESS, max_attempts=1)
+def raises(message: str) -> None:
+    logging.getLogger("cluster_kinds").warning("about to raise")  # kept with the task
+    raise ValueError(message)

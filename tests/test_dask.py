@@ -32,7 +32,7 @@ distributed = pytest.importorskip("distributed")
 from cluster_kinds import kinds as cluster_kinds  # noqa: E402  (after the skip: workers import it)
 
 WORKERS = 2
-DASK_KINDS = "match,dies_once,spins_briefly,spins,waits_for_go"
+DASK_KINDS = "match,dies_once,spins_briefly,spins,waits_for_go,raises"
 
 
 class Cluster:
@@ -233,6 +233,21 @@ def test_the_worker_that_ran_a_task_is_a_metric_label(dask_client: TestClient) -
     assert any(line.startswith(counted) and float(line.split()[-1]) >= 1 for line in metrics.splitlines())
     assert "profile_app_dask_up 1.0" in metrics
     assert f"profile_app_dask_worker_threads {float(WORKERS)}" in metrics
+
+
+def test_a_task_that_raises_on_a_worker_fails_with_its_error_and_output(dask_client: TestClient) -> None:
+    task_id = submit(dask_client, "raises", {"message": "no such user"})
+
+    task = wait_for_task(dask_client, task_id)
+
+    assert (task["status"], task["error"], task["executor"]) == ("failed", "ValueError: no such user", "dask")
+    assert "about to raise" in dask_client.get(f"/tasks/{task_id}/logs").text
+    raised = [
+        line
+        for line in dask_client.get("/metrics").text.splitlines()
+        if line.startswith('profile_app_dask_attempts_total{kind="raises",outcome="raised",worker="tcp://')
+    ]
+    assert len(raised) == 1 and raised[0].endswith(" 1.0"), raised
 
 
 def test_progress_of_a_task_on_a_worker_shows_while_it_runs(dask_client: TestClient, tmp_path: Path) -> None:
