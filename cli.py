@@ -93,6 +93,7 @@ def serve(settings: Settings) -> int:
             log_config=None,  # the app's lifespan sets up logging (logs.py): one format for all lines
             access_log=False,  # RequestLogMiddleware writes the one line per request
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
+            timeout_keep_alive=settings.keep_alive_s,
             # Slow clients get deadlines, too many get a JSON 503 (http_guard.py).
             http=functools.partial(
                 GuardedH11Protocol,

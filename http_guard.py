@@ -17,6 +17,7 @@ import json
 import logging
 from typing import Any
 
+import anyio
 import h11
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -24,6 +25,19 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 logger = logging.getLogger("profile_app.http")
 
 BUSY_RETRY_AFTER_S = 1
+DRAIN_MAX_BYTES = 1024 * 1024  # a refused connection's body is read up to this, then cut
+DRAIN_MAX_S = 2.0
+
+
+async def _read_body(receive: Receive, max_bytes: int, max_s: float) -> None:
+    """Read and drop the request body, up to `max_bytes` and for at most `max_s`."""
+    read = 0
+    with anyio.move_on_after(max_s):
+        while read <= max_bytes:
+            message = await receive()
+            read += len(message.get("body", b""))
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                return
 
 
 def _json_response(status: int, reason: str, detail: str, extra: list[tuple[str, str]]) -> bytes:
@@ -91,6 +105,10 @@ class GuardedH11Protocol(H11Protocol):
         async def limited(scope: Scope, receive: Receive, send: Send) -> None:
             # This request's own task is already counted in `self.tasks`.
             if self._over_limit or len(self.tasks) > self.max_connections:
+                if self._over_limit:
+                    # Closing a socket with unread bytes makes the kernel send a reset,
+                    # which can destroy the 503 before the client reads it.
+                    await _read_body(receive, DRAIN_MAX_BYTES, DRAIN_MAX_S)
                 await self._busy(send, close=self._over_limit)
                 return
             await app(scope, receive, send)

@@ -33,10 +33,11 @@ class Settings(BaseSettings):
 
     max_body_bytes: Annotated[int, Field(ge=1)] = 1024 * 1024
     # Slow or too many clients: a request's head must arrive within header_timeout_s and
-    # its body within body_timeout_s; past max_connections, requests get 503 at once.
+    # its body within body_timeout_s; a connection past max_connections gets 503, closed.
     header_timeout_s: Annotated[float, Field(gt=0)] = 10.0
     body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     max_connections: Annotated[int, Field(ge=1)] = 1000
+    keep_alive_s: Annotated[int, Field(ge=1)] = 5  # an idle keep-alive connection is closed after it
     max_queued: Annotated[int, Field(ge=1)] = 10_000
     queue_full_retry_after_s: Annotated[int, Field(ge=1)] = 5
 
