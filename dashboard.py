@@ -27,7 +27,7 @@ from dispatcher import Executor
 from http_io import iso_utc, task_document
 
 if TYPE_CHECKING:
-    from dask_backend import DaskRunner
+    from dask_runner import DaskRunner
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 

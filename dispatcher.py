@@ -281,7 +281,7 @@ class Executor:
         running_of_kind = sum(1 for attempt in self._attempts.values() if attempt.kind is kind)
         free = kind.concurrency_in(placement) - running_of_kind
         capacity = getattr(self._runners.get(placement), "capacity", None)
-        if capacity is not None:  # a runner whose room follows its backend (dask_backend.DaskRunner)
+        if capacity is not None:  # a runner whose room follows its backend (dask_runner.DaskRunner)
             running_there = sum(1 for attempt in self._attempts.values() if attempt.placement is placement)
             free = min(free, capacity() - running_there)
         if placement is Placement.PROCESS:

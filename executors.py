@@ -498,7 +498,7 @@ def runners_for(
 ) -> dict[Placement, Runner]:
     """The one place that maps a placement to the code that runs it.
 
-    `dask` is the app's Dask runner (dask_backend.DaskRunner), opened by the lifespan when a
+    `dask` is the app's Dask runner (dask_runner.DaskRunner), opened by the lifespan when a
     scheduler is configured; only then are kinds placed on `dask`.
     """
     if inline:

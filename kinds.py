@@ -62,7 +62,7 @@ def match_profile(user_id: str) -> list[dict[str, Any]]:
 
 
 def match_in(index: MatchIndex, user_id: str) -> list[dict[str, Any]]:
-    """`match` against an index kept up to date elsewhere (a Dask worker's: dask_backend.py)."""
+    """`match` against an index kept up to date elsewhere (a Dask worker's: dask_on_worker.py)."""
     if user_id not in index:
         raise LookupError(f"profile {user_id!r} is not stored")
     best = index.top_matches(user_id, MATCH_COUNT, progress=report_progress)

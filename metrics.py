@@ -81,7 +81,7 @@ class Metrics:
             ["reason"],
             registry=self.registry,
         )
-        # Dask (dask_backend.py): which worker ran each attempt. Labelled by the worker's
+        # Dask (dask_runner.py): which worker ran each attempt. Labelled by the worker's
         # address only, so the series grow with the cluster, never with the tasks.
         self.dask_attempts = Counter(
             "profile_app_dask_attempts",

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 import dashboard
 import dask_backend
 import openapi
+from dask_runner import DaskRunner
 from db import (
     Database,
     IdempotencyConflict,
@@ -226,7 +227,7 @@ async def health(request: Request) -> Response:
         "queued": counts[TaskStatus.QUEUED],
         "running": counts[TaskStatus.RUNNING],
     }
-    dask_runner: dask_backend.DaskRunner | None = getattr(request.state, "dask", None)
+    dask_runner: DaskRunner | None = getattr(request.state, "dask", None)
     if dask_runner is not None:  # an added key: "status" stays "ok", the service takes work
         body["dask"] = dask_runner.health()
     return JSONResponse(body)

@@ -40,7 +40,8 @@ import anyio
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from dask_backend import DaskRunner, open_dask, placed_kinds  # noqa: E402
+from dask_backend import open_dask, placed_kinds  # noqa: E402
+from dask_runner import DaskRunner  # noqa: E402
 from db import Database, TaskStatus  # noqa: E402
 from dispatcher import Executor, ExecutorConfig  # noqa: E402
 from kinds import MATCH, builtin_kinds  # noqa: E402

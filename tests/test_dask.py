@@ -22,6 +22,8 @@ from conftest import ROOT, free_port, profile, stored_task, submit, wait_for_tas
 from starlette.testclient import TestClient
 
 import dask_backend
+import dask_on_worker
+from dask_shipping import BaseSnapshot, dumps_rows
 from executors import KindRegistry, Placement
 from matching import reference_matches
 from profile_app import create_app
@@ -531,7 +533,6 @@ def test_a_worker_index_follows_snapshots_and_deltas() -> None:
             for rev, p in enumerate(profiles, start=first_rev)
         ]
 
-    dumps = dask_backend._dumps
     table = list(synthetic_profiles(120, seed=5))
     snapshot_1 = rows(table, 1)  # revs 1..120
     changed = [{**p, "interests": ["chess"], "bio": "chess"} for p in table[:30]]
@@ -543,19 +544,19 @@ def test_a_worker_index_follows_snapshots_and_deltas() -> None:
     database = "test-db"
 
     def index_after(snapshot: list, version: int, delta_rows: list) -> Any:
-        base = dask_backend.BaseSnapshot(database, version, len(snapshot))
-        return dask_backend._worker_index(dumps(snapshot), base, dumps(delta_rows))
+        base = BaseSnapshot(database, version, len(snapshot))
+        return dask_on_worker._worker_index(dumps_rows(snapshot), base, dumps_rows(delta_rows))
 
-    dask_backend._indexes.pop(database, None)
+    dask_on_worker._indexes.pop(database, None)
     index_after(snapshot_1, 120, [])
     index = index_after(snapshot_1, 120, delta)  # warm: applies only the delta
-    assert dask_backend._indexes[database].rev == 150
+    assert dask_on_worker._indexes[database].rev == 150
     pairs = {uid: (p["interests"], p["bio"]) for uid, p in current.items()}
     for user_id in list(current)[::17]:
         assert index.top_matches(user_id) == reference_matches(user_id, pairs)
     index = index_after(snapshot_2, 150, [])  # a new snapshot it is already past: nothing to do
-    assert dask_backend._indexes[database].rev == 150
-    dask_backend._indexes.pop(database, None)
+    assert dask_on_worker._indexes[database].rev == 150
+    dask_on_worker._indexes.pop(database, None)
     cold = index_after(snapshot_2, 150, [])  # a new worker: builds from the snapshot alone
     for user_id in list(current)[::17]:
         assert cold.top_matches(user_id) == reference_matches(user_id, pairs)
@@ -565,7 +566,7 @@ def test_kinds_registered_on_dask_run_in_processes_without_a_cluster(
     make_settings: Callable[..., Settings],
 ) -> None:
     registry = KindRegistry()
-    registry.kind(runs_on=Placement.DASK)(dask_backend._dumps)
+    registry.kind(runs_on=Placement.DASK)(dumps_rows)
     placed = dask_backend.placed_kinds(registry, make_settings(), None)
-    assert placed["_dumps"].placement is Placement.PROCESS
-    assert "no Dask scheduler is configured" in placed["_dumps"].reason
+    assert placed["dumps_rows"].placement is Placement.PROCESS
+    assert "no Dask scheduler is configured" in placed["dumps_rows"].reason

@@ -1,0 +1,232 @@
+"""The server's side of a `dask` attempt: `DaskRunner` turns it into one Dask future.
+
+The dispatcher claims each task with a lease and runs one attempt under its time limit;
+the runner submits it (`match` with its profiles shipped, dask_shipping.py; any other kind
+as its function, dask_on_worker.py) and waits for the future:
+
+- a worker that dies under a task (`KilledWorker`) or a future the cluster loses fails
+  the attempt, which the queue retries like any other (charged);
+- the scheduler going away under it gives the attempt back to the queue uncharged
+  (`AttemptGivenBack`), or with the `process` fallback finishes it in a local process;
+- a time limit or a DELETE cancels the future (`client.cancel(force=True)`); the worker's
+  function stops at its next `report_progress` (dask_on_worker.py).
+
+It also follows where attempts run, for the dashboard and the metrics: progress events
+name their worker, and every attempt's outcome is counted per worker.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from anyio import CancelScope
+
+from dask_cluster import DaskCluster
+from dask_on_worker import PROGRESS_TOPIC, RaisedOnWorker, match_on_worker, run_on_worker
+from dask_shipping import ProfileShipping
+from db import Database
+from dispatcher import AttemptGivenBack
+from executors import AttemptError, Call, CallResult, Placement, Runner, error_line
+from kinds import match_profile
+
+if TYPE_CHECKING:
+    from distributed import Client, Future
+
+MAX_WORKERS_SHOWN = 64
+OUTCOMES = ("succeeded", "raised", "worker_died")  # of an attempt on a worker (a metric label)
+
+DaskAttemptObserver = Callable[[str, str, str], None]
+"""Called with (kind, worker address, outcome) after an attempt ran on a Dask worker."""
+
+
+class DaskRunner:
+    """Runs an attempt as one Dask future; `match` gets its profiles shipped (ProfileShipping).
+
+    While the cluster is unavailable (the scheduler went away, or no worker is left),
+    `capacity()` tells the dispatcher how many attempts to claim: none (the tasks wait in
+    the queue, uncharged) or, with the `process` fallback, the local process workers. An
+    attempt whose scheduler went away under it is given back to the queue uncharged, or
+    with the fallback finishes in a local process: never lost, and stored once (only the
+    lease holder stores).
+    """
+
+    def __init__(
+        self,
+        cluster: DaskCluster,
+        db: Database,
+        *,
+        local: Runner | None = None,
+        local_slots: int = 0,
+        on_attempt: DaskAttemptObserver | None = None,
+    ) -> None:
+        self.cluster = cluster
+        self.address = cluster.address
+        self.local = local
+        self.local_slots = local_slots if local is not None else 0
+        self._on_attempt = on_attempt
+        self.shipping = ProfileShipping(cluster.client, db)  # type: ignore[arg-type]
+        self._progress: dict[tuple[str, int], Callable[[float], None]] = {}
+        self.running_on: dict[str, str] = {}  # task id -> worker address, from its progress events
+        # worker address -> outcome -> attempts of this server process (for the dashboard)
+        self._tally: dict[str, dict[str, int]] = {}
+        cluster.on_connect.append(self._connected)
+        if cluster.client is not None and cluster.client.status == "running":
+            self._connected(cluster.client)  # connect() ran before this hook was added
+
+    @property
+    def while_down(self) -> str:
+        return self.cluster.while_down
+
+    def capacity(self) -> int:
+        """How many attempts of `dask` kinds this server process should run now."""
+        return self.cluster.concurrency if self.cluster.available else self.local_slots
+
+    def health(self) -> dict[str, Any]:
+        return self.cluster.status().document()
+
+    def dashboard(self) -> dict[str, Any]:
+        """The cluster as /health has it, plus a row per worker: its threads, the tasks of this
+        server process running there now (known from their progress reports) and the
+        attempts it ran, by outcome."""
+        running: dict[str, int] = {}
+        for worker in self.running_on.values():
+            running[worker] = running.get(worker, 0) + 1
+        current = self.cluster.workers if self.cluster.available else {}  # else: last known, gone
+        addresses = [*current, *(address for address in self._tally if address not in current)]
+        per_worker = [
+            {
+                "address": address,
+                "threads": current.get(address),  # None: it left the cluster
+                "running": running.get(address, 0),
+                **{outcome: self._tally.get(address, {}).get(outcome, 0) for outcome in OUTCOMES},
+            }
+            for address in addresses[:MAX_WORKERS_SHOWN]
+        ]
+        return {**self.health(), "per_worker": per_worker}
+
+    def _connected(self, client: Client) -> None:
+        # A (re)started scheduler holds none of our data and knows no subscriber.
+        self.shipping.client = client
+        self.shipping.forget_base()
+        client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
+
+    def _on_progress(self, event: tuple[float, dict[str, Any]]) -> None:
+        """A worker's progress report (log_event): hand it to the attempt's reporter, which the
+        dispatcher writes to the database with its next housekeeping tick."""
+        _timestamp, message = event
+        task_id, attempt = message.get("task_id"), message.get("attempt")
+        report = self._progress.get((task_id, attempt))  # type: ignore[arg-type]
+        if report is not None:
+            report(float(message["progress"]))
+            if message.get("worker"):  # log_event adds the worker's address
+                self.running_on[task_id] = message["worker"]  # type: ignore[index]
+
+    async def __call__(self, call: Call) -> CallResult:
+        if not self.cluster.available:
+            return await self._locally_or_give_back(call, "the Dask cluster is unavailable")
+        client = self.cluster.client
+        assert client is not None
+        context = call.context
+        key = f"{context.kind}-{context.task_id}-{context.attempt}-{uuid.uuid4().hex[:8]}"
+        where = (context.task_id, context.kind, context.attempt)
+        self._progress[(context.task_id, context.attempt)] = context.report
+        future: Future | None = None
+        scheduler_lost = False
+        try:
+            if call.kind.func is match_profile:
+                snapshot, base, delta = await self.shipping.for_task()
+                future = client.submit(
+                    match_on_worker,
+                    snapshot,
+                    base,
+                    delta,
+                    call.payload["user_id"],
+                    where,
+                    key=key,
+                    pure=False,
+                )
+            else:
+                future = client.submit(
+                    run_on_worker, call.kind.func, call.payload, where, key=key, pure=False
+                )
+            result = await future
+        except RaisedOnWorker as exc:  # the task itself raised, on the worker
+            self._observe(call, exc.worker, "raised")
+            raise
+        except Exception as exc:
+            scheduler_lost = _scheduler_lost(exc, client)
+            if not scheduler_lost:  # the cluster failed the attempt: the queue retries it
+                self.shipping.check_base()
+                worker = _killed_on(exc)
+                if worker is not None:
+                    self._observe(call, worker, "worker_died")
+                raise AttemptError(_cluster_error(exc), "") from None
+        finally:
+            self._progress.pop((context.task_id, context.attempt), None)
+            self.running_on.pop(context.task_id, None)
+            if future is not None:
+                with CancelScope(shield=True):
+                    if not future.done() and client.status == "running":
+                        # A time limit, a DELETE or a drain: the result is not wanted.
+                        await client.cancel([future], force=True, reason="profile_app stopped the attempt")
+                    future.release()
+        if scheduler_lost:
+            self.cluster.lost("lost the connection to the Dask scheduler")
+            return await self._locally_or_give_back(call, "the Dask scheduler went away under it")
+        self._observe(call, result.ran_on.removeprefix("dask:"), "succeeded")
+        return result
+
+    async def _locally_or_give_back(self, call: Call, why: str) -> CallResult:
+        if self.local is None:
+            raise AttemptGivenBack(f"{why}: the task waits in the queue for it")
+        result = await self.local(call)
+        return replace(result, ran_on=Placement.PROCESS.value)
+
+    def _observe(self, call: Call, worker: str, outcome: str) -> None:
+        if not worker:
+            return
+        if self._on_attempt is not None:
+            self._on_attempt(call.kind.name, worker, outcome)
+        tally = self._tally.setdefault(worker, dict.fromkeys(OUTCOMES, 0))
+        tally[outcome] += 1
+        if len(self._tally) > MAX_WORKERS_SHOWN:  # forget workers that left, oldest first
+            gone = [address for address in self._tally if address not in self.cluster.workers]
+            for address in gone[: len(self._tally) - MAX_WORKERS_SHOWN]:
+                del self._tally[address]
+
+
+def _scheduler_lost(exc: BaseException, client: Client) -> bool:
+    """Did the attempt fail because the scheduler connection went, not the task or its worker?
+
+    Anything else (a worker that died, a result lost with its worker) fails the attempt and
+    is charged, so a task that keeps breaking the cluster runs out of attempts.
+    """
+    from distributed.client import FutureCancelledError
+
+    if isinstance(exc, FutureCancelledError) and exc.reason == "scheduler-connection-lost":
+        return True
+    return client.status != "running"
+
+
+def _killed_on(exc: BaseException) -> str | None:
+    from distributed import KilledWorker
+
+    if isinstance(exc, KilledWorker):
+        return str(getattr(exc.last_worker, "address", "")) or None
+    return None
+
+
+def _cluster_error(exc: BaseException) -> str:
+    from distributed import KilledWorker
+    from distributed.client import FutureCancelledError
+
+    if isinstance(exc, KilledWorker):  # Dask's own text is a paragraph
+        return "the Dask worker running it died (crash, kill or out of memory)"
+    if isinstance(exc, FutureCancelledError):
+        return f"the Dask cluster lost the task: {error_line(exc)}"
+    if isinstance(exc, OSError):
+        return f"lost the connection to the Dask scheduler: {error_line(exc)}"
+    return error_line(exc)
