@@ -533,7 +533,7 @@ class Database:
     async def claim_many(
         self, requests: Sequence[ClaimRequest], lease_s: float
     ) -> dict[str, list[TaskRecord]]:
-        """Claim for several kinds in one transaction, one `UPDATE ... RETURNING` each.
+        """Claim for several kinds in one transaction and one `UPDATE ... RETURNING`.
 
         Kinds with nothing due are found first on the read connection, so an idle poll
         takes no write lock at all.
@@ -541,31 +541,53 @@ class Database:
         wanted = {request.kind: request for request in requests if request.limit > 0}
         if not wanted:
             return {}
-        now = self.clock()
         marks = ",".join("?" * len(wanted))
         due = await self._read(
             "SELECT DISTINCT kind FROM tasks"
             f" WHERE status = 'queued' AND kind IN ({marks}) AND run_after <= ?",
-            (*wanted, now),
+            (*wanted, self.clock()),
         )
         due_requests = [wanted[kind] for (kind,) in due]
         if not due_requests:
             return {}
-        claimed: dict[str, list[TaskRecord]] = {}
         async with self._transaction() as conn:
-            now = self.clock()
-            for request in due_requests:
-                rows = await conn.execute_fetchall(
-                    "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?,"
-                    " lease_until = ?, started_at = ?, executor = ?, progress = NULL"
-                    " WHERE id IN (SELECT id FROM tasks WHERE status = 'queued' AND kind = ?"
-                    " AND run_after <= ? ORDER BY run_after, seq LIMIT ?)"
-                    f" RETURNING {TASK_COLUMNS}",
-                    (self.owner, now + lease_s, now, request.executor, request.kind, now, request.limit),
-                )
-                claimed[request.kind] = sorted(
-                    (TaskRecord.from_row(row) for row in rows), key=lambda t: t.seq
-                )
+            return await self._claim(conn, due_requests, lease_s, self.clock())
+
+    async def _claim(
+        self, conn: aiosqlite.Connection, requests: Sequence[ClaimRequest], lease_s: float, now: float
+    ) -> dict[str, list[TaskRecord]]:
+        """Inside a write transaction: take the due tasks `requests` ask for, oldest first.
+
+        One statement for every kind (a round trip to the writer's thread costs more than
+        the statement): each kind's due tasks come from its own LIMITed arm.
+        """
+        requests = [request for request in requests if request.limit > 0]
+        if not requests:
+            return {}
+        arms = " UNION ALL ".join(
+            "SELECT id FROM (SELECT id FROM tasks WHERE status = 'queued' AND kind = ?"
+            " AND run_after <= ? ORDER BY run_after, seq LIMIT ?)"
+            for _ in requests
+        )
+        executors = " ".join("WHEN ? THEN ?" for _ in requests)
+        rows = await conn.execute_fetchall(
+            "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?,"
+            f" lease_until = ?, started_at = ?, executor = CASE kind {executors} END, progress = NULL"
+            f" WHERE id IN ({arms}) RETURNING {TASK_COLUMNS}",
+            (
+                self.owner,
+                now + lease_s,
+                now,
+                *(value for request in requests for value in (request.kind, request.executor)),
+                *(value for request in requests for value in (request.kind, now, request.limit)),
+            ),
+        )
+        claimed: dict[str, list[TaskRecord]] = {}
+        for row in rows:
+            task = TaskRecord.from_row(row)
+            claimed.setdefault(task.kind, []).append(task)
+        for tasks in claimed.values():
+            tasks.sort(key=lambda task: task.seq)
         return claimed
 
     async def renew_leases(self, task_ids: Sequence[str], lease_s: float) -> set[str]:
@@ -606,6 +628,25 @@ class Database:
         Returns the follow-up tasks the effect queued, or None when this attempt no longer
         held the task (its result is dropped).
         """
+        follow_ups, _claimed = await self.succeed_and_claim(task, result, effect, logs, executor)
+        return follow_ups
+
+    async def succeed_and_claim(
+        self,
+        task: TaskRecord,
+        result: Any,
+        effect: SuccessEffect | None,
+        logs: str = "",
+        executor: str | None = None,
+        *,
+        claims: Sequence[ClaimRequest] = (),
+        lease_s: float = 0.0,
+    ) -> tuple[list[NewTask] | None, dict[str, list[TaskRecord]]]:
+        """`succeed`, and claim the next due tasks in the same transaction (one commit, not two).
+
+        Raises TypeError or ValueError, with nothing written, when `result` is not JSON.
+        """
+        result_json = json.dumps(result)
         async with self._transaction() as conn:
             now = self.clock()
             cursor = await conn.execute(
@@ -615,7 +656,7 @@ class Database:
                 " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
                 (
                     now,
-                    json.dumps(result),
+                    result_json,
                     _attempt_logs(task.attempts, logs),
                     executor,
                     task.id,
@@ -623,17 +664,33 @@ class Database:
                     task.attempts,
                 ),
             )
-            if cursor.rowcount != 1:
-                return None
-            transaction = Transaction(conn, now)
-            if effect is not None:
-                await effect(transaction, task, result)
-        return transaction.enqueued
+            follow_ups = None
+            if cursor.rowcount == 1:
+                transaction = Transaction(conn, now)
+                if effect is not None:
+                    await effect(transaction, task, result)
+                follow_ups = transaction.enqueued
+            claimed = await self._claim(conn, claims, lease_s, now)
+        return follow_ups, claimed
 
     async def fail(
         self, task: TaskRecord, error: str, retry_in_s: float | None, logs: str = ""
     ) -> TaskStatus | None:
         """End the attempt with `error`: queue a retry after `retry_in_s`, or fail the task."""
+        status, _claimed = await self.fail_and_claim(task, error, retry_in_s, logs)
+        return status
+
+    async def fail_and_claim(
+        self,
+        task: TaskRecord,
+        error: str,
+        retry_in_s: float | None,
+        logs: str = "",
+        *,
+        claims: Sequence[ClaimRequest] = (),
+        lease_s: float = 0.0,
+    ) -> tuple[TaskStatus | None, dict[str, list[TaskRecord]]]:
+        """`fail`, and claim the next due tasks in the same transaction (one commit, not two)."""
         async with self._transaction() as conn:
             now = self.clock()
             retry = retry_in_s is not None and task.attempts < task.max_attempts
@@ -653,7 +710,8 @@ class Database:
                     task.attempts,
                 ),
             )
-        return TaskStatus(rows[0][0]) if rows else None  # type: ignore[index]
+            claimed = await self._claim(conn, claims, lease_s, now)
+        return (TaskStatus(rows[0][0]) if rows else None), claimed  # type: ignore[index]
 
     async def release(self, tasks: Sequence[TaskRecord]) -> int:
         """Give unfinished attempts back to the queue without charging them (shutdown drain)."""

@@ -70,6 +70,7 @@ class _Attempt:
     scope: CancelScope = field(default_factory=CancelScope)
     stop_reason: _StopReason | None = None
     logs: str = ""  # what the attempt printed or logged
+    refilled: bool = False  # its finishing transaction claimed work for every free slot
 
     def stop(self, reason: _StopReason) -> None:
         self.stop_reason = self.stop_reason or reason
@@ -277,41 +278,50 @@ class Executor:
         except StorageUnavailable as exc:
             logger.warning("could not take back lost tasks: %s", exc)
 
-    def _free_slots(self, kind: TaskKind, placement: Placement) -> int:
-        running_of_kind = sum(1 for attempt in self._attempts.values() if attempt.kind is kind)
+    def _free_slots(self, kind: TaskKind, placement: Placement, freed: _Attempt | None = None) -> int:
+        """Room for more attempts of `kind`, counting `freed` (an attempt ending now) as gone."""
+        attempts = [attempt for attempt in self._attempts.values() if attempt is not freed]
+        running_of_kind = sum(1 for attempt in attempts if attempt.kind is kind)
         free = kind.concurrency_in(placement) - running_of_kind
         capacity = getattr(self._runners.get(placement), "capacity", None)
         if capacity is not None:  # a runner whose room follows its backend (dask_runner.DaskRunner)
-            running_there = sum(1 for attempt in self._attempts.values() if attempt.placement is placement)
+            running_there = sum(1 for attempt in attempts if attempt.placement is placement)
             free = min(free, capacity() - running_there)
         if placement is Placement.PROCESS:
-            running_in_processes = sum(
-                1 for attempt in self._attempts.values() if attempt.placement is Placement.PROCESS
-            )
+            running_in_processes = sum(1 for attempt in attempts if attempt.placement is Placement.PROCESS)
             free = min(free, self.config.process_workers - running_in_processes)
         return free
 
+    def _claim_requests(self, freed: _Attempt | None = None) -> list[ClaimRequest]:
+        """What every kind has room for now (none while draining or inline)."""
+        if not self._accepting or self.config.inline:
+            return []
+        requests = []
+        for kind in self.kinds:
+            placement = self.placement_of(kind)
+            free = self._free_slots(kind, placement, freed)
+            requests.append(ClaimRequest(kind.name, placement.value, free))
+        return requests
+
     async def _claim_and_start(self, task_group: TaskGroup) -> int:
         """Claim what every kind has room for, in one transaction, and start it."""
-        placements = {kind.name: self.placement_of(kind) for kind in self.kinds}
-        requests = [
-            ClaimRequest(
-                kind.name, placements[kind.name].value, self._free_slots(kind, placements[kind.name])
-            )
-            for kind in self.kinds
-        ]
         try:
-            claimed = await self.db.claim_many(requests, self.config.lease_s)
+            claimed = await self.db.claim_many(self._claim_requests(), self.config.lease_s)
         except StorageUnavailable as exc:
             logger.warning("could not claim tasks: %s", exc)
             return 0
+        return await self._start_claimed(task_group, claimed)
+
+    async def _start_claimed(self, task_group: TaskGroup, claimed: dict[str, list[TaskRecord]]) -> int:
+        """Start the attempts of tasks this process has just claimed; returns how many."""
         if not self._accepting:  # a drain began while we claimed: take no new work
             await self.db.release([task for tasks in claimed.values() for task in tasks])
             return 0
         started = 0
         for kind_name, tasks in claimed.items():
             for task in tasks:
-                attempt = _Attempt(task, self.kinds[kind_name], placements[kind_name])
+                # A claim sets the task's executor to where its kind runs now.
+                attempt = _Attempt(task, self.kinds[kind_name], Placement(task.executor))
                 self._attempts[task.id] = attempt
                 task_group.start_soon(self._run_attempt, attempt, name=f"task {task.id}")
                 started += 1
@@ -381,7 +391,8 @@ class Executor:
         finally:
             self._attempts.pop(task.id, None)
             self._live_progress.pop(task.id, None)
-            self._wakeup.set()  # a slot is free: claim the next due task now, not at the next poll
+            if not attempt.refilled:  # a slot is free: claim the next due task now, not at the next poll
+                self._wakeup.set()
             if not self._attempts:
                 self._idle.set()
             task_id_var.reset(log_context)
@@ -402,9 +413,7 @@ class Executor:
                 return await self._succeed(attempt, outcome)
             assert error is not None
             delay = kind.retry_backoff_s * 2 ** (task.attempts - 1)
-            status = await self.db.fail(
-                task, error, delay if retry_delay_s is None else retry_delay_s, attempt.logs
-            )
+            status = await self._fail(attempt, error, delay if retry_delay_s is None else retry_delay_s)
             retrying = status is TaskStatus.QUEUED
             logger.warning(
                 "task %s (%s) attempt %d/%d failed: %s%s",
@@ -421,15 +430,42 @@ class Executor:
             logger.error("task %s: could not store the outcome of its attempt: %s", task.id, exc)
             return "unrecorded"
 
+    async def _fail(self, attempt: _Attempt, error: str, retry_in_s: float | None) -> TaskStatus | None:
+        """Store the failed attempt, and claim the next due tasks in the same transaction."""
+        claims = self._claim_requests(freed=attempt)
+        status, claimed = await self.db.fail_and_claim(
+            attempt.task, error, retry_in_s, attempt.logs, claims=claims, lease_s=self.config.lease_s
+        )
+        await self._start_next(attempt, claims, claimed)
+        return status
+
+    async def _start_next(
+        self, attempt: _Attempt, claims: list[ClaimRequest], claimed: dict[str, list[TaskRecord]]
+    ) -> None:
+        """Start what the finishing transaction claimed for the slots that are free now."""
+        attempt.refilled = bool(claims)  # then the dispatcher need not look for work itself
+        if claimed and self._task_group is not None:
+            await self._start_claimed(self._task_group, claimed)
+
     async def _succeed(self, attempt: _Attempt, outcome: CallResult) -> str:
         task, kind = attempt.task, attempt.kind
+        claims = self._claim_requests(freed=attempt)
         try:
-            follow_ups = await self.db.succeed(
-                task, outcome.value, kind.on_success, attempt.logs, executor=outcome.ran_on or None
+            # The freed slot's next task is claimed in the finishing transaction: one commit
+            # per task instead of two, and the worker does not wait for a claim round.
+            follow_ups, claimed = await self.db.succeed_and_claim(
+                task,
+                outcome.value,
+                kind.on_success,
+                attempt.logs,
+                executor=outcome.ran_on or None,
+                claims=claims,
+                lease_s=self.config.lease_s,
             )
         except (TypeError, ValueError) as exc:  # the result is not JSON: a defect of the task
-            await self.db.fail(task, f"the result could not be stored: {error_line(exc)}", None, attempt.logs)
+            await self._fail(attempt, f"the result could not be stored: {error_line(exc)}", None)
             return TaskStatus.FAILED.value
+        await self._start_next(attempt, claims, claimed)
         if follow_ups is None:
             logger.info("task %s (%s): result dropped, the attempt no longer held it", task.id, kind.name)
             return "dropped"
