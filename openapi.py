@@ -167,9 +167,9 @@ def document() -> dict[str, Any]:
         },
         "/health": {
             "get": {
-                "summary": "Liveness and queue counts",
+                "summary": "Liveness, queue counts and the Dask cluster's state",
                 "responses": {
-                    "200": _json(Health, "the database answers"),
+                    "200": _json(Health, "the database answers (`dask` only with a scheduler configured)"),
                     "503": _json(Health, "it does not"),
                 },
             }

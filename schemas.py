@@ -13,6 +13,7 @@ from pydantic import (
     ValidationError,
     field_validator,
 )
+from pydantic.json_schema import SkipJsonSchema
 
 USER_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -117,10 +118,29 @@ class TaskQuery(BaseModel):
     cursor: Annotated[str, StringConstraints(pattern=r"^[0-9]{1,18}$")] | None = None
 
 
+class DaskHealth(BaseModel):
+    """The Dask cluster as this server process sees it (dask_cluster.ClusterStatus)."""
+
+    status: Literal["ok", "degraded"]  # degraded: the scheduler is unreachable or has no workers
+    scheduler: str
+    workers: int
+    threads: int
+    concurrency: int  # `dask` tasks this server process keeps in flight now
+    detail: str | None  # why it is degraded, and what happens to its kinds meanwhile
+
+
 class Health(BaseModel):
     status: Literal["ok", "unavailable"]
     queued: int | None = None
     running: int | None = None
+    # Only with PROFILE_APP_DASK_SCHEDULER set, and then always there: absent, never null, so
+    # the schema neither allows null nor shows a null default.
+    dask: DaskHealth | SkipJsonSchema[None] = Field(
+        None,
+        description="Only when a Dask scheduler is configured. A degraded cluster leaves"
+        ' "status" at "ok": the service still takes work.',
+        json_schema_extra=lambda schema: schema.pop("default", None),
+    )
 
 
 class KindOut(BaseModel):

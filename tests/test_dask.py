@@ -27,6 +27,7 @@ from dask_shipping import BaseSnapshot, dumps_rows
 from executors import KindRegistry, Placement
 from matching import reference_matches
 from profile_app import create_app
+from schemas import DaskHealth, Health
 from settings import Settings, SettingsError
 from synthetic import synthetic_profiles
 
@@ -164,6 +165,17 @@ def first_event(client: TestClient) -> dict[str, Any]:
     raise AssertionError("the stream ended before its first event")
 
 
+def dask_health(client: TestClient) -> dict[str, Any]:
+    """/health's "dask" key, checked against the models /openapi.json is built from."""
+    body = client.get("/health").json()
+    Health.model_validate(body, strict=True)
+    assert set(body) <= set(Health.model_fields) and set(body["dask"]) == set(DaskHealth.model_fields)
+    documented = client.get("/openapi.json").json()["components"]["schemas"]["Health"]
+    assert documented["properties"]["dask"]["$ref"].endswith("/DaskHealth")
+    assert "dask" not in documented["required"]  # only with a scheduler configured
+    return body["dask"]
+
+
 def store(client: TestClient, profiles: list[dict[str, Any]]) -> None:
     """Store profiles without queueing tasks (as `seed` does)."""
     client.portal.call(client.app_state["db"].store_profiles, profiles)  # type: ignore[union-attr]
@@ -186,7 +198,7 @@ def test_match_tasks_on_the_cluster_equal_the_reference(dask_client: TestClient)
     kinds = {kind["name"]: kind for kind in dask_client.get("/kinds").json()["kinds"]}
     assert kinds["match"]["placement"] == "dask" and kinds["notify"]["placement"] == "thread"
     assert kinds["match"]["concurrency"] == dask_backend.MAX_IN_FLIGHT  # a ceiling: the cluster decides
-    dask = dask_client.get("/health").json()["dask"]
+    dask = dask_health(dask_client)
     assert (dask["status"], dask["workers"], dask["threads"]) == ("ok", WORKERS, WORKERS)
     assert dask["concurrency"] == 2 * WORKERS  # two in flight per worker thread
 
@@ -492,7 +504,7 @@ def test_an_unreachable_scheduler_can_fall_back_to_local_processes(
     client = make_client(dask_scheduler=address, dask_connect_timeout_s=1, dask_fallback="process")
     match = next(kind for kind in client.get("/kinds").json()["kinds"] if kind["name"] == "match")
     assert match["placement"] == "dask" and "run in local processes" in match["reason"]
-    dask = client.get("/health").json()["dask"]
+    dask = dask_health(client)
     assert dask["status"] == "degraded" and "no Dask scheduler answers" in dask["detail"], dask
     client.post("/profile", json=profile("ann", ["chess"], "chess"))
     task_id = client.post("/profile", json=profile("bob", ["chess"], "chess")).json()["task_id"]
