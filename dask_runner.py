@@ -8,6 +8,7 @@ as its function, dask_on_worker.py) and waits for the future:
   the attempt, which the queue retries like any other (charged);
 - the scheduler going away under it gives the attempt back to the queue uncharged
   (`AttemptGivenBack`), or with the `process` fallback finishes it in a local process;
+  past `MAX_GIVE_BACKS` such losses of one task, the next ones are charged (`GiveBacks`);
 - a time limit or a DELETE cancels the future (`client.cancel(force=True)`); the worker's
   function stops at its next `report_progress` (dask_on_worker.py).
 
@@ -18,6 +19,7 @@ name their worker, and every attempt's outcome is counted per worker.
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
@@ -41,6 +43,39 @@ OUTCOMES = ("succeeded", "raised", "worker_died")  # of an attempt on a worker (
 DaskAttemptObserver = Callable[[str, str, str], None]
 """Called with (kind, worker address, outcome) after an attempt ran on a Dask worker."""
 
+MAX_GIVE_BACKS = 3  # uncharged losses of one task to a vanished scheduler; the next are charged
+REMEMBERED_GIVE_BACKS = 10_000  # tasks counted at once (the oldest are forgotten first)
+
+
+class GiveBacks:
+    """Per task, how often the scheduler went away under its attempt (each given back uncharged).
+
+    Without a bound, a task that takes the scheduler down every time it is submitted (say, a
+    payload that exhausts the scheduler's memory) would be given back and resubmitted
+    forever. Past `limit` losses, each further loss is charged like a dead worker: the task
+    is retried with backoff and fails once it runs out of attempts. An innocent task caught
+    in that many outages loses one retry, never its result.
+
+    Counted in memory by each server process: a restart forgets the counts (it is not a
+    loop), and with N server processes a task is given back at most N times `limit`.
+    """
+
+    def __init__(self, limit: int = MAX_GIVE_BACKS, remembered: int = REMEMBERED_GIVE_BACKS) -> None:
+        self.limit, self.remembered = limit, remembered
+        self._losses: OrderedDict[str, int] = OrderedDict()
+
+    def lost(self, task_id: str) -> int:
+        """Count one more loss of `task_id`'s attempt; returns its losses so far (1 the first time)."""
+        losses = self._losses.pop(task_id, 0) + 1
+        self._losses[task_id] = losses  # now the newest: forgotten last
+        while len(self._losses) > self.remembered:
+            self._losses.popitem(last=False)
+        return losses
+
+    def forget(self, task_id: str) -> None:
+        """The task's attempt succeeded on the cluster: it no longer needs counting."""
+        self._losses.pop(task_id, None)
+
 
 class DaskRunner:
     """Runs an attempt as one Dask future; `match` gets its profiles shipped (ProfileShipping).
@@ -48,9 +83,9 @@ class DaskRunner:
     While the cluster is unavailable (the scheduler went away, or no worker is left),
     `capacity()` tells the dispatcher how many attempts to claim: none (the tasks wait in
     the queue, uncharged) or, with the `process` fallback, the local process workers. An
-    attempt whose scheduler went away under it is given back to the queue uncharged, or
-    with the fallback finishes in a local process: never lost, and stored once (only the
-    lease holder stores).
+    attempt whose scheduler went away under it is given back to the queue uncharged (up to
+    `GiveBacks.limit` times per task), or with the fallback finishes in a local process:
+    never lost, and stored once (only the lease holder stores).
     """
 
     def __init__(
@@ -67,6 +102,7 @@ class DaskRunner:
         self.local = local
         self.local_slots = local_slots if local is not None else 0
         self._on_attempt = on_attempt
+        self.give_backs = GiveBacks()
         self.shipping = ProfileShipping(cluster.client, db)  # type: ignore[arg-type]
         self._progress: dict[tuple[str, int], Callable[[float], None]] = {}
         self.running_on: dict[str, str] = {}  # task id -> worker address, from its progress events
@@ -175,7 +211,15 @@ class DaskRunner:
                     future.release()
         if scheduler_lost:
             self.cluster.lost("lost the connection to the Dask scheduler")
-            return await self._locally_or_give_back(call, "the Dask scheduler went away under it")
+            why = "the Dask scheduler went away under it"
+            if self.local is None:  # it would be given back uncharged: up to a bound (GiveBacks)
+                losses, limit = self.give_backs.lost(context.task_id), self.give_backs.limit
+                if losses > limit:
+                    raise AttemptError(
+                        f"{why} (loss {losses} of this task; the first {limit} are not charged)", ""
+                    )
+            return await self._locally_or_give_back(call, why)
+        self.give_backs.forget(context.task_id)
         self._observe(call, result.ran_on.removeprefix("dask:"), "succeeded")
         return result
 

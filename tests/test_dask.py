@@ -23,6 +23,7 @@ from starlette.testclient import TestClient
 
 import dask_backend
 import dask_on_worker
+import dask_runner
 from dask_shipping import BaseSnapshot, dumps_rows
 from executors import KindRegistry, Placement
 from matching import reference_matches
@@ -450,6 +451,51 @@ def test_a_scheduler_that_goes_away_loses_no_task(
     assert len(runs["waits"].read_text().split()) == 2  # it ran twice, was charged and stored once
     for client in (waits, falls_back):
         wait_until(lambda c=client: c.get("/health").json()["dask"]["status"] == "ok", 10, "reconnected")
+
+
+def test_a_task_that_keeps_losing_the_scheduler_is_charged_past_the_bound(
+    small_cluster: Cluster, make_client: Callable[..., TestClient], tmp_path: Path
+) -> None:
+    """Losses to a vanished scheduler are given back uncharged only up to GiveBacks.limit (3):
+    here the limit is 0, so the first loss is charged, retried with backoff like a dead worker."""
+    client = make_client(
+        kinds=cluster_kinds,
+        dask_scheduler=small_cluster.address,
+        dask_kinds=DASK_KINDS,
+        dask_refresh_s=0.1,
+        dask_connect_timeout_s=1,
+    )
+    client.app_state["dask"].give_backs.limit = 0  # type: ignore[union-attr]
+    started, go = tmp_path / "started", tmp_path / "go"
+    task_id = submit(client, "waits_for_go", {"started_file": str(started), "go_file": str(go)})
+    wait_until(started.exists, 30, "started on the worker")
+
+    small_cluster.kill("scheduler")
+
+    task = wait_for_task(client, task_id, timeout_s=10, statuses={"queued"})
+    assert task["attempts"] == 1, task  # charged: a given-back attempt would show 0
+    assert task["error"] == (
+        "the Dask scheduler went away under it (loss 1 of this task; the first 0 are not charged)"
+    ), task
+    # Charged is not lost: once the cluster is back, the retry runs there and is stored.
+    small_cluster.kill("worker0")
+    small_cluster.start_scheduler()
+    small_cluster.add_worker()
+    small_cluster.wait_for_workers(1)
+    go.write_text("go")
+    task = wait_for_task(client, task_id, timeout_s=30)
+    assert (task["status"], task["attempts"], task["error"]) == ("succeeded", 2, None), task
+
+
+def test_give_backs_are_counted_per_task_and_forgotten_oldest_first() -> None:
+    give_backs = dask_runner.GiveBacks(limit=2, remembered=2)
+    assert [give_backs.lost("a") for _ in range(3)] == [1, 2, 3]  # the third is past the limit
+    give_backs.forget("a")  # it ran to its end on the cluster
+    assert give_backs.lost("a") == 1
+    give_backs.lost("b")
+    give_backs.lost("a")  # now the newest
+    give_backs.lost("c")  # past `remembered`: the oldest, "b", is forgotten
+    assert (give_backs.lost("b"), give_backs.lost("c")) == (1, 2)
 
 
 # -- start-up: no scheduler, an unreachable one, bad settings ------------------------------------
