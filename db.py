@@ -375,15 +375,16 @@ class Database:
                 ],
             )
             await conn.executemany(_INSERT_TASK, [_task_row(item.task, now) for item in accepted])
-            await conn.executemany(
-                "INSERT OR REPLACE INTO idempotency_keys (key, request_hash, response, created_at)"
-                " VALUES (?, ?, ?, ?)",
-                [
-                    (item.idempotency_key, item.request_hash, json.dumps(item.response), now)
-                    for item in accepted
-                    if item.idempotency_key is not None
-                ],
-            )
+            keyed = [item for item in accepted if item.idempotency_key is not None]
+            if keyed:  # (every statement is a round trip to the writer's thread)
+                await conn.executemany(
+                    "INSERT OR REPLACE INTO idempotency_keys (key, request_hash, response, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    [
+                        (item.idempotency_key, item.request_hash, json.dumps(item.response), now)
+                        for item in keyed
+                    ],
+                )
         return outcomes
 
     async def store_profiles(self, profiles: Iterable[dict[str, Any]]) -> int:
@@ -447,9 +448,14 @@ class Database:
 
     # -- tasks: enqueue and read -------------------------------------------------------------
 
-    async def enqueue(self, task: NewTask) -> None:
+    async def enqueue(
+        self, task: NewTask, *, claims: Sequence[ClaimRequest] = (), lease_s: float = 0.0
+    ) -> dict[str, list[TaskRecord]]:
+        """Queue a task durably; with `claims`, take due tasks in the same transaction."""
         async with self._transaction() as conn:
-            await _insert_task(conn, task, self.clock())
+            now = self.clock()
+            await _insert_task(conn, task, now)
+            return await self._claim(conn, claims, lease_s, now)
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         rows = list(await self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)))

@@ -147,7 +147,9 @@ class Executor:
     async def submit(self, kind_name: str, payload: dict[str, Any]) -> str:
         """Queue a task durably and return its id."""
         task = self.new_task(kind_name, payload)
-        await self.db.enqueue(task)
+        # A free slot takes its task in the same transaction: one commit, no claim round.
+        claimed = await self.db.enqueue(task, claims=self._claim_requests(), lease_s=self.config.lease_s)
+        await self._start_claimed_now(claimed)
         await self.submitted(task.kind)
         return task.id
 
@@ -160,7 +162,13 @@ class Executor:
     def _announce(self, kind_name: str) -> None:
         if self._on_submit is not None:
             self._on_submit(kind_name)
-        self._wakeup.set()
+        # While every slot of the kind is busy (an ingest burst), a waking dispatcher would
+        # find no room: the attempt that frees a slot claims the next task itself.
+        if kind_name not in self.kinds or self._has_room(self.kinds[kind_name]):
+            self._wakeup.set()
+
+    def _has_room(self, kind: TaskKind) -> bool:
+        return self._free_slots(kind, self.placement_of(kind)) > 0
 
     async def cancel(self, task_id: str) -> TaskRecord | None:
         """Cancel a queued or running task; a running process attempt is killed at once."""
@@ -294,7 +302,7 @@ class Executor:
 
     def _claim_requests(self, freed: _Attempt | None = None) -> list[ClaimRequest]:
         """What every kind has room for now (none while draining or inline)."""
-        if not self._accepting or self.config.inline:
+        if not self._accepting or self.config.inline or self._task_group is None:
             return []
         requests = []
         for kind in self.kinds:
@@ -444,6 +452,9 @@ class Executor:
     ) -> None:
         """Start what the finishing transaction claimed for the slots that are free now."""
         attempt.refilled = bool(claims)  # then the dispatcher need not look for work itself
+        await self._start_claimed_now(claimed)
+
+    async def _start_claimed_now(self, claimed: dict[str, list[TaskRecord]]) -> None:
         if claimed and self._task_group is not None:
             await self._start_claimed(self._task_group, claimed)
 
