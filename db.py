@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
@@ -70,6 +70,7 @@ __all__ = [
 logger = logging.getLogger("profile_app.db")
 
 Clock = Callable[[], float]
+T = TypeVar("T")
 
 
 MAX_LOG_CHARS = 64 * 1024
@@ -146,6 +147,42 @@ def _task_row(task: NewTask, now: float) -> tuple[Any, ...]:
 
 async def _insert_task(conn: aiosqlite.Connection, task: NewTask, now: float) -> None:
     await conn.execute(_INSERT_TASK, _task_row(task, now))
+
+
+def _in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """On the writer's thread: `work` inside BEGIN IMMEDIATE ... COMMIT, rolled back if it fails."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def _begin(conn: sqlite3.Connection) -> bool:
+    conn.execute("BEGIN IMMEDIATE")
+    return True
+
+
+def _commit_after(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """On the writer's thread: the last statements of an open transaction, then COMMIT."""
+    result = work(conn)
+    conn.execute("COMMIT")
+    return result
+
+
+def _by_kind(rows: Iterable[Sequence[Any]]) -> dict[str, list[TaskRecord]]:
+    """Claimed rows as tasks by kind, each kind's oldest first."""
+    claimed: dict[str, list[TaskRecord]] = {}
+    for row in rows:
+        task = TaskRecord.from_row(row)
+        claimed.setdefault(task.kind, []).append(task)
+    for tasks in claimed.values():
+        tasks.sort(key=lambda task: task.seq)
+    return claimed
 
 
 # What SQLite's primary result codes mean for the operator, by `sqlite_errorname` prefix.
@@ -265,6 +302,32 @@ class Database:
                 raise _sqlite_failure(exc) from exc
             raise
 
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work(conn)` as one write transaction on the writer's thread, in one round trip."""
+        async with self._write_lock:
+            return await self._locked_write(work)
+
+    async def _locked_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`_write` for a caller that already holds the write lock.
+
+        Every statement awaited through aiosqlite is a round trip between the event loop and
+        the writer's thread, which costs more CPU than the statement (~70 us, a fifth of a
+        bare Starlette POST; bench/instructions.py). A whole transaction handed over as one
+        function costs one. aiosqlite's `_execute` is the queue all its own calls go through
+        (aiosqlite is pinned in requirements.txt). Shielded: the transaction runs to its end
+        in the thread anyway, and the caller must learn whether it committed.
+        """
+        try:
+            with anyio.CancelScope(shield=True):
+                return await self._on_writer(lambda conn: _in_transaction(conn, work))
+        except sqlite3.Error as exc:
+            raise _sqlite_failure(exc) from exc
+
+    async def _on_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Call `fn` with the writer's sqlite3 connection, on its thread (one round trip)."""
+        conn = self._w
+        return await conn._execute(fn, conn._conn)
+
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> Iterable[sqlite3.Row]:
         try:
             return await self._r.execute_fetchall(sql, params)
@@ -302,35 +365,34 @@ class Database:
     async def _commit_submissions(
         self, batch: list[ProfileSubmission], max_unfinished: int, idempotency_ttl_s: float
     ) -> None:
-        async with self._locked_transaction() as conn:
-            outcomes = await self._apply_submissions(
-                conn, batch, self.clock(), max_unfinished, idempotency_ttl_s
-            )
+        now = self.clock()
+        outcomes = await self._locked_write(
+            lambda conn: self._apply_submissions(conn, batch, now, max_unfinished, idempotency_ttl_s)
+        )
         for item, outcome in zip(batch, outcomes, strict=True):
             item.outcome = outcome
 
     @staticmethod
-    async def _apply_submissions(
-        conn: aiosqlite.Connection,
+    def _apply_submissions(
+        conn: sqlite3.Connection,
         batch: list[ProfileSubmission],
         now: float,
         max_unfinished: int,
         idempotency_ttl_s: float,
     ) -> list[dict[str, Any] | Exception]:
         """Decide each submission's outcome, then write every accepted one with a few statements."""
-        rows = await conn.execute_fetchall(
+        unfinished, rev = conn.execute(
             "SELECT (SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'running')),"
             " (SELECT COALESCE(MAX(rev), 0) FROM profiles)"
-        )
-        unfinished, rev = next(iter(rows))
+        ).fetchone()
         keys = [item.idempotency_key for item in batch if item.idempotency_key is not None]
         stored_keys: dict[str, tuple[str, str]] = {}
         if keys:
-            found = await conn.execute_fetchall(
+            found = conn.execute(
                 "SELECT key, request_hash, response FROM idempotency_keys"
                 f" WHERE key IN ({','.join('?' * len(keys))}) AND created_at > ?",
                 (*keys, now - idempotency_ttl_s),
-            )
+            ).fetchall()
             stored_keys = {key: (stored_hash, response) for key, stored_hash, response in found}
         keys_in_batch: set[str] = set()
         accepted: list[ProfileSubmission] = []
@@ -355,7 +417,7 @@ class Database:
             accepted.append(item)
             outcomes.append(item.response)
         if accepted:
-            await conn.executemany(
+            conn.executemany(
                 "INSERT INTO profiles (user_id, name, interests, bio, rev, task_id, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
                 " name = excluded.name, interests = excluded.interests, bio = excluded.bio,"
@@ -374,10 +436,10 @@ class Database:
                     for number, item in enumerate(accepted, start=1)
                 ],
             )
-            await conn.executemany(_INSERT_TASK, [_task_row(item.task, now) for item in accepted])
+            conn.executemany(_INSERT_TASK, [_task_row(item.task, now) for item in accepted])
             keyed = [item for item in accepted if item.idempotency_key is not None]
             if keyed:  # (every statement is a round trip to the writer's thread)
-                await conn.executemany(
+                conn.executemany(
                     "INSERT OR REPLACE INTO idempotency_keys (key, request_hash, response, created_at)"
                     " VALUES (?, ?, ?, ?)",
                     [
@@ -452,10 +514,13 @@ class Database:
         self, task: NewTask, *, claims: Sequence[ClaimRequest] = (), lease_s: float = 0.0
     ) -> dict[str, list[TaskRecord]]:
         """Queue a task durably; with `claims`, take due tasks in the same transaction."""
-        async with self._transaction() as conn:
-            now = self.clock()
-            await _insert_task(conn, task, now)
-            return await self._claim(conn, claims, lease_s, now)
+        now = self.clock()
+
+        def work(conn: sqlite3.Connection) -> dict[str, list[TaskRecord]]:
+            conn.execute(_INSERT_TASK, _task_row(task, now))
+            return self._claim_in(conn, claims, lease_s, now)
+
+        return await self._write(work)
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         rows = list(await self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)))
@@ -556,27 +621,32 @@ class Database:
         due_requests = [wanted[kind] for (kind,) in due]
         if not due_requests:
             return {}
-        async with self._transaction() as conn:
-            return await self._claim(conn, due_requests, lease_s, self.clock())
+        now = self.clock()
+        return await self._write(lambda conn: self._claim_in(conn, due_requests, lease_s, now))
 
-    async def _claim(
-        self, conn: aiosqlite.Connection, requests: Sequence[ClaimRequest], lease_s: float, now: float
+    def _claim_in(
+        self, conn: sqlite3.Connection, requests: Sequence[ClaimRequest], lease_s: float, now: float
     ) -> dict[str, list[TaskRecord]]:
-        """Inside a write transaction: take the due tasks `requests` ask for, oldest first.
+        """Inside a write transaction, on the writer's thread: take the due tasks `requests`
+        ask for, oldest first."""
+        statement = self._claim_statement(requests, lease_s, now)
+        return _by_kind(conn.execute(*statement).fetchall()) if statement else {}
 
-        One statement for every kind (a round trip to the writer's thread costs more than
-        the statement): each kind's due tasks come from its own LIMITed arm.
-        """
+    def _claim_statement(
+        self, requests: Sequence[ClaimRequest], lease_s: float, now: float
+    ) -> tuple[str, tuple[Any, ...]] | None:
+        """One `UPDATE ... RETURNING` for every kind (a round trip to the writer's thread
+        costs more than the statement): each kind's due tasks come from its own LIMITed arm."""
         requests = [request for request in requests if request.limit > 0]
         if not requests:
-            return {}
+            return None
         arms = " UNION ALL ".join(
             "SELECT id FROM (SELECT id FROM tasks WHERE status = 'queued' AND kind = ?"
             " AND run_after <= ? ORDER BY run_after, seq LIMIT ?)"
             for _ in requests
         )
         executors = " ".join("WHEN ? THEN ?" for _ in requests)
-        rows = await conn.execute_fetchall(
+        return (
             "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?,"
             f" lease_until = ?, started_at = ?, executor = CASE kind {executors} END, progress = NULL"
             f" WHERE id IN ({arms}) RETURNING {TASK_COLUMNS}",
@@ -588,13 +658,6 @@ class Database:
                 *(value for request in requests for value in (request.kind, now, request.limit)),
             ),
         )
-        claimed: dict[str, list[TaskRecord]] = {}
-        for row in rows:
-            task = TaskRecord.from_row(row)
-            claimed.setdefault(task.kind, []).append(task)
-        for tasks in claimed.values():
-            tasks.sort(key=lambda task: task.seq)
-        return claimed
 
     async def renew_leases(self, task_ids: Sequence[str], lease_s: float) -> set[str]:
         """Extend this process's leases; returns the ids still running under them."""
@@ -653,9 +716,10 @@ class Database:
         Raises TypeError or ValueError, with nothing written, when `result` is not JSON.
         """
         result_json = json.dumps(result)
-        async with self._transaction() as conn:
-            now = self.clock()
-            cursor = await conn.execute(
+        now = self.clock()
+
+        def store(conn: sqlite3.Connection) -> bool:
+            cursor = conn.execute(
                 "UPDATE tasks SET status = 'succeeded', finished_at = ?, result = ?, error = NULL,"
                 f" progress = 1, lease_owner = NULL, lease_until = NULL, {_APPEND_LOGS},"
                 " executor = COALESCE(?, executor)"
@@ -670,13 +734,33 @@ class Database:
                     task.attempts,
                 ),
             )
-            follow_ups = None
-            if cursor.rowcount == 1:
-                transaction = Transaction(conn, now)
-                if effect is not None:
+            return cursor.rowcount == 1
+
+        def claim(conn: sqlite3.Connection) -> dict[str, list[TaskRecord]]:
+            return self._claim_in(conn, claims, lease_s, now)
+
+        if effect is None:  # the whole transaction in one round trip
+            stored, claimed = await self._write(lambda conn: (store(conn), claim(conn)))
+            return ([] if stored else None), claimed
+        # The effect awaits its own statements: BEGIN rides with the first one, COMMIT with the last.
+        async with self._write_lock:
+            conn = self._w
+            try:
+                stored = await self._on_writer(lambda raw: _begin(raw) and store(raw))
+                follow_ups = None
+                if stored:
+                    transaction = Transaction(conn, now)
                     await effect(transaction, task, result)
-                follow_ups = transaction.enqueued
-            claimed = await self._claim(conn, claims, lease_s, now)
+                    follow_ups = transaction.enqueued
+                with anyio.CancelScope(shield=True):
+                    claimed = await self._on_writer(lambda raw: _commit_after(raw, claim))
+            except BaseException as exc:
+                with anyio.CancelScope(shield=True):
+                    if conn.in_transaction:
+                        await conn.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise _sqlite_failure(exc) from exc
+                raise
         return follow_ups, claimed
 
     async def fail(
@@ -697,10 +781,11 @@ class Database:
         lease_s: float = 0.0,
     ) -> tuple[TaskStatus | None, dict[str, list[TaskRecord]]]:
         """`fail`, and claim the next due tasks in the same transaction (one commit, not two)."""
-        async with self._transaction() as conn:
-            now = self.clock()
-            retry = retry_in_s is not None and task.attempts < task.max_attempts
-            rows = await conn.execute_fetchall(
+        now = self.clock()
+        retry = retry_in_s is not None and task.attempts < task.max_attempts
+
+        def work(conn: sqlite3.Connection) -> tuple[TaskStatus | None, dict[str, list[TaskRecord]]]:
+            row = conn.execute(
                 "UPDATE tasks SET status = ?, error = ?, run_after = ?, finished_at = ?,"
                 f" lease_owner = NULL, lease_until = NULL, {_APPEND_LOGS}"
                 " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
@@ -715,9 +800,10 @@ class Database:
                     self.owner,
                     task.attempts,
                 ),
-            )
-            claimed = await self._claim(conn, claims, lease_s, now)
-        return (TaskStatus(rows[0][0]) if rows else None), claimed  # type: ignore[index]
+            ).fetchone()
+            return (TaskStatus(row[0]) if row else None), self._claim_in(conn, claims, lease_s, now)
+
+        return await self._write(work)
 
     async def release(self, tasks: Sequence[TaskRecord]) -> int:
         """Give unfinished attempts back to the queue without charging them (shutdown drain)."""
