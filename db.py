@@ -743,16 +743,17 @@ class Database:
             stored, claimed = await self._write(lambda conn: (store(conn), claim(conn)))
             return ([] if stored else None), claimed
         # The effect awaits its own statements: BEGIN rides with the first one, COMMIT with the last.
+        # Shielded: a cancel between round trips could not tell whether BEGIN had run yet.
         async with self._write_lock:
             conn = self._w
             try:
-                stored = await self._on_writer(lambda raw: _begin(raw) and store(raw))
-                follow_ups = None
-                if stored:
-                    transaction = Transaction(conn, now)
-                    await effect(transaction, task, result)
-                    follow_ups = transaction.enqueued
                 with anyio.CancelScope(shield=True):
+                    stored = await self._on_writer(lambda raw: _begin(raw) and store(raw))
+                    follow_ups = None
+                    if stored:
+                        transaction = Transaction(conn, now)
+                        await effect(transaction, task, result)
+                        follow_ups = transaction.enqueued
                     claimed = await self._on_writer(lambda raw: _commit_after(raw, claim))
             except BaseException as exc:
                 with anyio.CancelScope(shield=True):
