@@ -144,6 +144,7 @@ class Server:
             except requests.ConnectionError:
                 pass
             time.sleep(0.05)
+        self.stop()  # the caller gets no server to stop: leave no process behind
         raise AssertionError(f"server did not answer /health in {timeout_s} s:\n{self.output()}")
 
     def get(self, path: str, **kwargs: Any) -> requests.Response:
