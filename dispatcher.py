@@ -123,6 +123,7 @@ class Executor:
         self._attempts: dict[str, _Attempt] = {}
         self._placements: dict[str, PlacementRecord] = {}  # learned placements of `auto` kinds
         self._live_progress: dict[str, tuple[int, float]] = {}
+        self._attempt_ended: dict[str, anyio.Event] = {}  # set for `wait` when an attempt ends
         self._wakeup = anyio.Event()
         self._accepting = True
         self._task_group: TaskGroup | None = None
@@ -176,18 +177,37 @@ class Executor:
         attempt = self._attempts.get(task_id)
         if task is not None and attempt is not None:
             attempt.stop(_StopReason.CANCELLED)
+        elif task is not None:
+            self._wake_waiters(task_id)  # it was queued: no attempt will end to say so
         return task
 
-    async def wait(self, task_id: str, timeout_s: float, poll_s: float = 0.05) -> TaskRecord:
-        """Wait until the task has finished; raises TimeoutError after `timeout_s`."""
+    async def wait(self, task_id: str, timeout_s: float, poll_s: float = 0.5) -> TaskRecord:
+        """Wait until the task has finished; raises TimeoutError after `timeout_s`.
+
+        An attempt run by this executor wakes its waiters as soon as its outcome is
+        committed; `poll_s` only bounds how late a task run by another server process
+        (or cancelled by the CLI) is seen.
+        """
         with anyio.fail_after(timeout_s):
             while True:
-                task = await self.db.get_task(task_id)
-                if task is None:
-                    raise LookupError(task_id)
-                if task.status not in (TaskStatus.QUEUED, TaskStatus.RUNNING):
-                    return task
-                await anyio.sleep(poll_s)
+                attempt_ended = self._attempt_ended.setdefault(task_id, anyio.Event())
+                try:
+                    task = await self.db.get_task(task_id)
+                    if task is None:
+                        raise LookupError(task_id)
+                    if task.status not in (TaskStatus.QUEUED, TaskStatus.RUNNING):
+                        return task
+                    with anyio.move_on_after(poll_s):
+                        await attempt_ended.wait()
+                finally:
+                    if self._attempt_ended.get(task_id) is attempt_ended:
+                        del self._attempt_ended[task_id]  # nothing is kept for a waiter gone
+
+    def _wake_waiters(self, task_id: str) -> None:
+        """Tell `wait` callers that the task's state changed (they read it again)."""
+        attempt_ended = self._attempt_ended.pop(task_id, None)
+        if attempt_ended is not None:
+            attempt_ended.set()
 
     def running_count(self) -> int:
         return len(self._attempts)
@@ -399,6 +419,7 @@ class Executor:
         finally:
             self._attempts.pop(task.id, None)
             self._live_progress.pop(task.id, None)
+            self._wake_waiters(task.id)
             if not attempt.refilled:  # a slot is free: claim the next due task now, not at the next poll
                 self._wakeup.set()
             if not self._attempts:

@@ -7,6 +7,7 @@ import os
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import anyio
 import anyio.lowlevel
@@ -314,3 +315,36 @@ def test_concurrent_tasks_keep_their_own_output(app_client: TestClient) -> None:
 
 def test_logs_of_an_unknown_task_are_404(app_client: TestClient) -> None:
     assert app_client.get(f"/tasks/{'0' * 32}/logs").status_code == 404
+
+
+def test_waiting_for_a_task_is_woken_when_its_result_is_stored(app_client: TestClient) -> None:
+    """`Executor.wait` does not poll for attempts it runs: with a poll interval far longer
+    than its timeout, it still returns the stored result (and a cancel of a queued task)."""
+    executor = app_client.app_state["executor"]
+
+    async def submit_and_wait(kind: str) -> Any:
+        task_id = await executor.submit(kind, {"a": 40, "b": 2})
+        return await executor.wait(task_id, timeout_s=20, poll_s=3600)
+
+    for kind in ("add_on_loop", "add_on_thread", "add_in_process"):
+        task = app_client.portal.call(submit_and_wait, kind)
+        assert (task.status.value, task.result["sum"]) == ("succeeded", 42)
+
+    # A queued task (every process slot busy) that is cancelled wakes its waiter too.
+    settings = app_client.app_state["settings"]
+    busy = [
+        submit(app_client, "run_until_killed", {"pid_file": os.devnull})
+        for _ in range(settings.process_workers)
+    ]
+    for task_id in busy:
+        wait_until(lambda: app_client.get(f"/tasks/{task_id}").json()["status"] == "running", 30, "running")  # noqa: B023
+    queued = submit(app_client, "add_in_process", {"a": 1, "b": 1})
+
+    async def cancel_while_waiting() -> Any:
+        async with anyio.create_task_group() as group:
+            group.start_soon(executor.cancel, queued)
+            return await executor.wait(queued, timeout_s=20, poll_s=3600)
+
+    assert app_client.portal.call(cancel_while_waiting).status.value == "cancelled"
+    for task_id in busy:
+        app_client.delete(f"/tasks/{task_id}")
