@@ -17,7 +17,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -185,6 +185,18 @@ def _by_kind(rows: Iterable[Sequence[Any]]) -> dict[str, list[TaskRecord]]:
     return claimed
 
 
+def _statements(script: str) -> Iterator[str]:
+    """A migration's statements, one by one (a trigger's body holds `;` of its own)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+    if statement.strip():
+        raise ValueError(f"incomplete SQL statement in a migration: {statement.strip()[:80]!r}")
+
+
 # What SQLite's primary result codes mean for the operator, by `sqlite_errorname` prefix.
 _FAILURE_CAUSES = {
     "SQLITE_FULL": "the disk is full",
@@ -255,7 +267,7 @@ class Database:
                     f"the database schema is version {version}, newer than this server knows"
                 )
             for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-                for statement in filter(str.strip, script.split(";")):
+                for statement in _statements(script):
                     await conn.execute(statement)
                 await conn.execute(f"PRAGMA user_version = {number}")
                 logger.info("database schema migrated to version %d", number)
@@ -382,7 +394,7 @@ class Database:
     ) -> list[dict[str, Any] | Exception]:
         """Decide each submission's outcome, then write every accepted one with a few statements."""
         unfinished, rev = conn.execute(
-            "SELECT (SELECT COUNT(*) FROM tasks WHERE status IN ('queued', 'running')),"
+            "SELECT (SELECT COALESCE(SUM(n), 0) FROM task_counts WHERE status IN ('queued', 'running')),"
             " (SELECT COALESCE(MAX(rev), 0) FROM profiles)"
         ).fetchone()
         keys = [item.idempotency_key for item in batch if item.idempotency_key is not None]
@@ -552,9 +564,7 @@ class Database:
         return rows[0][0] if rows else None
 
     async def count_unfinished(self) -> dict[TaskStatus, int]:
-        rows = await self._read(
-            "SELECT status, COUNT(*) FROM tasks WHERE status IN ('queued', 'running') GROUP BY status"
-        )
+        rows = await self._read("SELECT status, n FROM task_counts WHERE status IN ('queued', 'running')")
         counts = dict.fromkeys(UNFINISHED, 0)
         counts.update({TaskStatus(status): count for status, count in rows})
         return counts

@@ -67,4 +67,24 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX tasks_created ON tasks (created_at);
     CREATE INDEX tasks_finished ON tasks (finished_at);
     """,
+    # How many tasks are in each status, kept by triggers in the writing transaction: GET
+    # /health reads two rows instead of counting the queue (0.5 ms at 3,000 queued, 18 ms at
+    # 100,000), and the count is exactly what is committed.
+    """
+    CREATE TABLE task_counts (status TEXT PRIMARY KEY, n INTEGER NOT NULL) WITHOUT ROWID;
+    INSERT INTO task_counts (status, n) SELECT status, COUNT(*) FROM tasks GROUP BY status;
+    CREATE TRIGGER task_counts_insert AFTER INSERT ON tasks BEGIN
+        INSERT INTO task_counts (status, n) VALUES (NEW.status, 1)
+            ON CONFLICT (status) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER task_counts_update AFTER UPDATE OF status ON tasks
+    WHEN OLD.status IS NOT NEW.status BEGIN
+        UPDATE task_counts SET n = n - 1 WHERE status = OLD.status;
+        INSERT INTO task_counts (status, n) VALUES (NEW.status, 1)
+            ON CONFLICT (status) DO UPDATE SET n = n + 1;
+    END;
+    CREATE TRIGGER task_counts_delete AFTER DELETE ON tasks BEGIN
+        UPDATE task_counts SET n = n - 1 WHERE status = OLD.status;
+    END;
+    """,
 )

@@ -174,3 +174,35 @@ async def test_group_commit_stores_concurrent_submissions_and_stops_at_the_limit
             json.loads(payload)["user_id"] for (payload,) in conn.execute("SELECT payload FROM tasks")
         }
     assert tasks == 25 and task_users == accepted
+
+
+async def test_the_status_counts_follow_every_change_of_the_queue(db_path: Path) -> None:
+    """task_counts (kept by triggers) equals a count of the tasks after each kind of change:
+    /health and the queue limit read it instead of counting the queue."""
+    async with Database(db_path) as db:
+
+        async def assert_counts_match() -> None:
+            with sqlite3.connect(db_path) as conn:
+                counted = dict(conn.execute("SELECT status, COUNT(*) FROM tasks GROUP BY status").fetchall())
+                kept = {status: n for status, n in conn.execute("SELECT status, n FROM task_counts") if n}
+            assert kept == counted
+            unfinished = await db.count_unfinished()
+            assert unfinished == {
+                TaskStatus.QUEUED: counted.get("queued", 0),
+                TaskStatus.RUNNING: counted.get("running", 0),
+            }
+
+        tasks = [NewTask("k", {"n": n}, "thread", 2) for n in range(6)]
+        for task in tasks:
+            await db.enqueue(task)
+        await assert_counts_match()
+        claimed = await db.claim("k", "thread", 4, lease_s=30)
+        await assert_counts_match()
+        await db.succeed(claimed[0], {"ok": True}, None, "")
+        await db.fail(claimed[1], "boom", 0.0, "")  # back to queued: attempts left
+        await db.release([claimed[2]])
+        await db.cancel(claimed[3].id)
+        await db.cancel(tasks[5].id)
+        await assert_counts_match()
+        await db.retry(tasks[5].id)
+        await assert_counts_match()
