@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import aiosqlite
 import anyio
@@ -160,6 +160,17 @@ def _in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection
             conn.execute("ROLLBACK")
         raise
     return result
+
+
+async def _roll_back_and_raise(conn: aiosqlite.Connection, exc: BaseException) -> NoReturn:
+    """Undo the transaction `exc` interrupted, then raise it (a SQLite error as
+    StorageUnavailable); shielded, so a cancelled request cannot leave the writer mid-way."""
+    with anyio.CancelScope(shield=True):
+        if conn.in_transaction:
+            await conn.execute("ROLLBACK")
+    if isinstance(exc, sqlite3.Error):
+        raise _sqlite_failure(exc) from exc
+    raise exc
 
 
 def _begin(conn: sqlite3.Connection) -> bool:
@@ -307,12 +318,7 @@ class Database:
             with anyio.CancelScope(shield=True):
                 await conn.execute("COMMIT")
         except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                if conn.in_transaction:
-                    await conn.execute("ROLLBACK")
-            if isinstance(exc, sqlite3.Error):
-                raise _sqlite_failure(exc) from exc
-            raise
+            await _roll_back_and_raise(conn, exc)
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work(conn)` as one write transaction on the writer's thread, in one round trip."""
@@ -766,12 +772,7 @@ class Database:
                         follow_ups = transaction.enqueued
                     claimed = await self._on_writer(lambda raw: _commit_after(raw, claim))
             except BaseException as exc:
-                with anyio.CancelScope(shield=True):
-                    if conn.in_transaction:
-                        await conn.execute("ROLLBACK")
-                if isinstance(exc, sqlite3.Error):
-                    raise _sqlite_failure(exc) from exc
-                raise
+                await _roll_back_and_raise(conn, exc)
         return follow_ups, claimed
 
     async def fail(
