@@ -117,6 +117,14 @@ class Cluster:
                     raise AssertionError(f"no cluster of {workers} workers: {exc}\n{self.logs()}") from exc
                 time.sleep(0.1)
 
+    def restart_after_losing_its_scheduler(self) -> None:
+        """What a supervisor does: Dask workers do not outlive their scheduler (each closes
+        with its nanny), so both start again, at the same address, one worker."""
+        self.kill("worker0")
+        self.start_scheduler()
+        self.add_worker()
+        self.wait_for_workers(1)
+
     def logs(self) -> str:
         return "\n".join(log.read_text(errors="replace")[-3000:] for log in self.log_dir.glob("*.log"))
 
@@ -434,12 +442,7 @@ def test_a_scheduler_that_goes_away_loses_no_task(
     wait_until(lambda: len(runs["falls_back"].read_text().split()) == 2, 30, "re-ran in a local process")
     assert "run in local processes" in falls_back.get("/health").json()["dask"]["detail"]
 
-    # Dask workers do not outlive their scheduler (each closes with its nanny): a supervisor
-    # starts both again, at the same address; the servers reconnect by themselves.
-    small_cluster.kill("worker0")
-    small_cluster.start_scheduler()
-    small_cluster.add_worker()
-    small_cluster.wait_for_workers(1)
+    small_cluster.restart_after_losing_its_scheduler()  # the servers reconnect by themselves
     go.write_text("go")
 
     task = wait_for_task(falls_back, second, timeout_s=30)
@@ -478,10 +481,7 @@ def test_a_task_that_keeps_losing_the_scheduler_is_charged_past_the_bound(
         "the Dask scheduler went away under it (loss 1 of this task; the first 0 are not charged)"
     ), task
     # Charged is not lost: once the cluster is back, the retry runs there and is stored.
-    small_cluster.kill("worker0")
-    small_cluster.start_scheduler()
-    small_cluster.add_worker()
-    small_cluster.wait_for_workers(1)
+    small_cluster.restart_after_losing_its_scheduler()
     go.write_text("go")
     task = wait_for_task(client, task_id, timeout_s=30)
     assert (task["status"], task["attempts"], task["error"]) == ("succeeded", 2, None), task
