@@ -31,6 +31,13 @@ from bench.load import HealthSampler, Sample, in_background, p99_ms, percentile,
 from bench.servers import Server
 
 CORES = os.cpu_count() or 1
+
+
+def cpu_efficiency(tasks_per_s: float, task_cpu_s: float) -> float:
+    """Tasks per second / the ideal (cores / one task's CPU time)."""
+    return tasks_per_s * task_cpu_s / CORES
+
+
 LEAD_S = 0.3  # time for the sampler to be ready before a window opens
 
 
@@ -76,8 +83,7 @@ class HealthRun:
 
     @property
     def cpu_efficiency(self) -> float:
-        """Tasks per second / the ideal (cores / one task's CPU time)."""
-        return self.tasks_per_s * self.task_cpu_s / CORES
+        return cpu_efficiency(self.tasks_per_s, self.task_cpu_s)
 
     @property
     def errors(self) -> int:

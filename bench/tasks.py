@@ -18,7 +18,7 @@ from datetime import datetime
 from pathlib import Path
 
 from bench import datasets
-from bench.health import CORES
+from bench.health import CORES, cpu_efficiency
 from bench.servers import Server
 
 POLL_S = 0.002
@@ -44,7 +44,7 @@ class Throughput:
 
     @property
     def cpu_efficiency(self) -> float:
-        return self.tasks_per_s * self.task_cpu_s / CORES
+        return cpu_efficiency(self.tasks_per_s, self.task_cpu_s)
 
 
 def _seconds(iso: str) -> float:
