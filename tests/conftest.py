@@ -197,6 +197,17 @@ def make_server(db_path: Path) -> Iterator[Callable[..., Server]]:
         server.stop()
 
 
+def wait_until(
+    condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str], poll_s: float = 0.02
+) -> None:
+    """Poll `condition` until it holds; `what` (or what it returns) explains a timeout."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what if isinstance(what, str) else what()}")
+        time.sleep(poll_s)  # poll interval
+
+
 def submit(client: TestClient, kind: str, payload: dict[str, Any]) -> str:
     """Queue a task of any registered kind through the app's executor (its public API)."""
     executor = client.app_state["executor"]

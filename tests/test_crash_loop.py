@@ -23,8 +23,8 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from conftest import Server
-from test_multiprocess import INTERESTS, post_all, tiny_profiles, wait_until
+from conftest import Server, wait_until
+from test_multiprocess import INTERESTS, post_all, tiny_profiles
 
 KILLS = int(os.environ.get("PROFILE_APP_TEST_KILLS", "10"))  # `make soak` kills more often
 BATCH = 100  # tasks submitted per round: 1,100 in all with 10 kills

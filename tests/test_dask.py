@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, free_port, profile, stored_task, submit, wait_for_task
+from conftest import ROOT, free_port, profile, stored_task, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
 
 import dask_backend
@@ -156,13 +156,6 @@ def small_cluster(tmp_path: Path) -> Iterator[Cluster]:
 def dask_client(cluster: Cluster, make_client: Callable[..., TestClient]) -> TestClient:
     cluster.wait_for_workers()  # a test before may have killed one: its nanny restarts it
     return make_client(kinds=cluster_kinds, dask_scheduler=cluster.address, dask_kinds=DASK_KINDS)
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        time.sleep(0.02)
 
 
 def first_event(client: TestClient) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import pytest
-from conftest import profile, stored_task, submit, wait_for_task
+from conftest import profile, stored_task, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
 
 from executors import KindRegistry, Placement, current_task, report_progress
@@ -86,13 +86,6 @@ async def blocks_forever() -> None:
 @pytest.fixture
 def app_client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client(kinds=kinds)
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {timeout_s} s: {what}"
-        time.sleep(0.01)
 
 
 def pid_alive(pid: int) -> bool:

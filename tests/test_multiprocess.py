@@ -15,7 +15,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -23,7 +23,7 @@ from pathlib import Path
 import anyio
 import pytest
 import requests
-from conftest import Server, profile, wait_for_task
+from conftest import Server, profile, wait_for_task, wait_until
 from test_server_e2e import seed
 
 from db import Database
@@ -60,15 +60,6 @@ def post_all(server: Server, documents: list[dict], threads: int = 16, **headers
 
     with ThreadPoolExecutor(threads) as pool:
         return list(pool.map(post, documents))
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str]) -> None:
-    """Poll `condition` until it holds; `what` (or what it returns) explains a timeout."""
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what if isinstance(what, str) else what()}")
-        time.sleep(0.05)  # poll interval
 
 
 def queue_is_empty(server: Server) -> bool:
