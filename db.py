@@ -39,6 +39,7 @@ from records import (
     QueueFull,
     QueueHistory,
     StorageUnavailable,
+    StoredResult,
     TaskRecord,
     TaskStatus,
     request_hash,
@@ -60,6 +61,7 @@ __all__ = [
     "QueueFull",
     "QueueHistory",
     "StorageUnavailable",
+    "StoredResult",
     "SuccessEffect",
     "TaskRecord",
     "TaskStatus",
@@ -713,8 +715,8 @@ class Database:
         Returns the follow-up tasks the effect queued, or None when this attempt no longer
         held the task (its result is dropped).
         """
-        follow_ups, _claimed = await self.succeed_and_claim(task, result, effect, logs, executor)
-        return follow_ups
+        stored, _claimed = await self.succeed_and_claim(task, result, effect, logs, executor)
+        return None if stored is None else stored.follow_ups
 
     async def succeed_and_claim(
         self,
@@ -726,20 +728,23 @@ class Database:
         *,
         claims: Sequence[ClaimRequest] = (),
         lease_s: float = 0.0,
-    ) -> tuple[list[NewTask] | None, dict[str, list[TaskRecord]]]:
+    ) -> tuple[StoredResult | None, dict[str, list[TaskRecord]]]:
         """`succeed`, and claim the next due tasks in the same transaction (one commit, not two).
 
-        Raises TypeError or ValueError, with nothing written, when `result` is not JSON.
+        Returns what was stored (None when this attempt no longer held the task) and the
+        tasks claimed. Raises TypeError or ValueError, with nothing written, when `result`
+        is not JSON.
         """
         result_json = json.dumps(result)
         now = self.clock()
 
-        def store(conn: sqlite3.Connection) -> bool:
-            cursor = conn.execute(
+        def store(conn: sqlite3.Connection) -> TaskRecord | None:
+            row = conn.execute(
                 "UPDATE tasks SET status = 'succeeded', finished_at = ?, result = ?, error = NULL,"
                 f" progress = 1, lease_owner = NULL, lease_until = NULL, {_APPEND_LOGS},"
                 " executor = COALESCE(?, executor)"
-                " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
+                " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
+                f" RETURNING {TASK_COLUMNS}",
                 (
                     now,
                     result_json,
@@ -749,38 +754,38 @@ class Database:
                     self.owner,
                     task.attempts,
                 ),
-            )
-            return cursor.rowcount == 1
+            ).fetchone()
+            return None if row is None else TaskRecord.from_row(row)
 
         def claim(conn: sqlite3.Connection) -> dict[str, list[TaskRecord]]:
             return self._claim_in(conn, claims, lease_s, now)
 
         if effect is None:  # the whole transaction in one round trip
-            stored, claimed = await self._write(lambda conn: (store(conn), claim(conn)))
-            return ([] if stored else None), claimed
+            finished, claimed = await self._write(lambda conn: (store(conn), claim(conn)))
+            return (None if finished is None else StoredResult(finished, [])), claimed
         # The effect awaits its own statements: BEGIN rides with the first one, COMMIT with the last.
         # Shielded: a cancel between round trips could not tell whether BEGIN had run yet.
         async with self._write_lock:
             conn = self._w
             try:
                 with anyio.CancelScope(shield=True):
-                    stored = await self._on_writer(lambda raw: _begin(raw) and store(raw))
-                    follow_ups = None
-                    if stored:
+                    finished = await self._on_writer(lambda raw: _begin(raw) and store(raw))
+                    stored = None
+                    if finished is not None:
                         transaction = Transaction(conn, now)
                         await effect(transaction, task, result)
-                        follow_ups = transaction.enqueued
+                        stored = StoredResult(finished, transaction.enqueued)
                     claimed = await self._on_writer(lambda raw: _commit_after(raw, claim))
             except BaseException as exc:
                 await _roll_back_and_raise(conn, exc)
-        return follow_ups, claimed
+        return stored, claimed
 
     async def fail(
         self, task: TaskRecord, error: str, retry_in_s: float | None, logs: str = ""
     ) -> TaskStatus | None:
         """End the attempt with `error`: queue a retry after `retry_in_s`, or fail the task."""
-        status, _claimed = await self.fail_and_claim(task, error, retry_in_s, logs)
-        return status
+        ended, _claimed = await self.fail_and_claim(task, error, retry_in_s, logs)
+        return None if ended is None else ended.status
 
     async def fail_and_claim(
         self,
@@ -791,17 +796,21 @@ class Database:
         *,
         claims: Sequence[ClaimRequest] = (),
         lease_s: float = 0.0,
-    ) -> tuple[TaskStatus | None, dict[str, list[TaskRecord]]]:
-        """`fail`, and claim the next due tasks in the same transaction (one commit, not two)."""
+    ) -> tuple[TaskRecord | None, dict[str, list[TaskRecord]]]:
+        """`fail`, and claim the next due tasks in the same transaction (one commit, not two).
+
+        Returns the task's row as the transaction left it (queued for a retry, or failed),
+        None when this attempt no longer held the task, and the tasks claimed.
+        """
         now = self.clock()
         retry = retry_in_s is not None and task.attempts < task.max_attempts
 
-        def work(conn: sqlite3.Connection) -> tuple[TaskStatus | None, dict[str, list[TaskRecord]]]:
+        def work(conn: sqlite3.Connection) -> tuple[TaskRecord | None, dict[str, list[TaskRecord]]]:
             row = conn.execute(
                 "UPDATE tasks SET status = ?, error = ?, run_after = ?, finished_at = ?,"
                 f" lease_owner = NULL, lease_until = NULL, {_APPEND_LOGS}"
                 " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
-                " RETURNING status",
+                f" RETURNING {TASK_COLUMNS}",
                 (
                     TaskStatus.QUEUED if retry else TaskStatus.FAILED,
                     error,
@@ -813,7 +822,8 @@ class Database:
                     task.attempts,
                 ),
             ).fetchone()
-            return (TaskStatus(row[0]) if row else None), self._claim_in(conn, claims, lease_s, now)
+            ended = None if row is None else TaskRecord.from_row(row)
+            return ended, self._claim_in(conn, claims, lease_s, now)
 
         return await self._write(work)
 

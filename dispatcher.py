@@ -21,7 +21,16 @@ import anyio
 from anyio import BrokenWorkerProcess, CancelScope
 from anyio.abc import TaskGroup
 
-from db import ClaimRequest, Database, NewTask, PlacementRecord, StorageUnavailable, TaskRecord, TaskStatus
+from db import (
+    FINISHED,
+    ClaimRequest,
+    Database,
+    NewTask,
+    PlacementRecord,
+    StorageUnavailable,
+    TaskRecord,
+    TaskStatus,
+)
 from executors import (
     AttemptError,
     Call,
@@ -71,10 +80,20 @@ class _Attempt:
     stop_reason: _StopReason | None = None
     logs: str = ""  # what the attempt printed or logged
     refilled: bool = False  # its finishing transaction claimed work for every free slot
+    ended_as: TaskRecord | None = None  # the task's row as the attempt's outcome left it
 
     def stop(self, reason: _StopReason) -> None:
         self.stop_reason = self.stop_reason or reason
         self.scope.cancel()
+
+
+@dataclass(slots=True)
+class _AttemptEnd:
+    """What wakes the `wait` callers of one task: set when an attempt of it ends, with the
+    task's row as the finishing transaction committed it, if there was one."""
+
+    event: anyio.Event = field(default_factory=anyio.Event)
+    task: TaskRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +142,7 @@ class Executor:
         self._attempts: dict[str, _Attempt] = {}
         self._placements: dict[str, PlacementRecord] = {}  # learned placements of `auto` kinds
         self._live_progress: dict[str, tuple[int, float]] = {}
-        self._attempt_ended: dict[str, anyio.Event] = {}  # set for `wait` when an attempt ends
+        self._attempt_ended: dict[str, _AttemptEnd] = {}  # for `wait`: set when an attempt ends
         self._wakeup = anyio.Event()
         self._accepting = True
         self._task_group: TaskGroup | None = None
@@ -185,29 +204,36 @@ class Executor:
         """Wait until the task has finished; raises TimeoutError after `timeout_s`.
 
         An attempt run by this executor wakes its waiters as soon as its outcome is
-        committed; `poll_s` only bounds how late a task run by another server process
-        (or cancelled by the CLI) is seen.
+        committed, and hands them the row it committed: a task that runs here is waited
+        for without reading the database. `poll_s` only bounds how late a task run by
+        another server process (or cancelled by the CLI) is seen.
         """
         with anyio.fail_after(timeout_s):
             while True:
-                attempt_ended = self._attempt_ended.setdefault(task_id, anyio.Event())
+                attempt_end = self._attempt_ended.setdefault(task_id, _AttemptEnd())
                 try:
-                    task = await self.db.get_task(task_id)
-                    if task is None:
-                        raise LookupError(task_id)
-                    if task.status not in (TaskStatus.QUEUED, TaskStatus.RUNNING):
-                        return task
+                    # Running here: its end wakes us (checked and registered with no await between).
+                    if task_id not in self._attempts:
+                        task = await self.db.get_task(task_id)
+                        if task is None:
+                            raise LookupError(task_id)
+                        if task.status in FINISHED:
+                            return task
                     with anyio.move_on_after(poll_s):
-                        await attempt_ended.wait()
+                        await attempt_end.event.wait()
+                    if attempt_end.task is not None and attempt_end.task.status in FINISHED:
+                        return attempt_end.task
                 finally:
-                    if self._attempt_ended.get(task_id) is attempt_ended:
+                    if self._attempt_ended.get(task_id) is attempt_end:
                         del self._attempt_ended[task_id]  # nothing is kept for a waiter gone
 
-    def _wake_waiters(self, task_id: str) -> None:
-        """Tell `wait` callers that the task's state changed (they read it again)."""
-        attempt_ended = self._attempt_ended.pop(task_id, None)
-        if attempt_ended is not None:
-            attempt_ended.set()
+    def _wake_waiters(self, task_id: str, ended_as: TaskRecord | None = None) -> None:
+        """Tell `wait` callers that the task's state changed: they take `ended_as`, the row
+        an attempt's outcome committed, or read the task again."""
+        attempt_end = self._attempt_ended.pop(task_id, None)
+        if attempt_end is not None:
+            attempt_end.task = ended_as
+            attempt_end.event.set()
 
     def running_count(self) -> int:
         return len(self._attempts)
@@ -419,7 +445,7 @@ class Executor:
         finally:
             self._attempts.pop(task.id, None)
             self._live_progress.pop(task.id, None)
-            self._wake_waiters(task.id)
+            self._wake_waiters(task.id, attempt.ended_as)
             if not attempt.refilled:  # a slot is free: claim the next due task now, not at the next poll
                 self._wakeup.set()
             if not self._attempts:
@@ -462,11 +488,11 @@ class Executor:
     async def _fail(self, attempt: _Attempt, error: str, retry_in_s: float | None) -> TaskStatus | None:
         """Store the failed attempt, and claim the next due tasks in the same transaction."""
         claims = self._claim_requests(freed=attempt)
-        status, claimed = await self.db.fail_and_claim(
+        attempt.ended_as, claimed = await self.db.fail_and_claim(
             attempt.task, error, retry_in_s, attempt.logs, claims=claims, lease_s=self.config.lease_s
         )
         await self._start_next(attempt, claims, claimed)
-        return status
+        return None if attempt.ended_as is None else attempt.ended_as.status
 
     async def _start_next(
         self, attempt: _Attempt, claims: list[ClaimRequest], claimed: dict[str, list[TaskRecord]]
@@ -485,7 +511,7 @@ class Executor:
         try:
             # The freed slot's next task is claimed in the finishing transaction: one commit
             # per task instead of two, and the worker does not wait for a claim round.
-            follow_ups, claimed = await self.db.succeed_and_claim(
+            stored, claimed = await self.db.succeed_and_claim(
                 task,
                 outcome.value,
                 kind.on_success,
@@ -498,9 +524,10 @@ class Executor:
             await self._fail(attempt, f"the result could not be stored: {error_line(exc)}", None)
             return TaskStatus.FAILED.value
         await self._start_next(attempt, claims, claimed)
-        if follow_ups is None:
+        if stored is None:
             logger.info("task %s (%s): result dropped, the attempt no longer held it", task.id, kind.name)
             return "dropped"
+        attempt.ended_as = stored.task
         logger.info(
             "task %s (%s) succeeded on %s (cpu %.3f s of %.3f s)",
             task.id,
@@ -511,7 +538,7 @@ class Executor:
         )
         if kind.auto and self.config.auto_placement and not self.config.inline:
             await self._learn_placement(kind, outcome)
-        for follow_up in follow_ups:
+        for follow_up in stored.follow_ups:
             self._announce(follow_up.kind)  # inline mode runs it in its loop
         return TaskStatus.SUCCEEDED.value
 

@@ -129,6 +129,15 @@ class NewTask:
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
 
+@dataclass(frozen=True, slots=True)
+class StoredResult:
+    """A result stored by the attempt that held its task: the finished row, as its
+    transaction committed it, and the follow-up tasks the kind's effect queued."""
+
+    task: TaskRecord
+    follow_ups: list[NewTask]
+
+
 @dataclass(slots=True)
 class ProfileSubmission:
     """One POST /profile waiting for the group commit; `outcome` is filled in by it."""

@@ -310,7 +310,9 @@ def test_logs_of_an_unknown_task_are_404(app_client: TestClient) -> None:
     assert app_client.get(f"/tasks/{'0' * 32}/logs").status_code == 404
 
 
-def test_waiting_for_a_task_is_woken_when_its_result_is_stored(app_client: TestClient) -> None:
+def test_waiting_for_a_task_is_woken_when_its_result_is_stored(
+    app_client: TestClient, tmp_path: Path
+) -> None:
     """`Executor.wait` does not poll for attempts it runs: with a poll interval far longer
     than its timeout, it still returns the stored result (and a cancel of a queued task)."""
     executor = app_client.app_state["executor"]
@@ -322,6 +324,19 @@ def test_waiting_for_a_task_is_woken_when_its_result_is_stored(app_client: TestC
     for kind in ("add_on_loop", "add_on_thread", "add_in_process"):
         task = app_client.portal.call(submit_and_wait, kind)
         assert (task.status.value, task.result["sum"]) == ("succeeded", 42)
+        # A waiter is handed the row the finishing transaction committed: the stored one.
+        assert task == app_client.portal.call(executor.db.get_task, task.id)
+
+    # An attempt that fails and leaves a retry queued is not the end a waiter waits for.
+    async def wait_for(kind: str, payload: dict[str, Any]) -> Any:
+        task_id = await executor.submit(kind, payload)
+        return await executor.wait(task_id, timeout_s=20, poll_s=3600)
+
+    retried = app_client.portal.call(wait_for, "fails_twice", {"counter_file": str(tmp_path / "count")})
+    assert (retried.status.value, retried.attempts, retried.result) == ("succeeded", 3, "third time lucky")
+    failed = app_client.portal.call(wait_for, "always_fails", {})
+    assert (failed.status.value, failed.attempts) == ("failed", 2)
+    assert failed == app_client.portal.call(executor.db.get_task, failed.id)
 
     # A queued task (every process slot busy) that is cancelled wakes its waiter too.
     settings = app_client.app_state["settings"]
