@@ -170,7 +170,10 @@ class Executor:
         # A free slot takes its task in the same transaction: one commit, no claim round.
         claimed = await self.db.enqueue(task, claims=self._claim_requests(), lease_s=self.config.lease_s)
         await self._start_claimed_now(claimed)
-        await self.submitted(task.kind)
+        if any(started.id == task.id for started in claimed.get(task.kind, ())):
+            self._announce(task.kind, wake=False)  # it runs already: a claim round would find nothing
+        else:
+            await self.submitted(task.kind)
         return task.id
 
     async def submitted(self, kind_name: str) -> None:
@@ -179,12 +182,12 @@ class Executor:
         if self.config.inline:
             await self._run_due_inline()
 
-    def _announce(self, kind_name: str) -> None:
+    def _announce(self, kind_name: str, *, wake: bool = True) -> None:
         if self._on_submit is not None:
             self._on_submit(kind_name)
         # While every slot of the kind is busy (an ingest burst), a waking dispatcher would
         # find no room: the attempt that frees a slot claims the next task itself.
-        if kind_name not in self.kinds or self._has_room(self.kinds[kind_name]):
+        if wake and (kind_name not in self.kinds or self._has_room(self.kinds[kind_name])):
             self._wakeup.set()
 
     def _has_room(self, kind: TaskKind) -> bool:

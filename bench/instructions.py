@@ -10,7 +10,9 @@ counters once the server is warm, applies the load, dumps, and divides:
   server process (event loop, aiosqlite threads) per task; the workers are not traced;
 * `ingest N`: N POST /profile over 16 connections (bench/ingest.py's bodies), counted until
   the last answer; tasks finished meanwhile are reported, since their cost is included;
-* `bare N`: the same POSTs against bench/bare_app.py.
+* `bare N`: the same POSTs against bench/bare_app.py;
+* `noop N`: N no-op round trips of bench/profile_app_noop.py, one after another (submit,
+  run in a worker process, durable result): instructions per round trip.
 
 Under callgrind the server runs ~50x slower, so the mix of work differs from a real run:
 compare counts of one mode before and after a change, not against rates.
@@ -35,17 +37,20 @@ from pathlib import Path
 
 from bench import datasets, report
 from bench.httpclient import Connection
-from bench.load import post_all
+from bench.load import post_all, round_trips
 from bench.overhead import seeded
 from bench.servers import HOST, ROOT, free_port
 
 START_TIMEOUT_S = 300.0  # imports alone take a minute under callgrind
 
 
+NOOP_PATH = "/bench/noop"
+
+
 def _server(mode: str, port: int, db: Path) -> list[str]:
-    if mode == "bare":
-        app = ["-m", "uvicorn", "bench.bare_app:app", "--port", str(port), "--log-level", "warning"]
-        return [*app, "--no-access-log"]
+    if mode in ("bare", "noop"):
+        app = "bench.bare_app:app" if mode == "bare" else "bench.profile_app_noop:app"
+        return ["-m", "uvicorn", app, "--port", str(port), "--log-level", "warning", "--no-access-log"]
     return ["profile_app.py", "serve", "--port", str(port), "--db", str(db)]
 
 
@@ -89,6 +94,7 @@ def measure(mode: str, count: int, cache: Path, tmp: Path) -> str:
         "PROFILE_APP_LOG_LEVEL": "warning",
         "PROFILE_APP_MAX_QUEUED": "100000000",
         "PROFILE_APP_BLOCKING_THRESHOLD_MS": "100000",  # the whole server is slow under callgrind
+        "PROFILE_APP_DB": str(db),  # for the noop app, which takes its settings from the environment
     }
     command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable]
     with (tmp / "server.log").open("wb") as log:
@@ -103,7 +109,10 @@ def measure(mode: str, count: int, cache: Path, tmp: Path) -> str:
     try:
         _wait_ready(port)
         bodies = datasets.profile_bodies(count + 20, "instructions")
-        post_all(port, "/profile", bodies[:20], 4)  # warm: workers started, indexes built
+        if mode == "noop":
+            round_trips(port, NOOP_PATH, 0, warm_up=20)  # warm: workers started
+        else:
+            post_all(port, "/profile", bodies[:20], 4)  # warm: workers started, indexes built
         if mode != "bare":
             _wait_idle(db)
         subprocess.run(["callgrind_control", "--zero", str(server.pid)], check=True, capture_output=True)
@@ -111,6 +120,8 @@ def measure(mode: str, count: int, cache: Path, tmp: Path) -> str:
         if mode == "tasks":
             datasets.queue_match_tasks(db, datasets.user_ids(db, 1000), count)
             _wait_idle(db)
+        elif mode == "noop":
+            round_trips(port, NOOP_PATH, count, warm_up=0)
         else:
             post_all(port, "/profile", bodies[20:], 16)
         subprocess.run(["callgrind_control", "--dump", str(server.pid)], check=True, capture_output=True)
@@ -123,14 +134,14 @@ def measure(mode: str, count: int, cache: Path, tmp: Path) -> str:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
     instructions = _total_instructions(min(tmp.glob("callgrind.out.*")))
-    unit = "task" if mode == "tasks" else "POST"
+    unit = {"tasks": "task", "noop": "round trip"}.get(mode, "POST")
     also = f" ({finished} match tasks finished meanwhile)" if mode == "ingest" else ""
     return f"{mode}: {instructions / count / 1e6:.3f} M instructions per {unit}, {count} {unit}s{also}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("tasks", "ingest", "bare"))
+    parser.add_argument("mode", choices=("tasks", "ingest", "bare", "noop"))
     parser.add_argument("count", type=int)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/profile_app_overhead"))
     args = parser.parse_args(argv)
