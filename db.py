@@ -72,6 +72,10 @@ __all__ = [
 logger = logging.getLogger("profile_app.db")
 
 Clock = Callable[[], float]
+Claimed = dict[str, list[TaskRecord]]  # the due tasks a transaction took, by kind
+# What to claim, asked only once the write lock is held: every claim committed before has
+# been started by then (and counts as busy), so two transactions never fill one free slot.
+Claims = Callable[[], Sequence[ClaimRequest]]
 T = TypeVar("T")
 
 
@@ -327,6 +331,16 @@ class Database:
         async with self._write_lock:
             return await self._locked_write(work)
 
+    async def _write_and_claim(
+        self, work: Callable[[sqlite3.Connection], T], claims: Claims, lease_s: float, now: float
+    ) -> tuple[T, Claimed]:
+        """`_write`, and in the same transaction take the due tasks `claims` asks for."""
+        async with self._write_lock:
+            requests = claims()
+            return await self._locked_write(
+                lambda conn: (work(conn), self._claim_in(conn, requests, lease_s, now))
+            )
+
     async def _locked_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`_write` for a caller that already holds the write lock.
 
@@ -357,10 +371,18 @@ class Database:
     # -- profiles --------------------------------------------------------------------------
 
     async def submit_profile(
-        self, submission: ProfileSubmission, *, max_unfinished: int, idempotency_ttl_s: float
+        self,
+        submission: ProfileSubmission,
+        *,
+        max_unfinished: int,
+        idempotency_ttl_s: float,
+        claims: Claims = tuple,
+        lease_s: float = 0.0,
     ) -> dict[str, Any]:
         """Store the profile and queue its task, durably; return the response to send.
 
+        With `claims` (asked when the commit begins), the commit also takes the due tasks
+        they ask for; they are left in `submission.claimed` of the request that led it.
         Raises QueueFull, IdempotencyConflict, IdempotencyInProgress or StorageUnavailable.
         """
         self._pending.append(submission)
@@ -369,7 +391,9 @@ class Database:
             if submission.outcome is None:
                 batch, self._pending = self._pending, []
                 try:
-                    await self._commit_submissions(batch, max_unfinished, idempotency_ttl_s)
+                    submission.claimed = await self._commit_submissions(
+                        batch, max_unfinished, idempotency_ttl_s, claims(), lease_s
+                    )
                 except BaseException as exc:
                     failure = exc if isinstance(exc, Exception) else StorageUnavailable("cancelled")
                     for item in batch:
@@ -383,14 +407,25 @@ class Database:
         return outcome
 
     async def _commit_submissions(
-        self, batch: list[ProfileSubmission], max_unfinished: int, idempotency_ttl_s: float
-    ) -> None:
+        self,
+        batch: list[ProfileSubmission],
+        max_unfinished: int,
+        idempotency_ttl_s: float,
+        claims: Sequence[ClaimRequest],
+        lease_s: float,
+    ) -> Claimed:
         now = self.clock()
-        outcomes = await self._locked_write(
-            lambda conn: self._apply_submissions(conn, batch, now, max_unfinished, idempotency_ttl_s)
-        )
+
+        def work(
+            conn: sqlite3.Connection,
+        ) -> tuple[list[dict[str, Any] | Exception], dict[str, list[TaskRecord]]]:
+            outcomes = self._apply_submissions(conn, batch, now, max_unfinished, idempotency_ttl_s)
+            return outcomes, self._claim_in(conn, claims, lease_s, now)
+
+        outcomes, claimed = await self._locked_write(work)
         for item, outcome in zip(batch, outcomes, strict=True):
             item.outcome = outcome
+        return claimed
 
     @staticmethod
     def _apply_submissions(
@@ -530,17 +565,13 @@ class Database:
 
     # -- tasks: enqueue and read -------------------------------------------------------------
 
-    async def enqueue(
-        self, task: NewTask, *, claims: Sequence[ClaimRequest] = (), lease_s: float = 0.0
-    ) -> dict[str, list[TaskRecord]]:
+    async def enqueue(self, task: NewTask, *, claims: Claims = tuple, lease_s: float = 0.0) -> Claimed:
         """Queue a task durably; with `claims`, take due tasks in the same transaction."""
         now = self.clock()
-
-        def work(conn: sqlite3.Connection) -> dict[str, list[TaskRecord]]:
-            conn.execute(_INSERT_TASK, _task_row(task, now))
-            return self._claim_in(conn, claims, lease_s, now)
-
-        return await self._write(work)
+        _cursor, claimed = await self._write_and_claim(
+            lambda conn: conn.execute(_INSERT_TASK, _task_row(task, now)), claims, lease_s, now
+        )
+        return claimed
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         rows = list(await self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)))
@@ -617,30 +648,35 @@ class Database:
 
     async def claim(self, kind: str, executor: str, limit: int, lease_s: float) -> list[TaskRecord]:
         """Take up to `limit` due tasks of `kind` with a lease, in one statement."""
-        return (await self.claim_many([ClaimRequest(kind, executor, limit)], lease_s)).get(kind, [])
+        request = ClaimRequest(kind, executor, limit)
+        return (await self.claim_many(lambda: [request], lease_s)).get(kind, [])
 
-    async def claim_many(
-        self, requests: Sequence[ClaimRequest], lease_s: float
-    ) -> dict[str, list[TaskRecord]]:
+    async def claim_many(self, claims: Claims, lease_s: float) -> Claimed:
         """Claim for several kinds in one transaction and one `UPDATE ... RETURNING`.
 
         Kinds with nothing due are found first on the read connection, so an idle poll
         takes no write lock at all.
         """
-        wanted = {request.kind: request for request in requests if request.limit > 0}
+        wanted = [request.kind for request in claims() if request.limit > 0]
         if not wanted:
             return {}
-        marks = ",".join("?" * len(wanted))
-        due = await self._read(
-            "SELECT DISTINCT kind FROM tasks"
-            f" WHERE status = 'queued' AND kind IN ({marks}) AND run_after <= ?",
-            (*wanted, self.clock()),
-        )
-        due_requests = [wanted[kind] for (kind,) in due]
-        if not due_requests:
+        due = {
+            kind
+            for (kind,) in await self._read(
+                "SELECT DISTINCT kind FROM tasks"
+                f" WHERE status = 'queued' AND kind IN ({','.join('?' * len(wanted))}) AND run_after <= ?",
+                (*wanted, self.clock()),
+            )
+        }
+        if not due:
             return {}
-        now = self.clock()
-        return await self._write(lambda conn: self._claim_in(conn, due_requests, lease_s, now))
+        _nothing, claimed = await self._write_and_claim(
+            lambda conn: None,
+            lambda: [request for request in claims() if request.kind in due],
+            lease_s,
+            self.clock(),
+        )
+        return claimed
 
     def _claim_in(
         self, conn: sqlite3.Connection, requests: Sequence[ClaimRequest], lease_s: float, now: float
@@ -726,9 +762,9 @@ class Database:
         logs: str = "",
         executor: str | None = None,
         *,
-        claims: Sequence[ClaimRequest] = (),
+        claims: Claims = tuple,
         lease_s: float = 0.0,
-    ) -> tuple[StoredResult | None, dict[str, list[TaskRecord]]]:
+    ) -> tuple[StoredResult | None, Claimed]:
         """`succeed`, and claim the next due tasks in the same transaction (one commit, not two).
 
         Returns what was stored (None when this attempt no longer held the task) and the
@@ -757,16 +793,17 @@ class Database:
             ).fetchone()
             return None if row is None else TaskRecord.from_row(row)
 
-        def claim(conn: sqlite3.Connection) -> dict[str, list[TaskRecord]]:
-            return self._claim_in(conn, claims, lease_s, now)
-
         if effect is None:  # the whole transaction in one round trip
-            finished, claimed = await self._write(lambda conn: (store(conn), claim(conn)))
+            finished, claimed = await self._write_and_claim(store, claims, lease_s, now)
             return (None if finished is None else StoredResult(finished, [])), claimed
         # The effect awaits its own statements: BEGIN rides with the first one, COMMIT with the last.
         # Shielded: a cancel between round trips could not tell whether BEGIN had run yet.
         async with self._write_lock:
-            conn = self._w
+            conn, requests = self._w, claims()
+
+            def claim(raw: sqlite3.Connection) -> Claimed:
+                return self._claim_in(raw, requests, lease_s, now)
+
             try:
                 with anyio.CancelScope(shield=True):
                     finished = await self._on_writer(lambda raw: _begin(raw) and store(raw))
@@ -794,9 +831,9 @@ class Database:
         retry_in_s: float | None,
         logs: str = "",
         *,
-        claims: Sequence[ClaimRequest] = (),
+        claims: Claims = tuple,
         lease_s: float = 0.0,
-    ) -> tuple[TaskRecord | None, dict[str, list[TaskRecord]]]:
+    ) -> tuple[TaskRecord | None, Claimed]:
         """`fail`, and claim the next due tasks in the same transaction (one commit, not two).
 
         Returns the task's row as the transaction left it (queued for a retry, or failed),
@@ -805,7 +842,7 @@ class Database:
         now = self.clock()
         retry = retry_in_s is not None and task.attempts < task.max_attempts
 
-        def work(conn: sqlite3.Connection) -> tuple[TaskRecord | None, dict[str, list[TaskRecord]]]:
+        def work(conn: sqlite3.Connection) -> TaskRecord | None:
             row = conn.execute(
                 "UPDATE tasks SET status = ?, error = ?, run_after = ?, finished_at = ?,"
                 f" lease_owner = NULL, lease_until = NULL, {_APPEND_LOGS}"
@@ -822,10 +859,9 @@ class Database:
                     task.attempts,
                 ),
             ).fetchone()
-            ended = None if row is None else TaskRecord.from_row(row)
-            return ended, self._claim_in(conn, claims, lease_s, now)
+            return None if row is None else TaskRecord.from_row(row)
 
-        return await self._write(work)
+        return await self._write_and_claim(work, claims, lease_s, now)
 
     async def release(self, tasks: Sequence[TaskRecord]) -> int:
         """Give unfinished attempts back to the queue without charging them (shutdown drain)."""

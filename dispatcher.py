@@ -27,6 +27,7 @@ from db import (
     Database,
     NewTask,
     PlacementRecord,
+    ProfileSubmission,
     StorageUnavailable,
     TaskRecord,
     TaskStatus,
@@ -168,13 +169,34 @@ class Executor:
         """Queue a task durably and return its id."""
         task = self.new_task(kind_name, payload)
         # A free slot takes its task in the same transaction: one commit, no claim round.
-        claimed = await self.db.enqueue(task, claims=self._claim_requests(), lease_s=self.config.lease_s)
+        claimed = await self.db.enqueue(task, claims=self._claim_requests, lease_s=self.config.lease_s)
         await self._start_claimed_now(claimed)
-        if any(started.id == task.id for started in claimed.get(task.kind, ())):
+        if task.id in self._attempts:
             self._announce(task.kind, wake=False)  # it runs already: a claim round would find nothing
         else:
             await self.submitted(task.kind)
         return task.id
+
+    async def submit_profile(
+        self, submission: ProfileSubmission, *, max_unfinished: int, idempotency_ttl_s: float
+    ) -> dict[str, Any]:
+        """POST /profile's durable write (Database.submit_profile's group commit), which also
+        claims what free slots can take: the response to send."""
+        accepted = await self.db.submit_profile(
+            submission,
+            max_unfinished=max_unfinished,
+            idempotency_ttl_s=idempotency_ttl_s,
+            claims=self._claim_requests,
+            lease_s=self.config.lease_s,
+        )
+        await self._start_claimed_now(submission.claimed)
+        task = submission.task
+        if accepted["task_id"] == task.id:  # not an idempotent replay
+            if task.id in self._attempts:  # claimed by the commit: a claim round would find nothing
+                self._announce(task.kind, wake=False)
+            else:
+                await self.submitted(task.kind)
+        return accepted
 
     async def submitted(self, kind_name: str) -> None:
         """Tell the executor a task of `kind_name` is queued (in inline mode, run it now)."""
@@ -363,7 +385,7 @@ class Executor:
     async def _claim_and_start(self, task_group: TaskGroup) -> int:
         """Claim what every kind has room for, in one transaction, and start it."""
         try:
-            claimed = await self.db.claim_many(self._claim_requests(), self.config.lease_s)
+            claimed = await self.db.claim_many(self._claim_requests, self.config.lease_s)
         except StorageUnavailable as exc:
             logger.warning("could not claim tasks: %s", exc)
             return 0
@@ -484,25 +506,33 @@ class Executor:
             )
             return "retrying" if retrying else TaskStatus.FAILED.value
         except StorageUnavailable as exc:
+            attempt.refilled = False  # its transaction claimed nothing: let the dispatcher look
             # The lease runs out and the task is taken back: nothing accepted is lost.
             logger.error("task %s: could not store the outcome of its attempt: %s", task.id, exc)
             return "unrecorded"
 
     async def _fail(self, attempt: _Attempt, error: str, retry_in_s: float | None) -> TaskStatus | None:
         """Store the failed attempt, and claim the next due tasks in the same transaction."""
-        claims = self._claim_requests(freed=attempt)
         attempt.ended_as, claimed = await self.db.fail_and_claim(
-            attempt.task, error, retry_in_s, attempt.logs, claims=claims, lease_s=self.config.lease_s
+            attempt.task,
+            error,
+            retry_in_s,
+            attempt.logs,
+            claims=self._claims_after(attempt),
+            lease_s=self.config.lease_s,
         )
-        await self._start_next(attempt, claims, claimed)
+        await self._start_claimed_now(claimed)
         return None if attempt.ended_as is None else attempt.ended_as.status
 
-    async def _start_next(
-        self, attempt: _Attempt, claims: list[ClaimRequest], claimed: dict[str, list[TaskRecord]]
-    ) -> None:
-        """Start what the finishing transaction claimed for the slots that are free now."""
-        attempt.refilled = bool(claims)  # then the dispatcher need not look for work itself
-        await self._start_claimed_now(claimed)
+    def _claims_after(self, attempt: _Attempt) -> Callable[[], list[ClaimRequest]]:
+        """The claims of the transaction that ends `attempt`: its slot counts as free."""
+
+        def claims() -> list[ClaimRequest]:
+            requests = self._claim_requests(freed=attempt)
+            attempt.refilled = bool(requests)  # then the dispatcher need not look for work itself
+            return requests
+
+        return claims
 
     async def _start_claimed_now(self, claimed: dict[str, list[TaskRecord]]) -> None:
         if claimed and self._task_group is not None:
@@ -510,7 +540,6 @@ class Executor:
 
     async def _succeed(self, attempt: _Attempt, outcome: CallResult) -> str:
         task, kind = attempt.task, attempt.kind
-        claims = self._claim_requests(freed=attempt)
         try:
             # The freed slot's next task is claimed in the finishing transaction: one commit
             # per task instead of two, and the worker does not wait for a claim round.
@@ -520,13 +549,13 @@ class Executor:
                 kind.on_success,
                 attempt.logs,
                 executor=outcome.ran_on or None,
-                claims=claims,
+                claims=self._claims_after(attempt),
                 lease_s=self.config.lease_s,
             )
         except (TypeError, ValueError) as exc:  # the result is not JSON: a defect of the task
             await self._fail(attempt, f"the result could not be stored: {error_line(exc)}", None)
             return TaskStatus.FAILED.value
-        await self._start_next(attempt, claims, claimed)
+        await self._start_claimed_now(claimed)
         if stored is None:
             logger.info("task %s (%s): result dropped, the attempt no longer held it", task.id, kind.name)
             return "dropped"

@@ -116,7 +116,7 @@ async def post_profile(request: Request) -> Response:
         },
     )
     try:
-        accepted = await executor.db.submit_profile(
+        accepted = await executor.submit_profile(
             submission, max_unfinished=settings.max_queued, idempotency_ttl_s=settings.idempotency_ttl_s
         )
     except QueueFull:
@@ -129,8 +129,6 @@ async def post_profile(request: Request) -> Response:
         return error(422, "this Idempotency-Key was used with a different request body")
     except IdempotencyInProgress:
         return error(409, "a request with this Idempotency-Key is still being handled")
-    if accepted["task_id"] == task.id:
-        await executor.submitted(MATCH)
     return JSONResponse(accepted, status_code=202, headers={"Location": accepted["task_url"]})
 
 

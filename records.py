@@ -140,7 +140,8 @@ class StoredResult:
 
 @dataclass(slots=True)
 class ProfileSubmission:
-    """One POST /profile waiting for the group commit; `outcome` is filled in by it."""
+    """One POST /profile waiting for the group commit; `outcome` is filled in by it, and
+    `claimed` too on the submission whose request led the commit (see Database.submit_profile)."""
 
     profile: dict[str, Any]
     task: NewTask
@@ -148,6 +149,7 @@ class ProfileSubmission:
     request_hash: str | None = None
     response: dict[str, Any] | None = None
     outcome: dict[str, Any] | Exception | None = None
+    claimed: dict[str, list[TaskRecord]] = field(default_factory=dict)
 
 
 def request_hash(document: Any) -> str:

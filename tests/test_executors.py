@@ -251,6 +251,47 @@ def test_inline_mode_stores_matches_before_the_post_returns(make_client: Callabl
     assert matches == [{"user_id": "ann", "score": 0.538675}]
 
 
+# -- claims: in the transaction that frees or fills a slot, never past a kind's concurrency -----
+
+
+@kinds.kind(runs_on=Placement.LOOP, concurrency=2)
+async def holds_two_at_most() -> None:
+    await anyio.sleep_forever()
+
+
+def test_concurrent_submissions_never_claim_past_a_kinds_concurrency(app_client: TestClient) -> None:
+    """Each submission's transaction also claims what has room; asked once the write lock
+    is held, so slots filled by the transactions before it are not filled twice."""
+    executor = app_client.app_state["executor"]
+
+    async def submit_many() -> list[str]:
+        ids: list[str] = []
+
+        async def one() -> None:
+            ids.append(await executor.submit("holds_two_at_most", {}))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(12):
+                group.start_soon(one)
+        return ids
+
+    ids = app_client.portal.call(submit_many)
+    statuses = [app_client.get(f"/tasks/{task_id}").json()["status"] for task_id in ids]
+    assert sorted(statuses) == ["queued"] * 10 + ["running"] * 2
+    for task_id in ids:
+        app_client.delete(f"/tasks/{task_id}")
+
+
+def test_a_post_whose_worker_is_free_is_claimed_in_the_commit_that_stores_it(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client()
+    accepted = client.post("/profile", json=profile("ann", ["chess"], "I play chess")).json()
+    task = wait_for_task(client, accepted["task_id"])
+    # One transaction stored the profile, queued its task and leased it: one timestamp.
+    assert (task["status"], task["started_at"]) == ("succeeded", task["created_at"])
+
+
 # -- what a task prints or logs is kept with it ------------------------------------------------
 
 

@@ -827,13 +827,13 @@ def test_a_drain_takes_no_new_work(make_client: ClientFactory, db_path: Path) ->
         draining.set()
         await drain(grace_s)
 
-    async def claim_once_draining(requests: Any, *args: Any) -> Any:
-        if "late" not in {request.kind for request in requests}:
-            return await claim_many(requests, *args)
+    async def claim_once_draining(claims: Any, *args: Any) -> Any:
+        if "late" not in {request.kind for request in claims()}:
+            return await claim_many(claims, *args)
         with anyio.fail_after(10):
             await draining.wait()
         try:
-            return await claim_many(requests, *args)
+            return await claim_many(claims, *args)
         finally:
             claimed.set()
 
