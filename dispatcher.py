@@ -551,6 +551,7 @@ class Executor:
                 executor=outcome.ran_on or None,
                 claims=self._claims_after(attempt),
                 lease_s=self.config.lease_s,
+                returning=task.id in self._attempt_ended,  # a waiter takes the row (else it reads)
             )
         except (TypeError, ValueError) as exc:  # the result is not JSON: a defect of the task
             await self._fail(attempt, f"the result could not be stored: {error_line(exc)}", None)

@@ -131,11 +131,11 @@ class NewTask:
 
 @dataclass(frozen=True, slots=True)
 class StoredResult:
-    """A result stored by the attempt that held its task: the finished row, as its
-    transaction committed it, and the follow-up tasks the kind's effect queued."""
+    """A result stored by the attempt that held its task: the follow-up tasks the kind's
+    effect queued and, when it was asked for, the finished row as its transaction left it."""
 
-    task: TaskRecord
     follow_ups: list[NewTask]
+    task: TaskRecord | None = None
 
 
 @dataclass(slots=True)
