@@ -17,7 +17,7 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
@@ -117,42 +117,43 @@ def _owner_is_dead(owner: str) -> bool:
     return False
 
 
-class Transaction:
-    """The writes a task kind may make when its attempt succeeds, in the finishing transaction."""
-
-    def __init__(self, conn: aiosqlite.Connection, now: float) -> None:
-        self._conn = conn
-        self.now = now
-        self.enqueued: list[NewTask] = []
-
-    async def enqueue(self, task: NewTask) -> None:
-        await _insert_task(self._conn, task, self.now)
-        self.enqueued.append(task)
-
-    async def set_matches(self, user_id: str, task_id: str, matches: list[dict[str, Any]]) -> bool:
-        """Store matches on the profile if `task_id` is still its latest match task."""
-        cursor = await self._conn.execute(
-            "UPDATE profiles SET matches = ?, matches_computed_at = ? WHERE user_id = ? AND task_id = ?",
-            (json.dumps(matches), self.now, user_id, task_id),
-        )
-        return cursor.rowcount == 1
-
-
-SuccessEffect = Callable[[Transaction, TaskRecord, Any], Awaitable[None]]
-
-
 _INSERT_TASK = (
     "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after)"
     " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)"
 )
 
 
+class Transaction:
+    """The writes a task kind may make when its attempt succeeds, in the finishing transaction.
+
+    Its effect runs on the writer's thread, between the statement that stores the result
+    and the COMMIT, so its methods are plain calls: the whole finish is one round trip.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+        self._conn = conn
+        self.now = now
+        self.enqueued: list[NewTask] = []
+
+    def enqueue(self, task: NewTask) -> None:
+        self._conn.execute(_INSERT_TASK, _task_row(task, self.now))
+        self.enqueued.append(task)
+
+    def set_matches(self, user_id: str, task_id: str, matches: list[dict[str, Any]]) -> bool:
+        """Store matches on the profile if `task_id` is still its latest match task."""
+        cursor = self._conn.execute(
+            "UPDATE profiles SET matches = ?, matches_computed_at = ? WHERE user_id = ? AND task_id = ?",
+            (json.dumps(matches), self.now, user_id, task_id),
+        )
+        return cursor.rowcount == 1
+
+
+SuccessEffect = Callable[[Transaction, TaskRecord, Any], None]
+"""A kind's `on_success`: called with the finishing transaction, the task and its result."""
+
+
 def _task_row(task: NewTask, now: float) -> tuple[Any, ...]:
     return (task.id, task.kind, json.dumps(task.payload), task.executor, task.max_attempts, now, now)
-
-
-async def _insert_task(conn: aiosqlite.Connection, task: NewTask, now: float) -> None:
-    await conn.execute(_INSERT_TASK, _task_row(task, now))
 
 
 def _in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -177,18 +178,6 @@ async def _roll_back_and_raise(conn: aiosqlite.Connection, exc: BaseException) -
     if isinstance(exc, sqlite3.Error):
         raise _sqlite_failure(exc) from exc
     raise exc
-
-
-def _begin(conn: sqlite3.Connection) -> bool:
-    conn.execute("BEGIN IMMEDIATE")
-    return True
-
-
-def _commit_after(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
-    """On the writer's thread: the last statements of an open transaction, then COMMIT."""
-    result = work(conn)
-    conn.execute("COMMIT")
-    return result
 
 
 def _by_kind(rows: Iterable[Sequence[Any]]) -> dict[str, list[TaskRecord]]:
@@ -793,32 +782,19 @@ class Database:
                     task.attempts,
                 ),
             )
-            if not returning:
-                return StoredResult([]) if cursor.rowcount == 1 else None
-            row = cursor.fetchone()
-            return None if row is None else StoredResult([], TaskRecord.from_row(row))
+            if returning:
+                row = cursor.fetchone()
+                stored = None if row is None else StoredResult([], TaskRecord.from_row(row))
+            else:
+                stored = StoredResult([]) if cursor.rowcount == 1 else None
+            if stored is not None and effect is not None:
+                transaction = Transaction(conn, now)
+                effect(transaction, task, result)
+                stored.follow_ups.extend(transaction.enqueued)
+            return stored
 
-        if effect is None:  # the whole transaction in one round trip
-            return await self._write_and_claim(store, claims, lease_s, now)
-        # The effect awaits its own statements: BEGIN rides with the first one, COMMIT with the last.
-        # Shielded: a cancel between round trips could not tell whether BEGIN had run yet.
-        async with self._write_lock:
-            conn, requests = self._w, claims()
-
-            def claim(raw: sqlite3.Connection) -> Claimed:
-                return self._claim_in(raw, requests, lease_s, now)
-
-            try:
-                with anyio.CancelScope(shield=True):
-                    stored = await self._on_writer(lambda raw: _begin(raw) and store(raw))
-                    if stored is not None:
-                        transaction = Transaction(conn, now)
-                        await effect(transaction, task, result)
-                        stored.follow_ups.extend(transaction.enqueued)
-                    claimed = await self._on_writer(lambda raw: _commit_after(raw, claim))
-            except BaseException as exc:
-                await _roll_back_and_raise(conn, exc)
-        return stored, claimed
+        # The result, the effect, the claims and the COMMIT: one round trip to the writer.
+        return await self._write_and_claim(store, claims, lease_s, now)
 
     async def fail(
         self, task: TaskRecord, error: str, retry_in_s: float | None, logs: str = ""

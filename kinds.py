@@ -85,9 +85,9 @@ def builtin_kinds(settings: Settings) -> KindRegistry:
     kinds = KindRegistry()
     webhook_url = str(settings.webhook_url) if settings.webhook_url else None
 
-    async def store_matches(tx: Transaction, task: TaskRecord, matches: list[dict[str, Any]]) -> None:
+    def store_matches(tx: Transaction, task: TaskRecord, matches: list[dict[str, Any]]) -> None:
         user_id = task.payload["user_id"]
-        is_latest = await tx.set_matches(user_id, task.id, matches)
+        is_latest = tx.set_matches(user_id, task.id, matches)
         if is_latest and webhook_url is not None:
             payload = {
                 "url": webhook_url,
@@ -97,7 +97,7 @@ def builtin_kinds(settings: Settings) -> KindRegistry:
                 "matches": matches,
             }
             notify_kind = kinds[NOTIFY]
-            await tx.enqueue(NewTask(NOTIFY, payload, notify_kind.placement.value, notify_kind.max_attempts))
+            tx.enqueue(NewTask(NOTIFY, payload, notify_kind.placement.value, notify_kind.max_attempts))
 
     kinds.kind(
         MATCH,
