@@ -171,10 +171,7 @@ class Executor:
         # A free slot takes its task in the same transaction: one commit, no claim round.
         claimed = await self.db.enqueue(task, claims=self._claim_requests, lease_s=self.config.lease_s)
         await self._start_claimed_now(claimed)
-        if task.id in self._attempts:
-            self._announce(task.kind, wake=False)  # it runs already: a claim round would find nothing
-        else:
-            await self.submitted(task.kind)
+        await self._stored(task)
         return task.id
 
     async def submit_profile(
@@ -190,13 +187,16 @@ class Executor:
             lease_s=self.config.lease_s,
         )
         await self._start_claimed_now(submission.claimed)
-        task = submission.task
-        if accepted["task_id"] == task.id:  # not an idempotent replay
-            if task.id in self._attempts:  # claimed by the commit: a claim round would find nothing
-                self._announce(task.kind, wake=False)
-            else:
-                await self.submitted(task.kind)
+        if accepted["task_id"] == submission.task.id:  # not an idempotent replay
+            await self._stored(submission.task)
         return accepted
+
+    async def _stored(self, task: NewTask) -> None:
+        """`submitted`, for a task whose own transaction claimed what had room."""
+        if task.id in self._attempts:
+            self._announce(task.kind, wake=False)  # it runs already: a claim round would find nothing
+        else:
+            await self.submitted(task.kind)
 
     async def submitted(self, kind_name: str) -> None:
         """Tell the executor a task of `kind_name` is queued (in inline mode, run it now)."""
