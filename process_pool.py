@@ -53,10 +53,12 @@ class RecyclePolicy:
     max_tasks: int | None = None
     max_rss_mb: float | None = None
 
-    def retirement(self, tasks_run: int, rss_mb: float | None) -> Retirement | None:
+    def retirement(self, tasks_run: int, rss_mb: Callable[[], float | None]) -> Retirement | None:
+        """Whether a worker that has run `tasks_run` tasks retires; `rss_mb` is read only
+        when a limit needs it (it is a file read in /proc per task)."""
         if self.max_tasks is not None and tasks_run >= self.max_tasks:
             return Retirement.MAX_TASKS
-        if self.max_rss_mb is not None and rss_mb is not None and rss_mb > self.max_rss_mb:
+        if self.max_rss_mb is not None and (rss := rss_mb()) is not None and rss > self.max_rss_mb:
             return Retirement.MAX_RSS
         return None
 
@@ -178,7 +180,7 @@ class ProcessPool:
     async def _keep_or_retire(self, worker: _Worker, error: BaseException | None) -> None:
         reason = getattr(error, "retire_reason", None)
         retirement = (
-            Retirement(reason) if reason else self.recycle.retirement(worker.tasks_run, worker.rss_mb())
+            Retirement(reason) if reason else self.recycle.retirement(worker.tasks_run, worker.rss_mb)
         )
         if retirement is None:
             self._idle.append(worker)
