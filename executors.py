@@ -126,7 +126,9 @@ class KindRegistry:
         moves to a thread if its attempts show that it mostly waits. An explicit placement
         always wins. `max_memory_mb` caps the memory one attempt may add in a worker
         process (PROFILE_APP_TASK_MAX_MEMORY_MB by default): past it the attempt fails with
-        a MemoryError and its worker is replaced.
+        a MemoryError and its worker is replaced. `on_success(tx, task, result)` runs inside
+        the transaction that stores the result, exactly once, on the database's writer
+        thread: plain calls on `tx` (db.Transaction), nothing awaited, nothing slow.
         """
 
         def register(func: F) -> F:
