@@ -180,6 +180,12 @@ async def _roll_back_and_raise(conn: aiosqlite.Connection, exc: BaseException) -
     raise exc
 
 
+def connect_read_only(path: str | Path, timeout_s: float) -> sqlite3.Connection:
+    """A plain sqlite3 connection that can only read the database at `path`."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    return sqlite3.connect(uri, uri=True, timeout=timeout_s, isolation_level=None)
+
+
 def _by_kind(rows: Iterable[Sequence[Any]]) -> dict[str, list[TaskRecord]]:
     """Claimed rows as tasks by kind, each kind's oldest first."""
     claimed: dict[str, list[TaskRecord]] = {}
@@ -228,6 +234,7 @@ class Database:
         self.owner = lease_owner_id()
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
+        self._loop_reader: sqlite3.Connection | None = None
         self._write_lock = anyio.Lock()
         self._pending: list[ProfileSubmission] = []
 
@@ -238,6 +245,8 @@ class Database:
             self._writer = await self._connect(read_only=False)
             await self._migrate(self._writer)
             self._reader = await self._connect(read_only=True)
+            # Busy timeout 0: it never waits (see _read_on_loop).
+            self._loop_reader = connect_read_only(self.path, timeout_s=0)
         except sqlite3.Error as exc:
             await self.aclose()
             raise _sqlite_failure(exc) from exc
@@ -250,7 +259,9 @@ class Database:
         for conn in (self._reader, self._writer):
             if conn is not None:
                 await conn.close()
-        self._reader = self._writer = None
+        if self._loop_reader is not None:
+            self._loop_reader.close()
+        self._reader = self._writer = self._loop_reader = None
 
     async def _connect(self, *, read_only: bool) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -350,6 +361,21 @@ class Database:
         """Call `fn` with the writer's sqlite3 connection, on its thread (one round trip)."""
         conn = self._w
         return await conn._execute(fn, conn._conn)
+
+    def _read_on_loop(self, sql: str) -> list[Any] | None:
+        """A read of a few rows right on the event loop, or None if SQLite would make it wait.
+
+        For /health, which load balancers poll: a trip to the reader thread costs more CPU
+        than reading two rows and wakes two threads, each a chance to wait for a core on a
+        busy machine. This connection's busy timeout is 0, so it never blocks the loop:
+        when SQLite says busy, the caller reads through the reader thread instead.
+        """
+        if self._loop_reader is None:
+            return None
+        try:
+            return self._loop_reader.execute(sql).fetchall()
+        except sqlite3.Error:
+            return None
 
     async def _read(self, sql: str, params: Sequence[Any] = ()) -> Iterable[sqlite3.Row]:
         try:
@@ -592,7 +618,11 @@ class Database:
         return rows[0][0] if rows else None
 
     async def count_unfinished(self) -> dict[TaskStatus, int]:
-        rows = await self._read("SELECT status, n FROM task_counts WHERE status IN ('queued', 'running')")
+        """Queued and running tasks of every server process (two rows that triggers keep)."""
+        sql = "SELECT status, n FROM task_counts WHERE status IN ('queued', 'running')"
+        rows = self._read_on_loop(sql)
+        if rows is None:
+            rows = await self._read(sql)
         counts = dict.fromkeys(UNFINISHED, 0)
         counts.update({TaskStatus(status): count for status, count in rows})
         return counts

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 from contextlib import closing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import requests
 
-from db import NewTask, TaskRecord, Transaction
+from db import NewTask, TaskRecord, Transaction, connect_read_only
 from executors import KindRegistry, Placement, current_task, report_progress
 from matching import MatchIndex
 from settings import Settings
@@ -36,8 +34,7 @@ _resident: dict[str, _ResidentIndex] = {}
 
 def resident_index(db_path: str) -> MatchIndex:
     """The index of every stored profile, brought up to date with the database."""
-    uri = Path(db_path).resolve().as_uri() + "?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+    with closing(connect_read_only(db_path, timeout_s=30)) as conn:
         conn.execute("BEGIN")  # one snapshot for the instance check and the delta
         (instance_id,) = conn.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
         entry = _resident.get(db_path)

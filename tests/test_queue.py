@@ -206,3 +206,16 @@ async def test_the_status_counts_follow_every_change_of_the_queue(db_path: Path)
         await assert_counts_match()
         await db.retry(tasks[5].id)
         await assert_counts_match()
+
+
+async def test_counts_are_read_on_the_loop_or_else_through_the_reader_thread(db_path: Path) -> None:
+    async with Database(db_path) as db:
+        for number in range(3):
+            await db.enqueue(new_task(number))
+        await db.claim("work", "process", 1, lease_s=60)
+        expected = {TaskStatus.QUEUED: 2, TaskStatus.RUNNING: 1}
+        assert await db.count_unfinished() == expected
+        db._loop_reader.close()  # any SQLite error on the loop's connection: read through the thread
+        assert await db.count_unfinished() == expected
+        await db.enqueue(new_task(3))
+        assert await db.count_unfinished() == {TaskStatus.QUEUED: 3, TaskStatus.RUNNING: 1}
