@@ -431,9 +431,7 @@ class Database:
     ) -> Claimed:
         now = self.clock()
 
-        def work(
-            conn: sqlite3.Connection,
-        ) -> tuple[list[dict[str, Any] | Exception], dict[str, list[TaskRecord]]]:
+        def work(conn: sqlite3.Connection) -> tuple[list[dict[str, Any] | Exception], Claimed]:
             outcomes = self._apply_submissions(conn, batch, now, max_unfinished, idempotency_ttl_s)
             return outcomes, self._claim_in(conn, claims, lease_s, now)
 
@@ -788,9 +786,9 @@ class Database:
         """`succeed`, and claim the next due tasks in the same transaction (one commit, not two).
 
         Returns what was stored (None when this attempt no longer held the task), with the
-        finished row if `returning` (it costs a fifth of the write: ask only for a waiter),
-        and the tasks claimed. Raises TypeError or ValueError, with nothing written, when
-        `result` is not JSON.
+        finished row if `returning` (reading it back costs nearly as much as the write: ask
+        only for a waiter), and the tasks claimed. Raises TypeError or ValueError, with
+        nothing written, when `result` is not JSON.
         """
         result_json = json.dumps(result)
         now = self.clock()
