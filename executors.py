@@ -320,14 +320,23 @@ class _SqliteProgress:
 # -- running one call in each placement ------------------------------------------------------
 
 
+def _nothing() -> None:
+    pass
+
+
 @dataclass(frozen=True, slots=True)
 class Call:
-    """One attempt's call: the kind, its keyword arguments and the context to run it in."""
+    """One attempt's call: the kind, its keyword arguments and the context to run it in.
+
+    A runner that may hold a call while it waits for a worker (`calls_started = True`)
+    calls `started()` once the call has one: the attempt's time limit runs from then.
+    """
 
     kind: TaskKind
     payload: dict[str, Any]
     context: TaskContext
     output: TaskOutput = field(default_factory=TaskOutput)  # what the call prints or logs
+    started: Callable[[], None] = field(default=_nothing, repr=False, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,7 +457,13 @@ class ThreadRunner:
 
 class ProcessRunner:
     """CPU work in worker processes (process_pool.py): a cancel or time limit kills the worker,
-    a worker is recycled by `recycle`, and each attempt's memory is capped."""
+    a worker is recycled by `recycle`, and each attempt's memory is capped.
+
+    A call may wait here for a worker, and for its kind's concurrency (the dispatcher
+    claims short tasks ahead, one per worker): `call.started()` says when it has one.
+    """
+
+    calls_started = True
 
     def __init__(
         self,
@@ -461,8 +476,24 @@ class ProcessRunner:
         self.pool = ProcessPool(workers, recycle, on_retire)
         self.nice = nice
         self.task_max_memory_mb = task_max_memory_mb
+        self._limiters: dict[str, CapacityLimiter | None] = {}
 
     async def __call__(self, call: Call) -> CallResult:
+        if (limiter := self._kind_limiter(call.kind)) is None:
+            return await self._run(call)
+        async with limiter:
+            return await self._run(call)
+
+    def _kind_limiter(self, kind: TaskKind) -> CapacityLimiter | None:
+        """The kind's own limit, where the pool's is not already as tight (two steps on the
+        loop per call, saved for kinds that may use every worker)."""
+        if kind.name not in self._limiters:
+            concurrency = kind.concurrency_in(Placement.PROCESS)
+            limited = concurrency < self.pool.limiter.total_tokens
+            self._limiters[kind.name] = CapacityLimiter(concurrency) if limited else None
+        return self._limiters[kind.name]
+
+    async def _run(self, call: Call) -> CallResult:
         context = call.context
         return await self.pool.run_sync(
             _run_in_worker_process,
@@ -471,6 +502,7 @@ class ProcessRunner:
             (context.task_id, context.kind, context.attempt, context.db_path),
             self.nice,
             call.kind.max_memory_mb or self.task_max_memory_mb,
+            on_worker=call.started,
         )
 
     async def aclose(self) -> None:

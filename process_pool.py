@@ -130,8 +130,12 @@ class ProcessPool:
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
 
-    async def run_sync(self, func: Callable[..., T], *args: Any) -> T:
-        """Call `func(*args)` in a worker; cancelling the call kills that worker.
+    async def run_sync(
+        self, func: Callable[..., T], *args: Any, on_worker: Callable[[], None] | None = None
+    ) -> T:
+        """Call `func(*args)` in a worker; cancelling the call kills that worker (a call
+        still waiting for one is only withdrawn). `on_worker` is called once a worker is
+        ready for the call (a new one has started).
 
         Raises BrokenWorkerProcess if the worker died (crash, kill, out of memory), and
         whatever `func` raised otherwise.
@@ -139,6 +143,8 @@ class ProcessPool:
         command = ("run", func, args)
         async with self.limiter:
             worker = await self._idle_worker() or await self._start_worker()
+            if on_worker is not None:
+                on_worker()
             self._busy.add(worker)
             try:
                 returned, value = await worker.request(command)

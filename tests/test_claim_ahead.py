@@ -1,0 +1,142 @@
+"""Short process kinds claim a task ahead per worker (dispatcher.CLAIM_AHEAD_BELOW_S).
+
+A worker that finishes a short task takes the next one at once, instead of idling while
+its result commits. What these tests pin down: the task claimed ahead never runs beside
+its kind's concurrency, its time limit starts only when it gets a worker, a cancel or a
+shutdown while it waits costs no worker and no attempt, and long kinds never claim ahead.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import time
+from collections.abc import Callable
+from contextlib import closing
+from datetime import datetime
+from pathlib import Path
+
+import pytest
+from conftest import submit, wait_for_task, wait_until
+from starlette.testclient import TestClient
+
+from executors import KindRegistry, Placement
+
+NAP_S = 0.5
+NAP_LIMIT_S = 0.8  # above one nap, below a nap plus the wait behind another
+
+kinds = KindRegistry()
+
+
+@kinds.kind(runs_on=Placement.PROCESS, concurrency=1, time_limit_s=NAP_LIMIT_S, max_attempts=1)
+def naps() -> dict:
+    started = time.time()
+    time.sleep(NAP_S)
+    return {"ran_from": started, "ran_to": time.time(), "pid": os.getpid()}
+
+
+@kinds.kind(runs_on=Placement.PROCESS, concurrency=1, time_limit_s=60)
+def waits_for(go_file: str) -> int:
+    while not os.path.exists(go_file):
+        time.sleep(0.01)
+    return os.getpid()
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    client = make_client(kinds=kinds, process_workers=2, shutdown_grace_s=0.5)
+    # Start a worker and import this module in it, so no attempt below includes a cold start.
+    wait_for_task(client, submit(client, "waits_for", {"go_file": __file__}))
+    return client
+
+
+def result(client: TestClient, task_id: str) -> dict:
+    task = client.portal.call(client.app_state["db"].get_task, task_id)  # type: ignore[union-attr]
+    return task.result
+
+
+def status(client: TestClient, task_id: str) -> str:
+    return client.get(f"/tasks/{task_id}").json()["status"]
+
+
+def pool_pids(client: TestClient) -> list[int]:
+    return client.app_state["executor"]._runners[Placement.PROCESS].pool.pids()
+
+
+def test_a_task_claimed_ahead_waits_for_its_kinds_slot_and_its_time_limit_starts_there(
+    client: TestClient,
+) -> None:
+    wait_for_task(client, submit(client, "naps", {}))  # now the kind is known to be short
+    first, second, third = (submit(client, "naps", {}) for _ in range(3))
+    # Concurrency 1, one ahead: the second is claimed while the first runs, not the third.
+    assert [status(client, first), status(client, second), status(client, third)] == [
+        "running",
+        "running",
+        "queued",
+    ]
+    done = [wait_for_task(client, task_id) for task_id in (first, second, third)]
+    assert [task["status"] for task in done] == ["succeeded"] * 3, [task["error"] for task in done]
+    runs = [result(client, task_id) for task_id in (first, second, third)]
+    # Never two at once, though two were `running`: the kind's concurrency holds.
+    assert runs[0]["ran_to"] <= runs[1]["ran_from"] and runs[1]["ran_to"] <= runs[2]["ran_from"]
+    # The second was claimed before the first had finished, so its time from claim to
+    # result passed its time limit: the limit counted only its run.
+    assert done[1]["started_at"] < done[0]["finished_at"]
+    assert _seconds(done[1]["finished_at"]) - _seconds(done[1]["started_at"]) > NAP_LIMIT_S
+
+
+def _seconds(iso: str) -> float:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+
+
+def test_cancelling_a_task_that_waits_for_a_worker_kills_no_worker(
+    client: TestClient, tmp_path: Path
+) -> None:
+    go_first, go_second = tmp_path / "first", tmp_path / "second"
+    running, waiting = (submit(client, "waits_for", {"go_file": str(go)}) for go in (go_first, go_second))
+    assert [status(client, running), status(client, waiting)] == ["running", "running"]
+    wait_until(lambda: len(pool_pids(client)) == 1, 10, "one worker runs the first task")
+    workers = pool_pids(client)
+
+    assert client.delete(f"/tasks/{waiting}").json()["status"] == "cancelled"
+    go_first.touch()
+    assert wait_for_task(client, running)["status"] == "succeeded"
+    assert pool_pids(client) == workers  # the waiting task had no worker to kill
+    assert result(client, running) == workers[0]
+    assert client.get(f"/tasks/{waiting}").json()["attempts"] == 1
+
+
+def test_a_shutdown_gives_a_task_claimed_ahead_back_uncharged(
+    client: TestClient, db_path: Path, tmp_path: Path
+) -> None:
+    running, waiting = (submit(client, "waits_for", {"go_file": str(tmp_path / name)}) for name in "ab")
+    assert [status(client, running), status(client, waiting)] == ["running", "running"]
+
+    client.__exit__(None, None, None)  # the drain's grace (0.5 s) runs out: both go back
+    with closing(sqlite3.connect(db_path)) as conn:
+        rows = {
+            task_id: (state, attempts)
+            for task_id, state, attempts in conn.execute("SELECT id, status, attempts FROM tasks")
+        }
+    assert rows[running] == ("queued", 0) and rows[waiting] == ("queued", 0)
+
+
+@kinds.kind(runs_on=Placement.PROCESS, concurrency=1, time_limit_s=60)
+def waits_long(go_file: str) -> None:
+    while not os.path.exists(go_file):
+        time.sleep(0.01)
+
+
+def test_a_long_kind_never_claims_ahead(client: TestClient, tmp_path: Path) -> None:
+    go = tmp_path / "go"
+    first = submit(client, "waits_long", {"go_file": str(go)})
+    wait_until(lambda: status(client, first) == "running", 10, "the first attempt runs")
+    time.sleep(1.2)  # the attempt under test: its length makes the kind long
+    go.touch()
+    wait_for_task(client, first)
+    go.unlink()
+
+    running, behind = (submit(client, "waits_long", {"go_file": str(go)}) for _ in range(2))
+    assert [status(client, running), status(client, behind)] == ["running", "queued"]
+    go.touch()
+    assert wait_for_task(client, behind)["status"] == "succeeded"
