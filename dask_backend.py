@@ -33,7 +33,7 @@ from anyio import CancelScope
 from dask_cluster import ClusterStatus, DaskCluster
 from dask_runner import DaskAttemptObserver, DaskRunner
 from db import Database
-from executors import KindRegistry, Placement, ProcessRunner
+from executors import KindRegistry, Placement, ProcessRunner, WorkerPriority
 from settings import Settings, SettingsError
 
 MAX_IN_FLIGHT = 256  # per kind and server process: a ceiling, the cluster's size decides below it
@@ -143,7 +143,8 @@ async def open_dask(
     )
     if on_status is not None:
         cluster.on_refresh.append(on_status)
-    local = ProcessRunner(settings.process_workers, settings.process_nice) if fallback else None
+    priority = WorkerPriority(settings.process_nice, settings.process_sched_idle)
+    local = ProcessRunner(settings.process_workers, priority) if fallback else None
     try:
         if not await cluster.connect() and cluster.client is None and not fallback:
             raise _unavailable(address, cluster.last_error)

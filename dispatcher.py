@@ -42,6 +42,7 @@ from executors import (
     Runner,
     TaskContext,
     TaskKind,
+    WorkerPriority,
     checked_for_processes,
     error_line,
     runners_for,
@@ -111,7 +112,7 @@ class ExecutorConfig:
     lease_s: float = 10.0
     poll_interval_s: float = 0.5
     process_workers: int = 2
-    process_nice: int = 10
+    process_priority: WorkerPriority = field(default_factory=WorkerPriority)
     inline: bool = False
     idempotency_ttl_s: float = 24 * 3600.0
     auto_placement: bool = True
@@ -143,7 +144,7 @@ class Executor:
         self.config = config
         self._runners: dict[Placement, Runner] = runners_for(
             process_workers=config.process_workers,
-            process_nice=config.process_nice,
+            process_priority=config.process_priority,
             inline=config.inline,
             dask=dask_runner,
             recycle=config.recycle,

@@ -38,7 +38,7 @@ from db import (
     request_hash,
 )
 from dispatcher import Executor, ExecutorConfig
-from executors import KindRegistry
+from executors import KindRegistry, WorkerPriority
 from http_io import error, iso_utc, read_json_object, task_document
 from kinds import MATCH, builtin_kinds
 from logs import RequestLogMiddleware, configure_logging
@@ -313,7 +313,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
                 lease_s=settings.lease_s,
                 poll_interval_s=settings.poll_interval_s,
                 process_workers=settings.process_workers,
-                process_nice=settings.process_nice,
+                process_priority=WorkerPriority(settings.process_nice, settings.process_sched_idle),
                 inline=settings.inline,
                 idempotency_ttl_s=settings.idempotency_ttl_s,
                 auto_placement=settings.auto_placement,

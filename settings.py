@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     # Where tasks run.
     process_workers: Annotated[int, Field(ge=1, le=256)] = os.cpu_count() or 2
     process_nice: Annotated[int, Field(ge=0, le=19)] = 10
+    process_sched_idle: bool = True  # Linux: workers yield a core to the server at once
     # A process worker is replaced after this many tasks, or once its resident memory
     # passes this after a task (leaks cannot grow forever); unset: never.
     worker_max_tasks: Annotated[int | None, Field(ge=1)] = None

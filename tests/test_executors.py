@@ -33,7 +33,7 @@ def add_on_thread(a: int, b: int) -> dict:
 
 @kinds.kind(runs_on=Placement.PROCESS)
 def add_in_process(a: int, b: int) -> dict:
-    return {"sum": a + b, "pid": os.getpid(), "nice": os.nice(0)}
+    return {"sum": a + b, "pid": os.getpid(), "nice": os.nice(0), "policy": os.sched_getscheduler(0)}
 
 
 @kinds.kind(runs_on=Placement.PROCESS, time_limit_s=60)
@@ -116,6 +116,18 @@ def test_process_kinds_run_in_another_process_at_lower_priority(app_client: Test
     result = stored_task(app_client, task_id).result
     assert result["pid"] != os.getpid()
     assert result["nice"] >= os.nice(0) + 10
+    # SCHED_IDLE: any thread of the server that wakes preempts the worker at once.
+    assert (os.sched_getscheduler(0), result["policy"]) == (os.SCHED_OTHER, os.SCHED_IDLE)
+
+
+def test_process_workers_can_keep_the_normal_scheduling_policy(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(kinds=kinds, process_sched_idle=False, process_nice=5)
+    result = stored_task(
+        client, wait_for_task(client, submit(client, "add_in_process", {"a": 1, "b": 1}))["task_id"]
+    )
+    assert (result.result["policy"], result.result["nice"]) == (os.SCHED_OTHER, os.nice(0) + 5)
 
 
 def test_a_kind_sees_its_task_context(app_client: TestClient) -> None:
@@ -239,7 +251,7 @@ def test_inline_mode_runs_every_kind_at_once_in_process(make_client: Callable[..
     task = client.get(f"/tasks/{task_id}").json()  # no waiting: it already ran
     assert task["status"] == "succeeded"
     result = stored_task(client, task_id).result
-    assert result == {"sum": 42, "pid": os.getpid(), "nice": os.nice(0)}
+    assert result == {"sum": 42, "pid": os.getpid(), "nice": os.nice(0), "policy": os.sched_getscheduler(0)}
 
 
 def test_inline_mode_stores_matches_before_the_post_returns(make_client: Callable[..., TestClient]) -> None:
