@@ -317,6 +317,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
                 inline=settings.inline,
                 idempotency_ttl_s=settings.idempotency_ttl_s,
                 auto_placement=settings.auto_placement,
+                claim_ahead=settings.claim_ahead,
                 recycle=RecyclePolicy(settings.worker_max_tasks, settings.worker_max_rss_mb),
                 task_max_memory_mb=settings.task_max_memory_mb,
             )

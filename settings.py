@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     task_max_memory_mb: Annotated[int | None, Field(ge=1)] = None
     inline: bool = False
     auto_placement: bool = True  # let `auto` kinds move between threads and processes
+    claim_ahead: bool = True  # short process kinds claim one task ahead per worker
     match_time_limit_s: Annotated[float, Field(gt=0)] = 60.0
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     retry_backoff_s: Annotated[float, Field(ge=0)] = 1.0

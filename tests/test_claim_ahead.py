@@ -140,3 +140,13 @@ def test_a_long_kind_never_claims_ahead(client: TestClient, tmp_path: Path) -> N
     assert [status(client, running), status(client, behind)] == ["running", "queued"]
     go.touch()
     assert wait_for_task(client, behind)["status"] == "succeeded"
+
+
+def test_claiming_ahead_can_be_turned_off(make_client: Callable[..., TestClient], tmp_path: Path) -> None:
+    client = make_client(kinds=kinds, process_workers=2, claim_ahead=False)
+    wait_for_task(client, submit(client, "waits_for", {"go_file": __file__}))  # known to be short
+    go = tmp_path / "go"
+    running, behind = (submit(client, "waits_for", {"go_file": str(go)}) for _ in range(2))
+    assert [status(client, running), status(client, behind)] == ["running", "queued"]
+    go.touch()
+    assert wait_for_task(client, behind)["status"] == "succeeded"
