@@ -57,9 +57,10 @@ CLAIM_AHEAD_BELOW_S = 1.0
 """Process kinds whose attempts typically take less than this claim one task ahead per
 worker while only such kinds run in processes: a worker that finishes one takes the next
 at once instead of idling while its result commits (a fifth of a 10 ms task). A task
-claimed ahead shows as `running` and waits here for a worker, at most about one such
-task's length; its time limit starts when it gets the worker. Longer tasks gain nothing
-from it and would make the ones behind them wait, so they never claim ahead."""
+claimed ahead shows as `running` and waits here for a worker, usually less than one such
+task's length (one that suddenly runs long holds it until it ends or meets its time
+limit); its own time limit starts when it gets the worker. Longer tasks gain nothing from
+it and would make the ones behind them wait, so they never claim ahead."""
 DURATION_SMOOTHING = 0.3  # weight of the newest attempt in a kind's typical duration
 
 
