@@ -514,8 +514,8 @@ class ProcessRunner:
             return await self._run(call)
 
     def _kind_limiter(self, kind: TaskKind) -> CapacityLimiter | None:
-        """The kind's own limit, where the pool's is not already as tight (two steps on the
-        loop per call, saved for kinds that may use every worker)."""
+        """The kind's own limit; None where the pool's is as tight, so that a kind which
+        may use every worker skips an acquire and a release per call."""
         if kind.name not in self._limiters:
             concurrency = kind.concurrency_in(Placement.PROCESS)
             limited = concurrency < self.pool.limiter.total_tokens
