@@ -505,7 +505,7 @@ class ProcessRunner:
         self.pool = ProcessPool(workers, recycle, on_retire)
         self.priority = priority
         self.task_max_memory_mb = task_max_memory_mb
-        self._limiters: dict[str, CapacityLimiter | None] = {}
+        self._limiters: dict[str, anyio.Semaphore | None] = {}
 
     async def __call__(self, call: Call) -> CallResult:
         if (limiter := self._kind_limiter(call.kind)) is None:
@@ -513,13 +513,13 @@ class ProcessRunner:
         async with limiter:
             return await self._run(call)
 
-    def _kind_limiter(self, kind: TaskKind) -> CapacityLimiter | None:
+    def _kind_limiter(self, kind: TaskKind) -> anyio.Semaphore | None:
         """The kind's own limit; None where the pool's is as tight, so that a kind which
         may use every worker skips an acquire and a release per call."""
         if kind.name not in self._limiters:
             concurrency = kind.concurrency_in(Placement.PROCESS)
-            limited = concurrency < self.pool.limiter.total_tokens
-            self._limiters[kind.name] = CapacityLimiter(concurrency) if limited else None
+            limited = concurrency < self.pool.size
+            self._limiters[kind.name] = anyio.Semaphore(concurrency, fast_acquire=True) if limited else None
         return self._limiters[kind.name]
 
     async def _run(self, call: Call) -> CallResult:

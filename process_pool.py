@@ -25,7 +25,7 @@ from enum import StrEnum
 from typing import Any, TypeVar, cast
 
 import anyio
-from anyio import BrokenWorkerProcess, CancelScope, CapacityLimiter, get_cancelled_exc_class
+from anyio import BrokenWorkerProcess, CancelScope, get_cancelled_exc_class
 from anyio.abc import ByteReceiveStream, ByteSendStream, Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
@@ -123,7 +123,9 @@ class ProcessPool:
         on_retire: Callable[[Retirement], None] | None = None,
         command: list[str] | None = None,
     ) -> None:
-        self.limiter = CapacityLimiter(size)
+        self.size = size
+        # A call that finds a free worker goes on to await it: no need to yield first.
+        self._free_workers = anyio.Semaphore(size, fast_acquire=True)
         self.recycle = recycle
         self._on_retire = on_retire
         self._command = command or WORKER_COMMAND
@@ -141,7 +143,7 @@ class ProcessPool:
         whatever `func` raised otherwise.
         """
         command = ("run", func, args)
-        async with self.limiter:
+        async with self._free_workers:
             worker = await self._idle_worker() or await self._start_worker()
             if on_worker is not None:
                 on_worker()
