@@ -87,7 +87,7 @@ class _Attempt:
     task: TaskRecord
     kind: TaskKind
     placement: Placement
-    scope: CancelScope = field(default_factory=CancelScope)
+    scope: CancelScope = field(default_factory=CancelScope)  # stop() cancels it; deadline: time limit
     stop_reason: _StopReason | None = None
     logs: str = ""  # what the attempt printed or logged
     refilled: bool = False  # its finishing transaction claimed work for every free slot
@@ -251,14 +251,16 @@ class Executor:
                 attempt_end = self._attempt_ended.setdefault(task_id, _AttemptEnd())
                 try:
                     # Running here: its end wakes us (checked and registered with no await between).
-                    if task_id not in self._attempts:
+                    if task_id in self._attempts:
+                        await attempt_end.event.wait()
+                    else:
                         task = await self.db.get_task(task_id)
                         if task is None:
                             raise LookupError(task_id)
                         if task.status in FINISHED:
                             return task
-                    with anyio.move_on_after(poll_s):
-                        await attempt_end.event.wait()
+                        with anyio.move_on_after(poll_s):
+                            await attempt_end.event.wait()
                     if attempt_end.task is not None and attempt_end.task.status in FINISHED:
                         return attempt_end.task
                 finally:
@@ -465,11 +467,10 @@ class Executor:
             "task %s (%s) attempt %d/%d started", task.id, kind.name, task.attempts, task.max_attempts
         )
         runner = self._runners[attempt.placement]
-        time_limit = CancelScope()  # its deadline is set when the call begins to run
 
-        def start_clock() -> None:
+        def start_clock() -> None:  # the attempt's scope gets its deadline: the time limit
             attempt.running_since = time.monotonic()
-            time_limit.deadline = anyio.current_time() + kind.time_limit_s
+            attempt.scope.deadline = anyio.current_time() + kind.time_limit_s
 
         call = Call(kind, task.payload, self._context(task), started=start_clock)
         if not getattr(runner, "calls_started", False):  # it runs as soon as it is called
@@ -478,13 +479,7 @@ class Executor:
         try:
             with attempt.scope:
                 try:
-                    with time_limit:
-                        outcome = await runner(call)
-                    if time_limit.cancelled_caught:
-                        raise TimeoutError
-                except TimeoutError:
-                    error = f"time limit of {kind.time_limit_s:g} s exceeded: the attempt was stopped"
-                    worker_lost = "time_limit"
+                    outcome = await runner(call)
                 except BrokenWorkerProcess:
                     error = "the worker process died (crash, kill or out of memory)"
                     worker_lost = "crashed"
@@ -495,8 +490,12 @@ class Executor:
                     error, attempt.logs = exc.error, exc.logs
                 except Exception as exc:  # the task boundary: any error of the task is its outcome
                     error = error_line(exc)
-            if attempt.scope.cancelled_caught and outcome is None and attempt.running_since is not None:
-                worker_lost = "stopped"  # cancelled or drained mid-call: the pool killed the worker
+            if attempt.scope.cancelled_caught and outcome is None:
+                if attempt.stop_reason is None:  # not stopped: the scope's deadline passed
+                    error = f"time limit of {kind.time_limit_s:g} s exceeded: the attempt was stopped"
+                    worker_lost = "time_limit"
+                elif attempt.running_since is not None:
+                    worker_lost = "stopped"  # cancelled or drained mid-call: the pool killed the worker
             if attempt.running_since is not None:
                 self._note_duration(kind, time.monotonic() - attempt.running_since)
             if worker_lost and attempt.placement is Placement.PROCESS and self._on_worker_replaced:
