@@ -6,6 +6,8 @@ Everything here runs in spawned child processes, so that the indexes (hundreds o
 * `measure`: per table size, one warm match task (what profile_app's `match` kind does:
   refresh the resident index from the database, then `top_matches`) and the seed's task
   (read every row, build an index, match), timed alone.
+* `warm_task_cpu_s`: the warm match task's CPU time alone, for one table: the reference
+  of `cpu_efficiency`, taken right before the throughput window it is compared with.
 * `parallel_ceiling`: the same warm task looped in 1 process, then in `cores` processes
   at once. On a machine whose cores share caches and memory bandwidth (or whose virtual
   CPUs share a host), `cores` processes do less than `cores` times the work of one; the
@@ -49,19 +51,29 @@ def _warm_task(db: str, user_id: str) -> None:
     kinds.resident_index(db).top_matches(user_id, kinds.MATCH_COUNT)
 
 
+def _time_warm_tasks(db: str, queries: list[str]) -> tuple[list[float], list[float]]:
+    """Wall times of `top_matches` and CPU times of the whole task, after a first (cold) one."""
+    _warm_task(db, queries[0])  # build and warm, as a worker's first task does
+    wall, cpu = [], []
+    for user_id in queries[1:]:
+        cpu_start = time.process_time()
+        index = kinds.resident_index(db)  # what match_profile does per task: read the delta
+        wall_start = time.perf_counter()
+        index.top_matches(user_id, kinds.MATCH_COUNT)
+        wall.append(time.perf_counter() - wall_start)
+        cpu.append(time.process_time() - cpu_start)
+    return wall, cpu
+
+
+def _warm_task_cpu_s(db: str, queries: list[str]) -> float:
+    return statistics.median(_time_warm_tasks(db, queries)[1])
+
+
 def _time_sizes(databases: dict[int, str], users: dict[int, list[str]]) -> list[InProcess]:
     results = []
     for size, db in sorted(databases.items()):
         queries = users[size]
-        _warm_task(db, queries[0])  # build and warm, as a worker's first task does
-        wall, cpu = [], []
-        for user_id in queries[1:]:
-            cpu_start = time.process_time()
-            index = kinds.resident_index(db)  # what match_profile does per task: read the delta
-            wall_start = time.perf_counter()
-            index.top_matches(user_id, kinds.MATCH_COUNT)
-            wall.append(time.perf_counter() - wall_start)
-            cpu.append(time.process_time() - cpu_start)
+        wall, cpu = _time_warm_tasks(db, queries)
         seed = []
         for user_id in queries[: 1 if size > SEED_REPEAT_UP_TO else 3]:
             cpu_start = time.process_time()
@@ -80,6 +92,12 @@ def measure(databases: dict[int, Path], users: dict[int, list[str]]) -> dict[int
     with _spawn_pool(1) as pool:
         found = pool.submit(_time_sizes, paths, queries).result()
     return {result.profiles: result for result in found}
+
+
+def warm_task_cpu_s(db: Path, users: list[str]) -> float:
+    """One warm match task's CPU time on `db` (median), in a fresh child process."""
+    with _spawn_pool(1) as pool:
+        return pool.submit(_warm_task_cpu_s, str(db), users[: QUERIES + 1]).result()
 
 
 def _loop_tasks(db: str, users: list[str], duration_s: float, ready: Barrier, rates: Queue[float]) -> None:
