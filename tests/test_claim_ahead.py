@@ -121,22 +121,23 @@ def test_a_shutdown_gives_a_task_claimed_ahead_back_uncharged(
     assert rows[running] == ("queued", 0) and rows[waiting] == ("queued", 0)
 
 
+LONG_S = 1.2  # longer than dispatcher.CLAIM_AHEAD_BELOW_S
+
+
 @kinds.kind(runs_on=Placement.PROCESS, concurrency=1, time_limit_s=60)
-def waits_long(go_file: str) -> None:
+def runs_long(go_file: str, at_least_s: float) -> None:
+    time.sleep(at_least_s)
     while not os.path.exists(go_file):
         time.sleep(0.01)
 
 
 def test_a_long_kind_never_claims_ahead(client: TestClient, tmp_path: Path) -> None:
-    go = tmp_path / "go"
-    first = submit(client, "waits_long", {"go_file": str(go)})
-    wait_until(lambda: status(client, first) == "running", 10, "the first attempt runs")
-    time.sleep(1.2)  # the attempt under test: its length makes the kind long
-    go.touch()
-    wait_for_task(client, first)
-    go.unlink()
+    # One attempt of LONG_S makes the kind long (the first attempt of a kind sets its length).
+    wait_for_task(client, submit(client, "runs_long", {"go_file": __file__, "at_least_s": LONG_S}))
 
-    running, behind = (submit(client, "waits_long", {"go_file": str(go)}) for _ in range(2))
+    go = tmp_path / "go"
+    payload = {"go_file": str(go), "at_least_s": 0}
+    running, behind = (submit(client, "runs_long", payload) for _ in range(2))
     assert [status(client, running), status(client, behind)] == ["running", "queued"]
     go.touch()
     assert wait_for_task(client, behind)["status"] == "succeeded"
