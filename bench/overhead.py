@@ -88,7 +88,7 @@ def measure_ingest(tmp: Path, cache: Path, seconds: float, profile_dir: Path | N
 def measure_tasks(tmp: Path, cache: Path, backlog: int, seconds: float, profile_dir: Path | None) -> None:
     source = seeded(cache, "100k")
     users = datasets.user_ids(source, 1000)
-    task_cpu_s = inprocess.measure({SIZES["100k"]: source}, {SIZES["100k"]: users})[SIZES["100k"]].task_cpu_s
+    task_cpu_s = inprocess.warm_task_cpu_s(source, users)
     bodies = datasets.profile_bodies(2, "warm")
     with profile_app(tmp, source, "tasks", profile_dir) as server:
         health.warm_up(server, bodies)
