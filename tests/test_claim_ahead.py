@@ -17,7 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest import submit, wait_for_task, wait_until
+from conftest import stored_task, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
 
 from executors import KindRegistry, Placement
@@ -32,7 +32,7 @@ kinds = KindRegistry()
 def naps() -> dict:
     started = time.time()
     time.sleep(NAP_S)
-    return {"ran_from": started, "ran_to": time.time(), "pid": os.getpid()}
+    return {"ran_from": started, "ran_to": time.time()}
 
 
 @kinds.kind(runs_on=Placement.PROCESS, concurrency=1, time_limit_s=60)
@@ -48,11 +48,6 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
     # Start a worker and import this module in it, so no attempt below includes a cold start.
     wait_for_task(client, submit(client, "waits_for", {"go_file": __file__}))
     return client
-
-
-def result(client: TestClient, task_id: str) -> dict:
-    task = client.portal.call(client.app_state["db"].get_task, task_id)  # type: ignore[union-attr]
-    return task.result
 
 
 def status(client: TestClient, task_id: str) -> str:
@@ -76,7 +71,7 @@ def test_a_task_claimed_ahead_waits_for_its_kinds_slot_and_its_time_limit_starts
     ]
     done = [wait_for_task(client, task_id) for task_id in (first, second, third)]
     assert [task["status"] for task in done] == ["succeeded"] * 3, [task["error"] for task in done]
-    runs = [result(client, task_id) for task_id in (first, second, third)]
+    runs = [stored_task(client, task_id).result for task_id in (first, second, third)]
     # Never two at once, though two were `running`: the kind's concurrency holds.
     assert runs[0]["ran_to"] <= runs[1]["ran_from"] and runs[1]["ran_to"] <= runs[2]["ran_from"]
     # The second was claimed before the first had finished, so its time from claim to
@@ -102,7 +97,7 @@ def test_cancelling_a_task_that_waits_for_a_worker_kills_no_worker(
     go_first.touch()
     assert wait_for_task(client, running)["status"] == "succeeded"
     assert pool_pids(client) == workers  # the waiting task had no worker to kill
-    assert result(client, running) == workers[0]
+    assert stored_task(client, running).result == workers[0]
     assert client.get(f"/tasks/{waiting}").json()["attempts"] == 1
 
 

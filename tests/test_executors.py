@@ -124,10 +124,10 @@ def test_process_workers_can_keep_the_normal_scheduling_policy(
     make_client: Callable[..., TestClient],
 ) -> None:
     client = make_client(kinds=kinds, process_sched_idle=False, process_nice=5)
-    result = stored_task(
-        client, wait_for_task(client, submit(client, "add_in_process", {"a": 1, "b": 1}))["task_id"]
-    )
-    assert (result.result["policy"], result.result["nice"]) == (os.SCHED_OTHER, os.nice(0) + 5)
+    task_id = submit(client, "add_in_process", {"a": 1, "b": 1})
+    wait_for_task(client, task_id)
+    result = stored_task(client, task_id).result
+    assert (result["policy"], result["nice"]) == (os.SCHED_OTHER, os.nice(0) + 5)
 
 
 def test_a_kind_sees_its_task_context(app_client: TestClient) -> None:
