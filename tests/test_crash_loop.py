@@ -1,8 +1,8 @@
 """Crash loop: SIGKILL every process of a real server at random moments while tasks run.
 
-Rounds of: start the server (two server processes), submit a batch of small match tasks
-(some replacing profiles of earlier rounds), wait until a randomly chosen number of tasks has finished,
-then SIGKILL the whole process group (supervisor, server processes and their workers) with
+Rounds of: start the server (two server processes), submit a batch of match tasks (some
+replacing profiles of earlier rounds), wait until a randomly chosen number of tasks has
+finished, then SIGKILL the whole process group (supervisor, server processes and their workers) with
 no chance to clean up. After the last kill a final server finishes the queue. Then every
 accepted task has succeeded, each profile's matches come from its latest task, no task
 was lost or duplicated, and SQLite's integrity check passes.
@@ -25,12 +25,16 @@ from pathlib import Path
 import pytest
 from conftest import Server, wait_until
 from test_multiprocess import INTERESTS, post_all, tiny_profiles
+from test_server_e2e import seed
 
 KILLS = int(os.environ.get("PROFILE_APP_TEST_KILLS", "10"))  # `make soak` kills more often
 BATCH = 100  # tasks submitted per round: 1,100 in all with 10 kills
 USERS = 600  # later rounds also replace earlier users' profiles
 SERVER_PROCESSES = 2
 PROCESS_WORKERS = 1  # per server process
+# Matched against this many stored profiles, a task takes milliseconds: a batch is posted
+# faster than the workers finish it, so every kill lands while tasks run.
+SEEDED = 10_000
 
 
 def finished_count(db: Path) -> int:
@@ -53,6 +57,7 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(db_path: Path) -
     env = {"PROFILE_APP_MAX_ATTEMPTS": str(KILLS + 1), "PROFILE_APP_PROCESS_WORKERS": str(PROCESS_WORKERS)}
     # Match tasks are short, so each worker also holds one task claimed ahead (`running`).
     running_at_most = SERVER_PROCESSES * PROCESS_WORKERS * 2
+    seed(db_path, SEEDED)
     documents = tiny_profiles(USERS, "c")
     latest_task: dict[str, str] = {}
     accepted: list[str] = []
