@@ -3,9 +3,9 @@
 One writer connection per server process does every write inside `BEGIN IMMEDIATE`
 (so concurrent server processes queue on SQLite's lock instead of failing an upgrade),
 and a read-only connection serves the GET endpoints beside it, which WAL allows.
-Profile submissions are group-committed: whoever holds the write lock commits every
-submission waiting for it in one transaction, and each caller gets its answer only
-after that commit.
+Writes are group-committed (group_commit.py): whoever takes the write lock commits every
+write and profile submission waiting for it in one transaction, and each caller gets its
+answer only after that commit.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Any, NoReturn, TypeVar
 import aiosqlite
 import anyio
 
+from group_commit import QueuedWrite, run_group
 from migrations import MIGRATIONS
 from records import (
     FINISHED,
@@ -227,9 +228,17 @@ def _sqlite_failure(exc: sqlite3.Error) -> StorageUnavailable:
 class Database:
     """The profile store and task queue of one server process."""
 
-    def __init__(self, path: Path, *, busy_timeout_s: float = 5.0, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_s: float = 5.0,
+        clock: Clock = time.time,
+        on_group_commit: Callable[[int], None] | None = None,
+    ) -> None:
         self.path = path
         self.clock = clock
+        self.on_group_commit = on_group_commit  # called with how many writes each group commit held
         self.busy_timeout_s = busy_timeout_s
         self.owner = lease_owner_id()
         self._writer: aiosqlite.Connection | None = None
@@ -238,7 +247,9 @@ class Database:
         # Every holder goes on to await the writer's thread, so taking a free lock need not
         # yield to the loop as well (one loop iteration less per write).
         self._write_lock = anyio.Lock(fast_acquire=True)
-        self._pending: list[ProfileSubmission] = []
+        # What the next holder of the write lock commits (see _commit_queued).
+        self._queued_writes: list[QueuedWrite[Any]] = []
+        self._queued_submissions: list[ProfileSubmission] = []
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -328,20 +339,86 @@ class Database:
         except BaseException as exc:
             await _roll_back_and_raise(conn, exc)
 
-    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run `work(conn)` as one write transaction on the writer's thread, in one round trip."""
-        async with self._write_lock:
-            return await self._locked_write(work)
-
     async def _write_and_claim(
-        self, work: Callable[[sqlite3.Connection], T], claims: Claims, lease_s: float, now: float
+        self, work: Callable[[sqlite3.Connection], T], claims: Claims, lease_s: float
     ) -> tuple[T, Claimed]:
-        """`_write`, and in the same transaction take the due tasks `claims` asks for."""
-        async with self._write_lock:
-            requests = claims()
-            return await self._locked_write(
-                lambda conn: (work(conn), self._claim_in(conn, requests, lease_s, now))
-            )
+        """Run `work(conn)` on the writer's thread in the next group commit; returns what it
+        returned, and the due tasks `claims` asked for if this call led the commit.
+
+        A call that finds its write already committed by another's transaction claims
+        nothing: its caller's wake-up of the dispatcher (a finished attempt's free slot, a
+        new task) takes them in the next claim round. Raises what `work` raised, with its
+        write undone, or StorageUnavailable.
+        """
+        write: QueuedWrite[T] = QueuedWrite(work)
+        self._queued_writes.append(write)
+        claimed: Claimed = {}
+        try:
+            async with self._write_lock:
+                if not write.done:
+                    claimed = await self._commit_queued(claims, lease_s)
+        except anyio.get_cancelled_exc_class():
+            if not write.taken:  # withdrawn: no transaction will run it
+                self._queued_writes.remove(write)
+            raise
+        try:
+            return write.outcome(), claimed
+        except sqlite3.Error as exc:  # the write failed in its savepoint; the group committed
+            raise _sqlite_failure(exc) from exc
+
+    async def _commit_queued(self, claims: Claims, lease_s: float) -> Claimed:
+        """Holding the write lock: commit every queued write and profile submission in one
+        transaction, which also takes the due tasks `claims` asks for; returns those.
+
+        A failed transaction is every write's outcome (StorageUnavailable, or what a write
+        alone raised); nothing is raised here unless the caller is cancelled mid-way.
+        """
+        writes: list[QueuedWrite[Any]]
+        writes, self._queued_writes = self._queued_writes, []
+        submissions, self._queued_submissions = self._queued_submissions, []
+        held = len(writes) + len(submissions)
+        now = self.clock()
+        if submissions:  # one write for them all: their inserts take a statement each
+            writes.append(QueuedWrite(lambda conn: self._apply_submissions(conn, submissions, now)))
+        requests = claims()
+        if not writes and not any(request.limit > 0 for request in requests):
+            return {}
+        for write in writes:
+            write.taken = True
+
+        def transaction(conn: sqlite3.Connection) -> Claimed:
+            run_group(conn, writes)
+            return self._claim_in(conn, requests, lease_s, now)
+
+        claimed: Claimed = {}
+        try:
+            claimed = await self._locked_write(transaction)
+        except Exception as exc:
+            for write in writes:
+                write.error = exc
+        except BaseException:
+            for write in writes:
+                write.error = StorageUnavailable("cancelled")
+            raise
+        else:
+            if self.on_group_commit is not None and held:
+                self.on_group_commit(held)
+        finally:
+            for write in writes:
+                write.done = True
+            if submissions:
+                self._settle(submissions, writes[-1])
+        return claimed
+
+    @staticmethod
+    def _settle(submissions: list[ProfileSubmission], write: QueuedWrite[Any]) -> None:
+        """Give each submission of a group commit its outcome: its response, or the error."""
+        error = write.error
+        if isinstance(error, sqlite3.Error):
+            error = _sqlite_failure(error)
+        outcomes = [error] * len(submissions) if error is not None else write.value
+        for item, outcome in zip(submissions, outcomes, strict=True):
+            item.outcome = outcome
 
     async def _locked_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """`_write` for a caller that already holds the write lock.
@@ -402,53 +479,27 @@ class Database:
         they ask for; they are left in `submission.claimed` of the request that led it.
         Raises QueueFull, IdempotencyConflict, IdempotencyInProgress or StorageUnavailable.
         """
-        self._pending.append(submission)
-        # Group commit: whoever gets the lock first commits every submission waiting.
-        async with self._write_lock:
-            if submission.outcome is None:
-                batch, self._pending = self._pending, []
-                try:
-                    submission.claimed = await self._commit_submissions(
-                        batch, max_unfinished, idempotency_ttl_s, claims(), lease_s
-                    )
-                except BaseException as exc:
-                    failure = exc if isinstance(exc, Exception) else StorageUnavailable("cancelled")
-                    for item in batch:
-                        item.outcome = failure
-                    if not isinstance(exc, Exception):
-                        raise
+        submission.max_unfinished = max_unfinished
+        submission.idempotency_ttl_s = idempotency_ttl_s
+        self._queued_submissions.append(submission)
+        try:
+            async with self._write_lock:
+                if submission.outcome is None:
+                    submission.claimed = await self._commit_queued(claims, lease_s)
+        except anyio.get_cancelled_exc_class():
+            if submission.outcome is None:  # withdrawn, unless a transaction has it
+                queued = self._queued_submissions
+                self._queued_submissions = [item for item in queued if item is not submission]
+            raise
         outcome = submission.outcome
         if isinstance(outcome, Exception):
             raise outcome
         assert outcome is not None
         return outcome
 
-    async def _commit_submissions(
-        self,
-        batch: list[ProfileSubmission],
-        max_unfinished: int,
-        idempotency_ttl_s: float,
-        claims: Sequence[ClaimRequest],
-        lease_s: float,
-    ) -> Claimed:
-        now = self.clock()
-
-        def work(conn: sqlite3.Connection) -> tuple[list[dict[str, Any] | Exception], Claimed]:
-            outcomes = self._apply_submissions(conn, batch, now, max_unfinished, idempotency_ttl_s)
-            return outcomes, self._claim_in(conn, claims, lease_s, now)
-
-        outcomes, claimed = await self._locked_write(work)
-        for item, outcome in zip(batch, outcomes, strict=True):
-            item.outcome = outcome
-        return claimed
-
     @staticmethod
     def _apply_submissions(
-        conn: sqlite3.Connection,
-        batch: list[ProfileSubmission],
-        now: float,
-        max_unfinished: int,
-        idempotency_ttl_s: float,
+        conn: sqlite3.Connection, batch: list[ProfileSubmission], now: float
     ) -> list[dict[str, Any] | Exception]:
         """Decide each submission's outcome, then write every accepted one with a few statements."""
         unfinished, rev = conn.execute(
@@ -456,14 +507,14 @@ class Database:
             " (SELECT COALESCE(MAX(rev), 0) FROM profiles)"
         ).fetchone()
         keys = [item.idempotency_key for item in batch if item.idempotency_key is not None]
-        stored_keys: dict[str, tuple[str, str]] = {}
+        stored_keys: dict[str, tuple[str, str, float]] = {}
         if keys:
             found = conn.execute(
-                "SELECT key, request_hash, response FROM idempotency_keys"
+                "SELECT key, request_hash, response, created_at FROM idempotency_keys"
                 f" WHERE key IN ({','.join('?' * len(keys))}) AND created_at > ?",
-                (*keys, now - idempotency_ttl_s),
+                (*keys, now - max(item.idempotency_ttl_s for item in batch)),
             ).fetchall()
-            stored_keys = {key: (stored_hash, response) for key, stored_hash, response in found}
+            stored_keys = {key: (stored, response, created) for key, stored, response, created in found}
         keys_in_batch: set[str] = set()
         accepted: list[ProfileSubmission] = []
         outcomes: list[dict[str, Any] | Exception] = []
@@ -474,12 +525,13 @@ class Database:
                     outcomes.append(IdempotencyInProgress(key))
                     continue
                 keys_in_batch.add(key)
-                if key in stored_keys:
-                    stored_hash, stored_response = stored_keys[key]
+                stored = stored_keys.get(key)
+                if stored is not None and stored[2] > now - item.idempotency_ttl_s:
+                    stored_hash, stored_response, _created = stored
                     same = stored_hash == item.request_hash
                     outcomes.append(json.loads(stored_response) if same else IdempotencyConflict(key))
                     continue
-            if unfinished >= max_unfinished:
+            if unfinished >= item.max_unfinished:
                 outcomes.append(QueueFull(f"{unfinished} unfinished tasks"))
                 continue
             unfinished += 1
@@ -584,7 +636,7 @@ class Database:
         """Queue a task durably; with `claims`, take due tasks in the same transaction."""
         now = self.clock()
         _cursor, claimed = await self._write_and_claim(
-            lambda conn: conn.execute(_INSERT_TASK, _task_row(task, now)), claims, lease_s, now
+            lambda conn: conn.execute(_INSERT_TASK, _task_row(task, now)), claims, lease_s
         )
         return claimed
 
@@ -689,13 +741,12 @@ class Database:
         }
         if not due:
             return {}
-        _nothing, claimed = await self._write_and_claim(
-            lambda conn: None,
-            lambda: [request for request in claims() if request.kind in due],
-            lease_s,
-            self.clock(),
-        )
-        return claimed
+        # A claim round always leads a group commit of its own (the writes queued meanwhile
+        # go with it): a claim that another's transaction skipped would wait for the next poll.
+        async with self._write_lock:
+            return await self._commit_queued(
+                lambda: [request for request in claims() if request.kind in due], lease_s
+            )
 
     def _claim_in(
         self, conn: sqlite3.Connection, requests: Sequence[ClaimRequest], lease_s: float, now: float
@@ -824,7 +875,7 @@ class Database:
             return stored
 
         # The result, the effect, the claims and the COMMIT: one round trip to the writer.
-        return await self._write_and_claim(store, claims, lease_s, now)
+        return await self._write_and_claim(store, claims, lease_s)
 
     async def fail(
         self, task: TaskRecord, error: str, retry_in_s: float | None, logs: str = ""
@@ -870,7 +921,7 @@ class Database:
             ).fetchone()
             return None if row is None else TaskRecord.from_row(row)
 
-        return await self._write_and_claim(work, claims, lease_s, now)
+        return await self._write_and_claim(work, claims, lease_s)
 
     async def release(self, tasks: Sequence[TaskRecord]) -> int:
         """Give unfinished attempts back to the queue without charging them (shutdown drain)."""

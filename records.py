@@ -150,6 +150,10 @@ class ProfileSubmission:
     response: dict[str, Any] | None = None
     outcome: dict[str, Any] | Exception | None = None
     claimed: dict[str, list[TaskRecord]] = field(default_factory=dict)
+    # Set by Database.submit_profile from its arguments: each submission of a group is
+    # checked against the limits its own caller gave.
+    max_unfinished: int = 0
+    idempotency_ttl_s: float = 0.0
 
 
 def request_hash(document: Any) -> str:

@@ -1,0 +1,215 @@
+"""Group commit (group_commit.py, Database._commit_queued) on a real SQLite file.
+
+Writes that wait for the write lock share the next transaction and its one COMMIT. What
+these tests pin down: every waiting write goes into that one commit, a write that fails
+in a group is undone alone and its error reaches only its caller, a write whose caller
+is cancelled while it waits is never committed, and through the executor many short
+tasks share commits without ever running beside their kind's concurrency.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+from conftest import wait_for_task, wait_until
+from starlette.testclient import TestClient
+
+from db import Database, NewTask, ProfileSubmission, TaskRecord, TaskStatus, Transaction
+from executors import KindRegistry, Placement
+
+pytestmark = pytest.mark.anyio
+
+GATE_TIMEOUT_S = 30.0
+
+
+def new_task(number: int) -> NewTask:
+    return NewTask("work", {"n": number}, "process", 3)
+
+
+def submission(user_id: str) -> ProfileSubmission:
+    task = NewTask("match", {"user_id": user_id}, "process", 3)
+    return ProfileSubmission(
+        profile={"user_id": user_id, "name": user_id, "interests": [], "bio": ""},
+        task=task,
+        response={"task_id": task.id},
+    )
+
+
+class Gate:
+    """An on_success effect that holds its transaction open on the writer's thread until
+    opened: the writes started meanwhile queue for the next group commit."""
+
+    def __init__(self) -> None:
+        self.entered = threading.Event()
+        self.opened = threading.Event()
+
+    def __call__(self, tx: Transaction, task: TaskRecord, result: Any) -> None:
+        self.entered.set()
+        self.opened.wait(GATE_TIMEOUT_S)
+
+    async def wait_entered(self) -> None:
+        assert await anyio.to_thread.run_sync(self.entered.wait, GATE_TIMEOUT_S)
+
+
+async def running_task(db: Database, number: int) -> TaskRecord:
+    await db.enqueue(new_task(number))
+    (task,) = await db.claim("work", "process", 1, lease_s=60)
+    return task
+
+
+async def test_writes_waiting_for_a_commit_share_the_next_one(db_path: Path) -> None:
+    commits: list[int] = []
+    gate = Gate()
+    async with Database(db_path, on_group_commit=commits.append) as db:
+        held = await running_task(db, 0)
+        commits.clear()
+        tasks = [new_task(number) for number in range(1, 11)]
+        async with anyio.create_task_group() as group:
+            group.start_soon(db.succeed, held, "done", gate)
+            await gate.wait_entered()
+            for task in tasks:
+                group.start_soon(db.enqueue, task)
+            for number in range(2):
+                group.start_soon(
+                    lambda n=number: db.submit_profile(
+                        submission(f"user{n}"), max_unfinished=100, idempotency_ttl_s=60
+                    )
+                )
+            await anyio.wait_all_tasks_blocked()  # every write above waits for the lock
+            gate.opened.set()
+        stored = [await db.get_task(task.id) for task in tasks]
+        profiles = [await db.get_profile(f"user{n}") for n in range(2)]
+        finished = await db.get_task(held.id)
+
+    assert commits == [1, 12]  # the held result alone, then ten tasks and two profiles at once
+    assert all(task is not None and task.status is TaskStatus.QUEUED for task in stored)
+    assert all(profile is not None for profile in profiles)
+    assert finished is not None and finished.status is TaskStatus.SUCCEEDED
+
+
+async def test_a_write_that_fails_in_a_group_is_undone_alone(db_path: Path) -> None:
+    commits: list[int] = []
+    gate = Gate()
+    follow_up = new_task(99)
+
+    def queues_then_fails(tx: Transaction, task: TaskRecord, result: Any) -> None:
+        tx.enqueue(follow_up)
+        raise ValueError("the effect failed")
+
+    async with Database(db_path, on_group_commit=commits.append) as db:
+        held = await running_task(db, 0)
+        failing = await running_task(db, 1)
+        commits.clear()
+        before, after = new_task(2), new_task(3)
+        errors: list[Exception] = []
+
+        async def succeed_failing() -> None:
+            try:
+                await db.succeed(failing, "never stored", queues_then_fails)
+            except ValueError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(db.succeed, held, "done", gate)
+            await gate.wait_entered()
+            group.start_soon(db.enqueue, before)
+            await anyio.wait_all_tasks_blocked()
+            group.start_soon(succeed_failing)
+            await anyio.wait_all_tasks_blocked()
+            group.start_soon(db.enqueue, after)
+            await anyio.wait_all_tasks_blocked()
+            gate.opened.set()
+        failed_row = await db.get_task(failing.id)
+        rows = [await db.get_task(task.id) for task in (before, after, follow_up)]
+
+    assert commits == [1, 3]
+    assert [str(error) for error in errors] == ["the effect failed"]
+    # Its result and the task its effect queued are undone; the writes around it committed.
+    assert failed_row is not None and failed_row.status is TaskStatus.RUNNING and failed_row.result is None
+    assert rows[0] is not None and rows[1] is not None and rows[2] is None
+
+
+async def test_a_write_whose_caller_is_cancelled_while_it_waits_is_never_committed(db_path: Path) -> None:
+    commits: list[int] = []
+    gate = Gate()
+    async with Database(db_path, on_group_commit=commits.append) as db:
+        held = await running_task(db, 0)
+        commits.clear()
+        withdrawn, later = new_task(1), new_task(2)
+        waiting = anyio.CancelScope()
+
+        async def enqueue_then_give_up() -> None:
+            with waiting:
+                await db.enqueue(withdrawn)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(db.succeed, held, "done", gate)
+            await gate.wait_entered()
+            group.start_soon(enqueue_then_give_up)
+            await anyio.wait_all_tasks_blocked()  # its write waits for the lock
+            waiting.cancel()
+            await anyio.wait_all_tasks_blocked()
+            gate.opened.set()
+        await db.enqueue(later)
+        assert await db.get_task(withdrawn.id) is None
+        assert await db.get_task(later.id) is not None
+    assert commits == [1, 1]
+
+
+short_kinds = KindRegistry()
+CONCURRENCY = 4
+
+
+class Overlap:
+    """How many attempts of `short_io` run at once (they run on the app's event loop)."""
+
+    running = 0
+    most = 0
+
+
+@short_kinds.kind(runs_on=Placement.LOOP, concurrency=CONCURRENCY, time_limit_s=30)
+async def short_io() -> int:
+    Overlap.running += 1
+    Overlap.most = max(Overlap.most, Overlap.running)
+    try:
+        await anyio.sleep(0.001)
+    finally:
+        Overlap.running -= 1
+    return 1
+
+
+def test_short_tasks_share_commits_and_keep_their_concurrency(
+    make_client: Callable[..., TestClient],
+) -> None:
+    client = make_client(kinds=short_kinds)
+    executor = client.app_state["executor"]
+    sizes: list[int] = []
+    executor.db.on_group_commit = sizes.append
+    Overlap.most = 0
+
+    async def submit_many() -> list[str]:
+        ids: list[str] = []
+
+        async def submit(count: int) -> None:
+            for _ in range(count):
+                ids.append(await executor.submit("short_io", {}))
+
+        async with anyio.create_task_group() as group:
+            for _ in range(8):
+                group.start_soon(submit, 25)
+        return ids
+
+    ids = client.portal.call(submit_many)
+    finished = [wait_for_task(client, task_id) for task_id in ids]
+
+    assert [task["status"] for task in finished] == ["succeeded"] * 200
+    assert 1 <= Overlap.most <= CONCURRENCY
+    # Each task's insert and its result are two writes; the last commit's count comes in
+    # when the loop resumes after it, maybe just after the result became visible.
+    wait_until(lambda: sum(sizes) == 400, 10, lambda: f"{sum(sizes)} writes counted, not 400")
+    assert len(sizes) < 400 and max(sizes) > 1  # commits were shared
