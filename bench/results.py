@@ -31,6 +31,8 @@ def keys(m: Measurements, config: Config) -> dict[str, float]:
     extra = {
         "cpu_efficiency_ceiling": m.ceiling,
         **{f"cpu_efficiency_10k_{name}": run.cpu_efficiency for name, run in runs.items()},
+        "short_tasks_per_s": m.short["profile_app"].per_s,
+        "short_tasks_per_s_huey": m.short["huey"].per_s,
         "ingest_per_s": m.ingest["profile_app"].per_s,
         "ingest_per_s_bare": m.ingest["bare"].per_s,
         "health_p99_ratio_ingest": m.ingest["profile_app"].health_ratio,
@@ -70,6 +72,10 @@ def details(m: Measurements) -> dict[str, Any]:
             "task_cpu_s": m.throughput.task_cpu_s,
         },
         "noop_p90_ms": {name: result.p90_ms for name, result in m.noop.items()},
+        "short_tasks": {
+            name: {"count": r.count, "seconds": r.seconds, "posting_s": r.posting_s}
+            for name, r in m.short.items()
+        },
         "ingest": {
             name: {
                 "accepted": r.load.accepted,
@@ -112,6 +118,10 @@ def rows(m: Measurements, k: dict[str, float]) -> list[Row]:
             {name: fmt(result.median_ms) for name, result in m.noop.items()},
             "< huey, <= 3x anyio",
             noop_met,
+        ),
+        Row(
+            "short I/O tasks/s, 64 at a time, durable",
+            {name: fmt(result.per_s, 0) for name, result in m.short.items()},
         ),
         Row("POST /profile per s", {name: fmt(result.per_s, 0) for name, result in m.ingest.items()}),
         Row(

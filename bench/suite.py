@@ -17,6 +17,7 @@ from bench import (
     placement,
     report,
     roundtrip,
+    short_tasks,
     tasks,
 )
 from bench.health import HealthRun
@@ -46,6 +47,7 @@ class Config:
     latency_tasks: int = 7  # match tasks timed one at a time, per table size
     noop_count: int = 300  # no-op round trips per system (after noop_warm_up)
     noop_warm_up: int = 30
+    short_tasks: int = 2000  # short I/O tasks per system (bench/short_tasks.py)
     ingest_s: float = 5.0
     rss_queued: int = 100_000
 
@@ -61,6 +63,7 @@ class Config:
             latency_tasks=3,
             noop_count=60,
             noop_warm_up=10,
+            short_tasks=600,
             ingest_s=2.0,
         )
 
@@ -73,6 +76,7 @@ class Measurements:
     latency: dict[str, tasks.Latency]
     throughput: tasks.Throughput
     noop: dict[str, roundtrip.RoundTrips]
+    short: dict[str, short_tasks.ShortTasks]
     ingest: dict[str, ingest.Ingest]
     memory: dict[int, memory.Memory]
     placement: dict[str, float]  # bench.placement.auto_placement_ratio: auto vs hand-chosen
@@ -103,6 +107,9 @@ def measure_everything(tmp: Path, config: Config, sampler: HealthSampler) -> Mea
     step("no-op round trips: profile_app, huey, anyio.to_process")
     noop = roundtrip.measure_all(tmp, config.noop_count, config.noop_warm_up)
 
+    step(f"short I/O tasks, 64 at a time: {config.short_tasks} through profile_app, then huey")
+    short = short_tasks.measure_all(tmp, config.short_tasks)
+
     step("ingest: a bare Starlette POST handler, then profile_app's POST /profile")
     ingests = measure_ingest(tmp, config, sampler, dbs[HEALTH_SIZE], bodies)
 
@@ -115,7 +122,9 @@ def measure_everything(tmp: Path, config: Config, sampler: HealthSampler) -> Mea
     auto = placement.auto_placement_ratio()
     step("Dask: match tasks/s with two workers against one, on a real local cluster (bench/dask_scaling.py)")
     dask = dask_scaling.measure(repeats=3)
-    return Measurements(in_process, ceiling, runs, latency, throughput, noop, ingests, memories, auto, dask)
+    return Measurements(
+        in_process, ceiling, runs, latency, throughput, noop, short, ingests, memories, auto, dask
+    )
 
 
 def measure_health(
