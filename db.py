@@ -17,10 +17,9 @@ import socket
 import sqlite3
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, TypeVar
 
 import aiosqlite
 import anyio
@@ -170,17 +169,6 @@ def _in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection
     return result
 
 
-async def _roll_back_and_raise(conn: aiosqlite.Connection, exc: BaseException) -> NoReturn:
-    """Undo the transaction `exc` interrupted, then raise it (a SQLite error as
-    StorageUnavailable); shielded, so a cancelled request cannot leave the writer mid-way."""
-    with anyio.CancelScope(shield=True):
-        if conn.in_transaction:
-            await conn.execute("ROLLBACK")
-    if isinstance(exc, sqlite3.Error):
-        raise _sqlite_failure(exc) from exc
-    raise exc
-
-
 def connect_read_only(path: str | Path, timeout_s: float) -> sqlite3.Connection:
     """A plain sqlite3 connection that can only read the database at `path`."""
     uri = Path(path).resolve().as_uri() + "?mode=ro"
@@ -318,26 +306,10 @@ class Database:
             raise StorageUnavailable("the database is not open")
         return self._reader
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """One write transaction; the lock keeps other coroutines' statements out of it."""
-        async with self._write_lock, self._locked_transaction() as conn:
-            yield conn
-
-    @asynccontextmanager
-    async def _locked_transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """A write transaction for a caller that already holds the write lock."""
-        conn = self._w
-        try:
-            await conn.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise _sqlite_failure(exc) from exc
-        try:
-            yield conn
-            with anyio.CancelScope(shield=True):
-                await conn.execute("COMMIT")
-        except BaseException as exc:
-            await _roll_back_and_raise(conn, exc)
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work(conn)` on the writer's thread in the next group commit; returns its value."""
+        value, _nothing = await self._write_and_claim(work, tuple, 0.0)
+        return value
 
     async def _write_and_claim(
         self, work: Callable[[sqlite3.Connection], T], claims: Claims, lease_s: float
@@ -573,22 +545,22 @@ class Database:
 
     async def store_profiles(self, profiles: Iterable[dict[str, Any]]) -> int:
         """Store profiles without queueing tasks (for `seed`); returns how many."""
-        async with self._transaction() as conn:
-            ((rev,),) = await conn.execute_fetchall("SELECT COALESCE(MAX(rev), 0) FROM profiles")
-            now = self.clock()
-            rows = [
-                (p["user_id"], p["name"], json.dumps(p["interests"]), p["bio"], rev + i, now)
-                for i, p in enumerate(profiles, start=1)
-            ]
-            await conn.executemany(
-                "INSERT INTO profiles (user_id, name, interests, bio, rev, updated_at)"
+        now = self.clock()
+        rows = [(p["user_id"], p["name"], json.dumps(p["interests"]), p["bio"], now) for p in profiles]
+
+        def work(conn: sqlite3.Connection) -> int:
+            (rev,) = conn.execute("SELECT COALESCE(MAX(rev), 0) FROM profiles").fetchone()
+            conn.executemany(
+                "INSERT INTO profiles (user_id, name, interests, bio, updated_at, rev)"
                 " VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
                 " name = excluded.name, interests = excluded.interests, bio = excluded.bio,"
                 " rev = excluded.rev, updated_at = excluded.updated_at, task_id = NULL,"
                 " matches = NULL, matches_computed_at = NULL",
-                rows,
+                [(*row, rev + number) for number, row in enumerate(rows, start=1)],
             )
-        return len(rows)
+            return len(rows)
+
+        return await self._write(work)
 
     async def instance_id(self) -> str:
         """This database's id, made when it was created (a copy or a new file has another)."""
@@ -624,11 +596,9 @@ class Database:
         )
 
     async def forget_idempotency_keys(self, older_than_s: float) -> int:
-        async with self._transaction() as conn:
-            cursor = await conn.execute(
-                "DELETE FROM idempotency_keys WHERE created_at <= ?", (self.clock() - older_than_s,)
-            )
-            return cursor.rowcount
+        cutoff = self.clock() - older_than_s
+        delete = "DELETE FROM idempotency_keys WHERE created_at <= ?"
+        return await self._write(lambda conn: conn.execute(delete, (cutoff,)).rowcount)
 
     # -- tasks: enqueue and read -------------------------------------------------------------
 
@@ -788,12 +758,14 @@ class Database:
         if not task_ids:
             return set()
         marks = ",".join("?" * len(task_ids))
-        async with self._transaction() as conn:
-            rows = await conn.execute_fetchall(
+        params = (self.clock() + lease_s, *task_ids, self.owner)
+        rows = await self._write(
+            lambda conn: conn.execute(
                 f"UPDATE tasks SET lease_until = ? WHERE id IN ({marks}) AND status = 'running'"
                 " AND lease_owner = ? RETURNING id",
-                (self.clock() + lease_s, *task_ids, self.owner),
-            )
+                params,
+            ).fetchall()
+        )
         return {task_id for (task_id,) in rows}
 
     async def still_running(self, task_ids: Sequence[str]) -> set[str]:
@@ -927,37 +899,45 @@ class Database:
         """Give unfinished attempts back to the queue without charging them (shutdown drain)."""
         if not tasks:
             return 0
-        async with self._transaction() as conn:
-            cursor = await conn.executemany(
-                "UPDATE tasks SET status = 'queued', attempts = attempts - 1, run_after = ?,"
-                " lease_owner = NULL, lease_until = NULL, progress = NULL,"
-                " started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END"
-                " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
-                [(self.clock(), task.id, self.owner, task.attempts) for task in tasks],
+        rows = [(self.clock(), task.id, self.owner, task.attempts) for task in tasks]
+        return await self._write(
+            lambda conn: (
+                conn.executemany(
+                    "UPDATE tasks SET status = 'queued', attempts = attempts - 1, run_after = ?,"
+                    " lease_owner = NULL, lease_until = NULL, progress = NULL,"
+                    " started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END"
+                    " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
+                    rows,
+                ).rowcount
             )
-            return cursor.rowcount
+        )
 
     async def cancel(self, task_id: str) -> TaskRecord | None:
         """Cancel a queued or running task; None when it does not exist or already finished."""
-        async with self._transaction() as conn:
-            rows = await conn.execute_fetchall(
-                "UPDATE tasks SET status = 'cancelled', finished_at = ?, lease_owner = NULL,"
-                " lease_until = NULL WHERE id = ? AND status IN ('queued', 'running')"
-                f" RETURNING {TASK_COLUMNS}",
-                (self.clock(), task_id),
-            )
-        return TaskRecord.from_row(next(iter(rows))) if rows else None
+        return await self._write_returning_task(
+            "UPDATE tasks SET status = 'cancelled', finished_at = ?, lease_owner = NULL,"
+            " lease_until = NULL WHERE id = ? AND status IN ('queued', 'running')"
+            f" RETURNING {TASK_COLUMNS}",
+            (self.clock(), task_id),
+        )
 
     async def retry(self, task_id: str) -> TaskRecord | None:
         """Queue a finished task again with a fresh set of attempts."""
-        async with self._transaction() as conn:
-            rows = await conn.execute_fetchall(
-                "UPDATE tasks SET status = 'queued', attempts = 0, run_after = ?, finished_at = NULL,"
-                " error = NULL, progress = NULL, result = NULL"
-                " WHERE id = ? AND status IN ('failed', 'cancelled') RETURNING " + TASK_COLUMNS,
-                (self.clock(), task_id),
-            )
-        return TaskRecord.from_row(next(iter(rows))) if rows else None
+        return await self._write_returning_task(
+            "UPDATE tasks SET status = 'queued', attempts = 0, run_after = ?, finished_at = NULL,"
+            " error = NULL, progress = NULL, result = NULL"
+            f" WHERE id = ? AND status IN ('failed', 'cancelled') RETURNING {TASK_COLUMNS}",
+            (self.clock(), task_id),
+        )
+
+    async def _write_returning_task(self, sql: str, params: tuple[Any, ...]) -> TaskRecord | None:
+        """A statement that changes at most one task and returns its row: the row, or None."""
+
+        def work(conn: sqlite3.Connection) -> TaskRecord | None:
+            row = conn.execute(sql, params).fetchone()
+            return None if row is None else TaskRecord.from_row(row)
+
+        return await self._write(work)
 
     async def recover_lost(self) -> int:
         """Put back running tasks whose lease ran out or whose local owner process is gone."""
@@ -965,18 +945,20 @@ class Database:
         owners = await self._read("SELECT DISTINCT lease_owner FROM tasks WHERE status = 'running'")
         dead = [owner for (owner,) in owners if owner and owner != self.owner and _owner_is_dead(owner)]
         marks = ",".join("?" * len(dead)) or "NULL"
-        async with self._transaction() as conn:
-            rows = await conn.execute_fetchall(
-                "UPDATE tasks SET"
-                " status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,"
-                " finished_at = CASE WHEN attempts >= max_attempts THEN ? ELSE NULL END,"
-                " error = 'attempt ' || attempts || ' was lost: its server process stopped',"
-                " run_after = ?, lease_owner = NULL, lease_until = NULL"
-                f" WHERE status = 'running' AND (lease_until < ? OR lease_owner IN ({marks}))"
-                " RETURNING id",
-                (now, now, now, *dead),
+        recovered = await self._write(
+            lambda conn: len(
+                conn.execute(
+                    "UPDATE tasks SET"
+                    " status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,"
+                    " finished_at = CASE WHEN attempts >= max_attempts THEN ? ELSE NULL END,"
+                    " error = 'attempt ' || attempts || ' was lost: its server process stopped',"
+                    " run_after = ?, lease_owner = NULL, lease_until = NULL"
+                    f" WHERE status = 'running' AND (lease_until < ? OR lease_owner IN ({marks}))"
+                    " RETURNING id",
+                    (now, now, now, *dead),
+                ).fetchall()
             )
-        recovered = len(list(rows))
+        )
         if recovered:
             logger.warning("took back %d task(s) from lost server processes", recovered)
         return recovered
@@ -996,27 +978,32 @@ class Database:
     async def observe_placement(
         self, kind: str, update: Callable[[PlacementRecord | None], PlacementRecord]
     ) -> tuple[PlacementRecord | None, PlacementRecord]:
-        """Read, update and store a kind's placement in one transaction (shared by all processes)."""
-        async with self._transaction() as conn:
-            rows = await conn.execute_fetchall(
+        """Read, update and store a kind's placement in one transaction (shared by all
+        processes); `update` runs on the writer's thread, inside it."""
+        now = self.clock()
+
+        def work(conn: sqlite3.Connection) -> tuple[PlacementRecord | None, PlacementRecord]:
+            row = conn.execute(
                 "SELECT placement, reason, observations, cpu_share FROM kind_placements WHERE kind = ?",
                 (kind,),
-            )
-            before = None
-            if rows:
-                placement, reason, observations, cpu_share = next(iter(rows))
-                before = PlacementRecord(placement, reason, observations, cpu_share)
+            ).fetchone()
+            before = None if row is None else PlacementRecord(*row)
             after = update(before)
-            await conn.execute(
+            conn.execute(
                 "INSERT OR REPLACE INTO kind_placements"
                 " (kind, placement, reason, observations, cpu_share, updated_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (kind, after.placement, after.reason, after.observations, after.cpu_share, self.clock()),
+                (kind, after.placement, after.reason, after.observations, after.cpu_share, now),
             )
-        return before, after
+            return before, after
 
-    async def set_progress(self, task_id: str, attempt: int, fraction: float) -> None:
-        async with self._transaction() as conn:
-            await conn.execute(
-                "UPDATE tasks SET progress = ? WHERE id = ? AND attempts = ? AND status = 'running'",
-                (fraction, task_id, attempt),
+        return await self._write(work)
+
+    async def set_progress(self, progress: Iterable[tuple[str, int, float]]) -> None:
+        """Store the progress of running attempts: (task id, attempt, fraction) each."""
+        rows = [(fraction, task_id, attempt) for task_id, attempt, fraction in progress]
+        if rows:
+            await self._write(
+                lambda conn: conn.executemany(
+                    "UPDATE tasks SET progress = ? WHERE id = ? AND attempts = ? AND status = 'running'", rows
+                )
             )

@@ -669,5 +669,4 @@ class Executor:
 
     async def _flush_progress(self) -> None:
         pending, self._live_progress = self._live_progress, {}
-        for task_id, (attempt, fraction) in pending.items():
-            await self.db.set_progress(task_id, attempt, fraction)
+        await self.db.set_progress((task_id, *progress) for task_id, progress in pending.items())
