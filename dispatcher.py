@@ -93,6 +93,7 @@ class _Attempt:
     refilled: bool = False  # its finishing transaction claimed work for every free slot
     ended_as: TaskRecord | None = None  # the task's row as the attempt's outcome left it
     running_since: float | None = None  # monotonic time it began to run (got its worker)
+    finishing: bool = False  # its call has returned: its slot is free while its outcome is stored
 
     def stop(self, reason: _StopReason) -> None:
         self.stop_reason = self.stop_reason or reason
@@ -372,9 +373,10 @@ class Executor:
         except StorageUnavailable as exc:
             logger.warning("could not take back lost tasks: %s", exc)
 
-    def _free_slots(self, kind: TaskKind, placement: Placement, freed: _Attempt | None = None) -> int:
-        """Room for more attempts of `kind`, counting `freed` (an attempt ending now) as gone."""
-        attempts = [attempt for attempt in self._attempts.values() if attempt is not freed]
+    def _free_slots(self, kind: TaskKind, placement: Placement) -> int:
+        """Room for more attempts of `kind`; one whose call has returned holds no slot (a
+        group commit may store several outcomes: its claims fill all their slots)."""
+        attempts = [attempt for attempt in self._attempts.values() if not attempt.finishing]
         running_of_kind = sum(1 for attempt in attempts if attempt.kind is kind)
         if placement is Placement.PROCESS:
             in_processes = [attempt.kind for attempt in attempts if attempt.placement is Placement.PROCESS]
@@ -402,14 +404,14 @@ class Executor:
             seconds if typical is None else (1 - DURATION_SMOOTHING) * typical + DURATION_SMOOTHING * seconds
         )
 
-    def _claim_requests(self, freed: _Attempt | None = None) -> list[ClaimRequest]:
+    def _claim_requests(self) -> list[ClaimRequest]:
         """What every kind has room for now (none while draining or inline)."""
         if not self._accepting or self.config.inline or self._task_group is None:
             return []
         requests = []
         for kind in self.kinds:
             placement = self.placement_of(kind)
-            free = self._free_slots(kind, placement, freed)
+            free = self._free_slots(kind, placement)
             requests.append(ClaimRequest(kind.name, placement.value, free))
         return requests
 
@@ -504,6 +506,7 @@ class Executor:
                 attempt.logs = outcome.logs
             elif not attempt.logs:
                 attempt.logs = call.output.text()  # an in-process attempt that raised or was stopped
+            attempt.finishing = True
             with CancelScope(shield=True):
                 result = await self._finish(attempt, outcome, error, retry_delay_s)
             if self._on_attempt_end is not None:
@@ -566,10 +569,11 @@ class Executor:
         return None if attempt.ended_as is None else attempt.ended_as.status
 
     def _claims_after(self, attempt: _Attempt) -> Callable[[], list[ClaimRequest]]:
-        """The claims of the transaction that ends `attempt`: its slot counts as free."""
+        """The claims of the transaction that ends `attempt` (its slot is free already, see
+        `_Attempt.finishing`), asked only if that transaction is its group commit's own."""
 
         def claims() -> list[ClaimRequest]:
-            requests = self._claim_requests(freed=attempt)
+            requests = self._claim_requests()
             attempt.refilled = bool(requests)  # then the dispatcher need not look for work itself
             return requests
 
