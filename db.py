@@ -329,6 +329,13 @@ class Database:
             async with self._write_lock:
                 if not write.done:
                     claimed = await self._commit_queued(claims, lease_s)
+                    if write.error is not None and claimed:
+                        # The group committed them, but this caller raises and would never
+                        # start them: they go back to the queue, uncharged.
+                        now = self.clock()
+                        taken = [task for tasks in claimed.values() for task in tasks]
+                        await self._locked_write(lambda conn: self._release_in(conn, taken, now))
+                        claimed = {}
         except anyio.get_cancelled_exc_class():
             if not write.taken:  # withdrawn: no transaction will run it
                 self._queued_writes.remove(write)
@@ -899,18 +906,17 @@ class Database:
         """Give unfinished attempts back to the queue without charging them (shutdown drain)."""
         if not tasks:
             return 0
-        rows = [(self.clock(), task.id, self.owner, task.attempts) for task in tasks]
-        return await self._write(
-            lambda conn: (
-                conn.executemany(
-                    "UPDATE tasks SET status = 'queued', attempts = attempts - 1, run_after = ?,"
-                    " lease_owner = NULL, lease_until = NULL, progress = NULL,"
-                    " started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END"
-                    " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
-                    rows,
-                ).rowcount
-            )
-        )
+        now = self.clock()
+        return await self._write(lambda conn: self._release_in(conn, tasks, now))
+
+    def _release_in(self, conn: sqlite3.Connection, tasks: Iterable[TaskRecord], now: float) -> int:
+        return conn.executemany(
+            "UPDATE tasks SET status = 'queued', attempts = attempts - 1, run_after = ?,"
+            " lease_owner = NULL, lease_until = NULL, progress = NULL,"
+            " started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END"
+            " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
+            [(now, task.id, self.owner, task.attempts) for task in tasks],
+        ).rowcount
 
     async def cancel(self, task_id: str) -> TaskRecord | None:
         """Cancel a queued or running task; None when it does not exist or already finished."""

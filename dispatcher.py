@@ -193,14 +193,16 @@ class Executor:
     ) -> dict[str, Any]:
         """POST /profile's durable write (Database.submit_profile's group commit), which also
         claims what free slots can take: the response to send."""
-        accepted = await self.db.submit_profile(
-            submission,
-            max_unfinished=max_unfinished,
-            idempotency_ttl_s=idempotency_ttl_s,
-            claims=self._claim_requests,
-            lease_s=self.config.lease_s,
-        )
-        await self._start_claimed_now(submission.claimed)
+        try:
+            accepted = await self.db.submit_profile(
+                submission,
+                max_unfinished=max_unfinished,
+                idempotency_ttl_s=idempotency_ttl_s,
+                claims=self._claim_requests,
+                lease_s=self.config.lease_s,
+            )
+        finally:  # a refused submission may have led a commit that claimed others' tasks
+            await self._start_claimed_now(submission.claimed)
         if accepted["task_id"] == submission.task.id:  # not an idempotent replay
             await self._stored(submission.task)
         return accepted

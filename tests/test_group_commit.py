@@ -19,7 +19,16 @@ import pytest
 from conftest import wait_for_task, wait_until
 from starlette.testclient import TestClient
 
-from db import Database, NewTask, ProfileSubmission, TaskRecord, TaskStatus, Transaction
+from db import (
+    ClaimRequest,
+    Database,
+    NewTask,
+    ProfileSubmission,
+    QueueFull,
+    TaskRecord,
+    TaskStatus,
+    Transaction,
+)
 from executors import KindRegistry, Placement
 
 pytestmark = pytest.mark.anyio
@@ -159,6 +168,57 @@ async def test_a_write_whose_caller_is_cancelled_while_it_waits_is_never_committ
         assert await db.get_task(withdrawn.id) is None
         assert await db.get_task(later.id) is not None
     assert commits == [1, 1]
+
+
+def claim_work() -> list[ClaimRequest]:
+    return [ClaimRequest("work", "process", 10)]
+
+
+async def test_a_failed_write_that_led_a_group_gives_back_what_its_claims_took(db_path: Path) -> None:
+    """Its caller raises and never starts them, so they must not stay claimed (a lease
+    running out later would charge them an attempt)."""
+    gate = Gate()
+
+    def fails(tx: Transaction, task: TaskRecord, result: Any) -> None:
+        raise ValueError("the effect failed")
+
+    async with Database(db_path) as db:
+        held = await running_task(db, 0)
+        failing = await running_task(db, 1)
+        queued = new_task(2)
+        errors: list[Exception] = []
+
+        async def succeed_failing() -> None:
+            try:
+                await db.succeed_and_claim(failing, "never stored", fails, claims=claim_work, lease_s=60)
+            except ValueError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(db.succeed, held, "done", gate)
+            await gate.wait_entered()
+            group.start_soon(succeed_failing)  # next in line for the lock: it leads the group
+            await anyio.wait_all_tasks_blocked()
+            group.start_soon(db.enqueue, queued)  # its insert commits, and the claim sees it
+            await anyio.wait_all_tasks_blocked()
+            gate.opened.set()
+        given_back = await db.get_task(queued.id)
+
+    assert [str(error) for error in errors] == ["the effect failed"]
+    assert given_back is not None and (given_back.status, given_back.attempts) == (TaskStatus.QUEUED, 0)
+
+
+async def test_a_refused_submission_that_led_a_commit_still_hands_over_its_claims(db_path: Path) -> None:
+    """The queue limit refuses it, yet its transaction claimed due tasks: the caller gets
+    them in `submission.claimed` (the dispatcher starts them even though it raises)."""
+    async with Database(db_path) as db:
+        await db.enqueue(new_task(0))
+        refused = submission("late")
+        with pytest.raises(QueueFull):
+            await db.submit_profile(
+                refused, max_unfinished=1, idempotency_ttl_s=60, claims=claim_work, lease_s=60
+            )
+    assert [task.kind for tasks in refused.claimed.values() for task in tasks] == ["work"]
 
 
 short_kinds = KindRegistry()
