@@ -10,12 +10,14 @@ tasks share commits without ever running beside their kind's concurrency.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from anyio.abc import TaskGroup
 from conftest import wait_for_task, wait_until
 from starlette.testclient import TestClient
 
@@ -25,6 +27,7 @@ from db import (
     NewTask,
     ProfileSubmission,
     QueueFull,
+    SuccessEffect,
     TaskRecord,
     TaskStatus,
     Transaction,
@@ -71,16 +74,51 @@ async def running_task(db: Database, number: int) -> TaskRecord:
     return task
 
 
+@asynccontextmanager
+async def writer_held(db: Database, group: TaskGroup, commits: list[int]) -> AsyncIterator[None]:
+    """Hold the writer inside a commit (a result whose effect waits at a gate) for the
+    block: the writes started in it queue for the next group commit. `commits` then
+    holds only that held commit."""
+    held, gate = await running_task(db, 0), Gate()
+    commits.clear()
+    group.start_soon(db.succeed, held, "done", gate)
+    await gate.wait_entered()
+    yield
+    await anyio.wait_all_tasks_blocked()
+    gate.opened.set()
+
+
+async def queue(group: TaskGroup, write: Callable[..., Awaitable[object]], *args: object) -> None:
+    """Start a write, and return once it waits for the lock (so writes queue in order)."""
+    group.start_soon(write, *args)
+    await anyio.wait_all_tasks_blocked()
+
+
+async def into(errors: list[Exception], write: Awaitable[object]) -> None:
+    """Await a write that should fail with ValueError, keeping the error."""
+    try:
+        await write
+    except ValueError as exc:
+        errors.append(exc)
+
+
+def queues_then_fails(follow_up: NewTask) -> SuccessEffect:
+    def effect(tx: Transaction, task: TaskRecord, result: Any) -> None:
+        tx.enqueue(follow_up)
+        raise ValueError("the effect failed")
+
+    return effect
+
+
+def claim_work() -> list[ClaimRequest]:
+    return [ClaimRequest("work", "process", 10)]
+
+
 async def test_writes_waiting_for_a_commit_share_the_next_one(db_path: Path) -> None:
     commits: list[int] = []
-    gate = Gate()
+    tasks = [new_task(number) for number in range(1, 11)]
     async with Database(db_path, on_group_commit=commits.append) as db:
-        held = await running_task(db, 0)
-        commits.clear()
-        tasks = [new_task(number) for number in range(1, 11)]
-        async with anyio.create_task_group() as group:
-            group.start_soon(db.succeed, held, "done", gate)
-            await gate.wait_entered()
+        async with anyio.create_task_group() as group, writer_held(db, group, commits):
             for task in tasks:
                 group.start_soon(db.enqueue, task)
             for number in range(2):
@@ -89,50 +127,26 @@ async def test_writes_waiting_for_a_commit_share_the_next_one(db_path: Path) -> 
                         submission(f"user{n}"), max_unfinished=100, idempotency_ttl_s=60
                     )
                 )
-            await anyio.wait_all_tasks_blocked()  # every write above waits for the lock
-            gate.opened.set()
         stored = [await db.get_task(task.id) for task in tasks]
         profiles = [await db.get_profile(f"user{n}") for n in range(2)]
-        finished = await db.get_task(held.id)
 
     assert commits == [1, 12]  # the held result alone, then ten tasks and two profiles at once
     assert all(task is not None and task.status is TaskStatus.QUEUED for task in stored)
     assert all(profile is not None for profile in profiles)
-    assert finished is not None and finished.status is TaskStatus.SUCCEEDED
 
 
 async def test_a_write_that_fails_in_a_group_is_undone_alone(db_path: Path) -> None:
     commits: list[int] = []
-    gate = Gate()
-    follow_up = new_task(99)
-
-    def queues_then_fails(tx: Transaction, task: TaskRecord, result: Any) -> None:
-        tx.enqueue(follow_up)
-        raise ValueError("the effect failed")
-
+    before, after, follow_up = new_task(2), new_task(3), new_task(99)
+    errors: list[Exception] = []
     async with Database(db_path, on_group_commit=commits.append) as db:
-        held = await running_task(db, 0)
         failing = await running_task(db, 1)
-        commits.clear()
-        before, after = new_task(2), new_task(3)
-        errors: list[Exception] = []
-
-        async def succeed_failing() -> None:
-            try:
-                await db.succeed(failing, "never stored", queues_then_fails)
-            except ValueError as exc:
-                errors.append(exc)
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(db.succeed, held, "done", gate)
-            await gate.wait_entered()
-            group.start_soon(db.enqueue, before)
-            await anyio.wait_all_tasks_blocked()
-            group.start_soon(succeed_failing)
-            await anyio.wait_all_tasks_blocked()
-            group.start_soon(db.enqueue, after)
-            await anyio.wait_all_tasks_blocked()
-            gate.opened.set()
+        async with anyio.create_task_group() as group, writer_held(db, group, commits):
+            await queue(group, db.enqueue, before)
+            await queue(
+                group, into, errors, db.succeed(failing, "never stored", queues_then_fails(follow_up))
+            )
+            await queue(group, db.enqueue, after)
         failed_row = await db.get_task(failing.id)
         rows = [await db.get_task(task.id) for task in (before, after, follow_up)]
 
@@ -145,63 +159,36 @@ async def test_a_write_that_fails_in_a_group_is_undone_alone(db_path: Path) -> N
 
 async def test_a_write_whose_caller_is_cancelled_while_it_waits_is_never_committed(db_path: Path) -> None:
     commits: list[int] = []
-    gate = Gate()
+    withdrawn, later = new_task(1), new_task(2)
+    waiting = anyio.CancelScope()
+
+    async def enqueue_then_give_up(db: Database) -> None:
+        with waiting:
+            await db.enqueue(withdrawn)
+
     async with Database(db_path, on_group_commit=commits.append) as db:
-        held = await running_task(db, 0)
-        commits.clear()
-        withdrawn, later = new_task(1), new_task(2)
-        waiting = anyio.CancelScope()
-
-        async def enqueue_then_give_up() -> None:
-            with waiting:
-                await db.enqueue(withdrawn)
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(db.succeed, held, "done", gate)
-            await gate.wait_entered()
-            group.start_soon(enqueue_then_give_up)
-            await anyio.wait_all_tasks_blocked()  # its write waits for the lock
+        async with anyio.create_task_group() as group, writer_held(db, group, commits):
+            await queue(group, enqueue_then_give_up, db)
             waiting.cancel()
-            await anyio.wait_all_tasks_blocked()
-            gate.opened.set()
         await db.enqueue(later)
         assert await db.get_task(withdrawn.id) is None
         assert await db.get_task(later.id) is not None
     assert commits == [1, 1]
 
 
-def claim_work() -> list[ClaimRequest]:
-    return [ClaimRequest("work", "process", 10)]
-
-
 async def test_a_failed_write_that_led_a_group_gives_back_what_its_claims_took(db_path: Path) -> None:
     """Its caller raises and never starts them, so they must not stay claimed (a lease
     running out later would charge them an attempt)."""
-    gate = Gate()
-
-    def fails(tx: Transaction, task: TaskRecord, result: Any) -> None:
-        raise ValueError("the effect failed")
-
+    queued = new_task(2)
+    errors: list[Exception] = []
     async with Database(db_path) as db:
-        held = await running_task(db, 0)
         failing = await running_task(db, 1)
-        queued = new_task(2)
-        errors: list[Exception] = []
-
-        async def succeed_failing() -> None:
-            try:
-                await db.succeed_and_claim(failing, "never stored", fails, claims=claim_work, lease_s=60)
-            except ValueError as exc:
-                errors.append(exc)
-
-        async with anyio.create_task_group() as group:
-            group.start_soon(db.succeed, held, "done", gate)
-            await gate.wait_entered()
-            group.start_soon(succeed_failing)  # next in line for the lock: it leads the group
-            await anyio.wait_all_tasks_blocked()
-            group.start_soon(db.enqueue, queued)  # its insert commits, and the claim sees it
-            await anyio.wait_all_tasks_blocked()
-            gate.opened.set()
+        failed_write = db.succeed_and_claim(
+            failing, "never stored", queues_then_fails(new_task(99)), claims=claim_work, lease_s=60
+        )
+        async with anyio.create_task_group() as group, writer_held(db, group, []):
+            await queue(group, into, errors, failed_write)  # next in line: it leads the group
+            await queue(group, db.enqueue, queued)  # its insert commits, and the claim sees it
         given_back = await db.get_task(queued.id)
 
     assert [str(error) for error in errors] == ["the effect failed"]
