@@ -73,8 +73,9 @@ logger = logging.getLogger("profile_app.db")
 
 Clock = Callable[[], float]
 Claimed = dict[str, list[TaskRecord]]  # the due tasks a transaction took, by kind
-# What to claim, asked only once the write lock is held: every claim committed before has
-# been started by then (and counts as busy), so two transactions never fill one free slot.
+# What to claim, asked only by the caller that leads a transaction, once it holds the write
+# lock: every claim committed before has been started by then (and counts as busy), so two
+# transactions never fill one free slot.
 Claims = Callable[[], Sequence[ClaimRequest]]
 T = TypeVar("T")
 
@@ -400,7 +401,8 @@ class Database:
             item.outcome = outcome
 
     async def _locked_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """`_write` for a caller that already holds the write lock.
+        """One transaction, `work(conn)` between BEGIN IMMEDIATE and COMMIT, for a caller
+        that holds the write lock (a group commit's leader).
 
         Every statement awaited through aiosqlite is a round trip between the event loop and
         the writer's thread, which costs more CPU than the statement (~70 us, a fifth of a
