@@ -3,19 +3,25 @@
 Writes that wait for the write lock share the next transaction and its one COMMIT. What
 these tests pin down: every waiting write goes into that one commit, a write that fails
 in a group is undone alone and its error reaches only its caller, a write whose caller
-is cancelled while it waits is never committed, and through the executor many short
+is cancelled while it waits is never committed (and, for any mix of such writes drawn by
+hypothesis, the group ends as if they had committed one by one), the tasks a group's
+claims take always reach a caller that starts them, and through the executor many short
 tasks share commits without ever running beside their kind's concurrency.
 """
 
 from __future__ import annotations
 
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from enum import Enum, auto
 from pathlib import Path
 from typing import Any
 
 import anyio
+import hypothesis
+import hypothesis.strategies
 import pytest
 from anyio.abc import TaskGroup
 from conftest import wait_for_task, wait_until
@@ -27,6 +33,7 @@ from db import (
     NewTask,
     ProfileSubmission,
     QueueFull,
+    StorageUnavailable,
     SuccessEffect,
     TaskRecord,
     TaskStatus,
@@ -206,6 +213,93 @@ async def test_a_refused_submission_that_led_a_commit_still_hands_over_its_claim
                 refused, max_unfinished=1, idempotency_ttl_s=60, claims=claim_work, lease_s=60
             )
     assert [task.kind for tasks in refused.claimed.values() for task in tasks] == ["work"]
+
+
+class Op(Enum):
+    """One write queued behind a held commit, and what it must come to."""
+
+    INSERT = auto()  # a new task: committed
+    DUPLICATE = auto()  # a task whose id exists: fails alone (UNIQUE), the original intact
+    FINISH = auto()  # a running task's result: committed
+    FAILING_FINISH = auto()  # a result whose effect queues a task, then raises: both undone
+    WITHDRAWN = auto()  # a new task whose caller gives up while it waits: never committed
+
+
+@hypothesis.settings(max_examples=40, deadline=None)
+@hypothesis.given(ops=hypothesis.strategies.lists(hypothesis.strategies.sampled_from(Op), max_size=12))
+def test_a_group_commit_ends_as_if_its_writes_had_committed_one_by_one(ops: list[Op]) -> None:
+    """Any mix of writes in one group: each that succeeds is stored, each that fails is
+    undone alone and its caller gets the error, each withdrawn is absent; one commit."""
+    with tempfile.TemporaryDirectory() as directory:
+        anyio.run(_run_group_of, ops, Path(directory) / "group.db")
+
+
+async def _run_group_of(ops: list[Op], db_path: Path) -> None:
+    commits: list[int] = []
+    outcomes: list[object] = [None] * len(ops)
+    follow_ups = [new_task(1000 + number) for number in range(len(ops))]
+
+    async def run(number: int, write: Awaitable[object], scope: anyio.CancelScope | None = None) -> None:
+        try:
+            with scope or anyio.CancelScope():
+                outcomes[number] = await write
+        except (ValueError, StorageUnavailable) as exc:
+            outcomes[number] = exc
+
+    async with Database(db_path, on_group_commit=commits.append) as db:
+        existing = NewTask("other", {"n": 999}, "process", 3)  # never claimed as "work"
+        await db.enqueue(existing)
+        running = [await running_task(db, number) for number in range(len(ops))]
+        inserted = [new_task(2000 + number) for number in range(len(ops))]
+        withdrawn_scopes = []
+        async with anyio.create_task_group() as group, writer_held(db, group, commits):
+            for number, op in enumerate(ops):
+                if op is Op.INSERT:
+                    write = db.enqueue(inserted[number])
+                elif op is Op.DUPLICATE:
+                    write = db.enqueue(NewTask("work", {"copy": True}, "process", 3, id=existing.id))
+                elif op is Op.FINISH:
+                    write = db.succeed(running[number], {"n": number}, None)
+                elif op is Op.FAILING_FINISH:
+                    write = db.succeed(running[number], "never stored", queues_then_fails(follow_ups[number]))
+                else:
+                    withdrawn_scopes.append(scope := anyio.CancelScope())
+                    await queue(group, run, number, db.enqueue(inserted[number]), scope)
+                    continue
+                await queue(group, run, number, write)
+            for scope in withdrawn_scopes:
+                scope.cancel()
+        rows = {
+            number: (
+                await db.get_task(inserted[number].id),
+                await db.get_task(running[number].id),
+                await db.get_task(follow_ups[number].id),
+            )
+            for number in range(len(ops))
+        }
+        original = await db.get_task(existing.id)
+
+    for number, op in enumerate(ops):
+        inserted_row, running_row, follow_up_row = rows[number]
+        outcome = outcomes[number]
+        if op is Op.INSERT:
+            assert inserted_row is not None and inserted_row.status is TaskStatus.QUEUED
+        elif op is Op.DUPLICATE:
+            assert isinstance(outcome, StorageUnavailable)
+        elif op is Op.FINISH:
+            assert running_row is not None and running_row.status is TaskStatus.SUCCEEDED
+            assert running_row.result == {"n": number}
+        elif op is Op.FAILING_FINISH:
+            assert isinstance(outcome, ValueError) and follow_up_row is None
+            assert running_row is not None and running_row.status is TaskStatus.RUNNING
+        else:
+            assert inserted_row is None
+        if op is not Op.FINISH and running_row is not None:
+            assert running_row.status is TaskStatus.RUNNING  # untouched by the others' writes
+    assert original is not None and original.payload == {"n": 999}
+    in_group = [op for op in ops if op is not Op.WITHDRAWN]
+    alone_and_failed = in_group in ([Op.DUPLICATE], [Op.FAILING_FINISH])  # aborts its transaction
+    assert commits == ([1, len(in_group)] if in_group and not alone_and_failed else [1])
 
 
 short_kinds = KindRegistry()
