@@ -75,8 +75,16 @@ Clock = Callable[[], float]
 Claimed = dict[str, list[TaskRecord]]  # the due tasks a transaction took, by kind
 # What to claim, asked only by the caller that leads a transaction, once it holds the write
 # lock: every claim committed before has been started by then (and counts as busy), so two
-# transactions never fill one free slot.
-Claims = Callable[[], Sequence[ClaimRequest]]
+# transactions never fill one free slot. It gets the ids of the tasks whose attempts the
+# transaction ends: their slots are free in it, and in no transaction before it.
+Claims = Callable[[frozenset[str]], Sequence[ClaimRequest]]
+
+
+def no_claims(ending: frozenset[str]) -> Sequence[ClaimRequest]:
+    """Claims that ask for nothing (a write that takes no due task with it)."""
+    return ()
+
+
 T = TypeVar("T")
 
 
@@ -309,21 +317,27 @@ class Database:
 
     async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
         """Run `work(conn)` on the writer's thread in the next group commit; returns its value."""
-        value, _nothing = await self._write_and_claim(work, tuple, 0.0)
+        value, _nothing = await self._write_and_claim(work, no_claims, 0.0)
         return value
 
     async def _write_and_claim(
-        self, work: Callable[[sqlite3.Connection], T], claims: Claims, lease_s: float
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        claims: Claims,
+        lease_s: float,
+        *,
+        ends: str | None = None,
     ) -> tuple[T, Claimed]:
         """Run `work(conn)` on the writer's thread in the next group commit; returns what it
-        returned, and the due tasks `claims` asked for if this call led the commit.
+        returned, and the due tasks `claims` asked for if this call led the commit. `ends`:
+        the id of the task whose attempt this write ends.
 
         A call that finds its write already committed by another's transaction claims
         nothing: its caller's wake-up of the dispatcher (a finished attempt's free slot, a
         new task) takes them in the next claim round. Raises what `work` raised, with its
         write undone, or StorageUnavailable.
         """
-        write: QueuedWrite[T] = QueuedWrite(work)
+        write: QueuedWrite[T] = QueuedWrite(work, ends)
         self._queued_writes.append(write)
         claimed: Claimed = {}
         try:
@@ -360,7 +374,7 @@ class Database:
         now = self.clock()
         if submissions:  # one write for them all: their inserts take a statement each
             writes.append(QueuedWrite(lambda conn: self._apply_submissions(conn, submissions, now)))
-        requests = claims()
+        requests = claims(frozenset(write.ends for write in writes if write.ends is not None))
         if not writes and not any(request.limit > 0 for request in requests):
             return {}
         for write in writes:
@@ -451,7 +465,7 @@ class Database:
         *,
         max_unfinished: int,
         idempotency_ttl_s: float,
-        claims: Claims = tuple,
+        claims: Claims = no_claims,
         lease_s: float = 0.0,
     ) -> dict[str, Any]:
         """Store the profile and queue its task, durably; return the response to send.
@@ -611,7 +625,7 @@ class Database:
 
     # -- tasks: enqueue and read -------------------------------------------------------------
 
-    async def enqueue(self, task: NewTask, *, claims: Claims = tuple, lease_s: float = 0.0) -> Claimed:
+    async def enqueue(self, task: NewTask, *, claims: Claims = no_claims, lease_s: float = 0.0) -> Claimed:
         """Queue a task durably; with `claims`, take due tasks in the same transaction."""
         now = self.clock()
         _cursor, claimed = await self._write_and_claim(
@@ -699,7 +713,7 @@ class Database:
     async def claim(self, kind: str, executor: str, limit: int, lease_s: float) -> list[TaskRecord]:
         """Take up to `limit` due tasks of `kind` with a lease, in one statement."""
         request = ClaimRequest(kind, executor, limit)
-        return (await self.claim_many(lambda: [request], lease_s)).get(kind, [])
+        return (await self.claim_many(lambda ending: [request], lease_s)).get(kind, [])
 
     async def claim_many(self, claims: Claims, lease_s: float) -> Claimed:
         """Claim for several kinds in one transaction and one `UPDATE ... RETURNING`.
@@ -707,7 +721,7 @@ class Database:
         Kinds with nothing due are found first on the read connection, so an idle poll
         takes no write lock at all.
         """
-        wanted = [request.kind for request in claims() if request.limit > 0]
+        wanted = [request.kind for request in claims(frozenset()) if request.limit > 0]
         if not wanted:
             return {}
         due = {
@@ -724,7 +738,7 @@ class Database:
         # go with it): a claim that another's transaction skipped would wait for the next poll.
         async with self._write_lock:
             return await self._commit_queued(
-                lambda: [request for request in claims() if request.kind in due], lease_s
+                lambda ending: [request for request in claims(ending) if request.kind in due], lease_s
             )
 
     def _claim_in(
@@ -813,7 +827,7 @@ class Database:
         logs: str = "",
         executor: str | None = None,
         *,
-        claims: Claims = tuple,
+        claims: Claims = no_claims,
         lease_s: float = 0.0,
         returning: bool = False,
     ) -> tuple[StoredResult | None, Claimed]:
@@ -856,7 +870,7 @@ class Database:
             return stored
 
         # The result, the effect, the claims and the COMMIT: one round trip to the writer.
-        return await self._write_and_claim(store, claims, lease_s)
+        return await self._write_and_claim(store, claims, lease_s, ends=task.id)
 
     async def fail(
         self, task: TaskRecord, error: str, retry_in_s: float | None, logs: str = ""
@@ -872,7 +886,7 @@ class Database:
         retry_in_s: float | None,
         logs: str = "",
         *,
-        claims: Claims = tuple,
+        claims: Claims = no_claims,
         lease_s: float = 0.0,
     ) -> tuple[TaskRecord | None, Claimed]:
         """`fail`, and claim the next due tasks in the same transaction (one commit, not two).
@@ -902,7 +916,7 @@ class Database:
             ).fetchone()
             return None if row is None else TaskRecord.from_row(row)
 
-        return await self._write_and_claim(work, claims, lease_s)
+        return await self._write_and_claim(work, claims, lease_s, ends=task.id)
 
     async def release(self, tasks: Sequence[TaskRecord]) -> int:
         """Give unfinished attempts back to the queue without charging them (shutdown drain)."""

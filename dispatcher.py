@@ -12,7 +12,7 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import Enum, auto
 from typing import Any
@@ -93,7 +93,6 @@ class _Attempt:
     refilled: bool = False  # its finishing transaction claimed work for every free slot
     ended_as: TaskRecord | None = None  # the task's row as the attempt's outcome left it
     running_since: float | None = None  # monotonic time it began to run (got its worker)
-    finishing: bool = False  # its call has returned: its slot is free while its outcome is stored
 
     def stop(self, reason: _StopReason) -> None:
         self.stop_reason = self.stop_reason or reason
@@ -229,7 +228,7 @@ class Executor:
             self._wakeup.set()
 
     def _has_room(self, kind: TaskKind) -> bool:
-        return self._free_slots(kind, self.placement_of(kind)) > 0
+        return self._free_slots(kind, self.placement_of(kind), ending=()) > 0
 
     async def cancel(self, task_id: str) -> TaskRecord | None:
         """Cancel a queued or running task; a running process attempt is killed at once."""
@@ -375,10 +374,11 @@ class Executor:
         except StorageUnavailable as exc:
             logger.warning("could not take back lost tasks: %s", exc)
 
-    def _free_slots(self, kind: TaskKind, placement: Placement) -> int:
-        """Room for more attempts of `kind`; one whose call has returned holds no slot (a
-        group commit may store several outcomes: its claims fill all their slots)."""
-        attempts = [attempt for attempt in self._attempts.values() if not attempt.finishing]
+    def _free_slots(self, kind: TaskKind, placement: Placement, ending: Collection[str]) -> int:
+        """Room for more attempts of `kind`, counting the attempts of the tasks in `ending`
+        as gone: the transaction that asks stores their outcomes (a group commit may store
+        several, and its claims fill all their slots)."""
+        attempts = [attempt for task_id, attempt in self._attempts.items() if task_id not in ending]
         running_of_kind = sum(1 for attempt in attempts if attempt.kind is kind)
         if placement is Placement.PROCESS:
             in_processes = [attempt.kind for attempt in attempts if attempt.placement is Placement.PROCESS]
@@ -406,14 +406,15 @@ class Executor:
             seconds if typical is None else (1 - DURATION_SMOOTHING) * typical + DURATION_SMOOTHING * seconds
         )
 
-    def _claim_requests(self) -> list[ClaimRequest]:
-        """What every kind has room for now (none while draining or inline)."""
+    def _claim_requests(self, ending: Collection[str] = frozenset()) -> list[ClaimRequest]:
+        """What every kind has room for now (none while draining or inline); `ending`: the
+        tasks whose attempts the claiming transaction ends."""
         if not self._accepting or self.config.inline or self._task_group is None:
             return []
         requests = []
         for kind in self.kinds:
             placement = self.placement_of(kind)
-            free = self._free_slots(kind, placement)
+            free = self._free_slots(kind, placement, ending)
             requests.append(ClaimRequest(kind.name, placement.value, free))
         return requests
 
@@ -508,7 +509,6 @@ class Executor:
                 attempt.logs = outcome.logs
             elif not attempt.logs:
                 attempt.logs = call.output.text()  # an in-process attempt that raised or was stopped
-            attempt.finishing = True
             with CancelScope(shield=True):
                 result = await self._finish(attempt, outcome, error, retry_delay_s)
             if self._on_attempt_end is not None:
@@ -570,12 +570,12 @@ class Executor:
         await self._start_claimed_now(claimed)
         return None if attempt.ended_as is None else attempt.ended_as.status
 
-    def _claims_after(self, attempt: _Attempt) -> Callable[[], list[ClaimRequest]]:
-        """The claims of the transaction that ends `attempt` (its slot is free already, see
-        `_Attempt.finishing`), asked only if that transaction is its group commit's own."""
+    def _claims_after(self, attempt: _Attempt) -> Callable[[frozenset[str]], list[ClaimRequest]]:
+        """The claims of the transaction that ends `attempt`, asked only if its write leads
+        that transaction (`ending` then holds its task, and any other the group ends)."""
 
-        def claims() -> list[ClaimRequest]:
-            requests = self._claim_requests()
+        def claims(ending: frozenset[str]) -> list[ClaimRequest]:
+            requests = self._claim_requests(ending)
             attempt.refilled = bool(requests)  # then the dispatcher need not look for work itself
             return requests
 

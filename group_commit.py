@@ -23,6 +23,7 @@ class QueuedWrite(Generic[T]):
     """One caller's write, queued for the next group commit."""
 
     work: Callable[[sqlite3.Connection], T]
+    ends: str | None = None  # the task whose attempt it ends: that slot is free in its transaction
     taken: bool = False  # a transaction has it: it can no longer be withdrawn
     done: bool = False  # that transaction has ended: `value` or `error` is its outcome
     value: T | None = None

@@ -11,10 +11,11 @@ tasks share commits without ever running beside their kind's concurrency.
 
 from __future__ import annotations
 
+import sqlite3
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from enum import Enum, auto
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from db import (
     TaskStatus,
     Transaction,
 )
+from dispatcher import Executor
 from executors import KindRegistry, Placement
 
 pytestmark = pytest.mark.anyio
@@ -117,7 +119,7 @@ def queues_then_fails(follow_up: NewTask) -> SuccessEffect:
     return effect
 
 
-def claim_work() -> list[ClaimRequest]:
+def claim_work(ending: frozenset[str]) -> list[ClaimRequest]:
     return [ClaimRequest("work", "process", 10)]
 
 
@@ -325,32 +327,45 @@ async def short_io() -> int:
 
 
 def test_short_tasks_share_commits_and_keep_their_concurrency(
-    make_client: Callable[..., TestClient],
+    make_client: Callable[..., TestClient], db_path: Path
 ) -> None:
+    """Also in the queue: after every commit, at most `concurrency` tasks are `running`. A
+    slot is taken again only in the transaction that stores its last attempt's outcome,
+    so a kill -9 at any moment charges at most one attempt per slot."""
     client = make_client(kinds=short_kinds)
     executor = client.app_state["executor"]
     sizes: list[int] = []
-    executor.db.on_group_commit = sizes.append
-    Overlap.most = 0
+    leased: list[int] = []
+    with closing(sqlite3.connect(db_path, check_same_thread=False)) as reader:
 
-    async def submit_many() -> list[str]:
-        ids: list[str] = []
+        def committed(writes: int) -> None:  # on the loop, right after the COMMIT
+            sizes.append(writes)
+            ((running,),) = reader.execute("SELECT COUNT(*) FROM tasks WHERE status = 'running'")
+            leased.append(running)
 
-        async def submit(count: int) -> None:
-            for _ in range(count):
-                ids.append(await executor.submit("short_io", {}))
-
-        async with anyio.create_task_group() as group:
-            for _ in range(8):
-                group.start_soon(submit, 25)
-        return ids
-
-    ids = client.portal.call(submit_many)
-    finished = [wait_for_task(client, task_id) for task_id in ids]
+        executor.db.on_group_commit = committed
+        Overlap.most = 0
+        ids = client.portal.call(submit_many, executor)
+        finished = [wait_for_task(client, task_id) for task_id in ids]
+        # Each task's insert and its result are two writes; the last commit's count comes
+        # in when the loop resumes after it, maybe just after the result became visible.
+        wait_until(lambda: sum(sizes) == 400, 10, lambda: f"{sum(sizes)} writes counted, not 400")
 
     assert [task["status"] for task in finished] == ["succeeded"] * 200
     assert 1 <= Overlap.most <= CONCURRENCY
-    # Each task's insert and its result are two writes; the last commit's count comes in
-    # when the loop resumes after it, maybe just after the result became visible.
-    wait_until(lambda: sum(sizes) == 400, 10, lambda: f"{sum(sizes)} writes counted, not 400")
+    assert max(leased) <= CONCURRENCY
     assert len(sizes) < 400 and max(sizes) > 1  # commits were shared
+
+
+async def submit_many(executor: Executor) -> list[str]:
+    """200 `short_io` tasks, submitted by 8 concurrent callers."""
+    ids: list[str] = []
+
+    async def submit(count: int) -> None:
+        for _ in range(count):
+            ids.append(await executor.submit("short_io", {}))
+
+    async with anyio.create_task_group() as group:
+        for _ in range(8):
+            group.start_soon(submit, 25)
+    return ids
