@@ -2,13 +2,26 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test soak lint format bench clean binary
+.PHONY: run test check soak lint format bench clean binary browser
 
 run: $(VENV)/.installed
-	$(PY) profile_app.py serve
+	$(VENV)/bin/profile-app serve
 
-test: $(VENV)/.dev-installed lint
+test: $(VENV)/.dev-installed lint browser
 	$(PY) -m pytest
+
+# The fast tier for the edit-test loop (under a minute): lint plus the tests not marked slow.
+check: $(VENV)/.dev-installed lint
+	$(PY) -m pytest -q -m "not slow" -x
+
+# The dashboard's browser test drives Debian's Chromium and chromedriver: install them once
+# (as root directly, else with sudo).
+browser:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
 
 # Minutes, not part of `make test`: the crash loop with 40 kills (about 4,100 tasks) and the
 # 512-connection overload burst for 3 minutes.
@@ -19,6 +32,7 @@ soak: $(VENV)/.dev-installed
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/lint-imports
 
 bench: $(VENV)/.bench-installed
 	$(PY) -m bench.run
@@ -27,9 +41,10 @@ format: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps -e .
 	touch $@
 
 $(VENV)/.dev-installed: requirements-dev.txt requirements-dask.txt $(VENV)/.installed

@@ -2,7 +2,7 @@
 
 Standalone (bench/run.py may call `measure()`): seeds a temporary database with N synthetic
 profiles, then for 1 and 2 workers starts a real `dask scheduler` and `dask worker
---nthreads 1` processes on loopback and runs the app's own dispatcher (Executor +
+--nthreads 1` processes on loopback and runs the app's own dispatcher (Dispatcher +
 DaskRunner, as the lifespan builds them) in this process:
 
 1. warm-up: 4 match tasks per worker, so every worker has its resident index;
@@ -37,16 +37,15 @@ from typing import Any
 
 import anyio
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from profile_app.db.database import Database, TaskStatus
+from profile_app.dispatcher.dispatcher import Dispatcher, DispatcherConfig
+from profile_app.executors.dask.backend import open_dask, placed_kinds
+from profile_app.executors.dask.runner import DaskRunner
+from profile_app.matching.synthetic import synthetic_profiles
+from profile_app.settings import Settings
+from profile_app.tasks.builtin import MATCH, builtin_kinds
 
-from dask_backend import open_dask, placed_kinds  # noqa: E402
-from dask_runner import DaskRunner  # noqa: E402
-from db import Database, TaskStatus  # noqa: E402
-from dispatcher import Executor, ExecutorConfig  # noqa: E402
-from kinds import MATCH, builtin_kinds  # noqa: E402
-from settings import Settings  # noqa: E402
-from synthetic import synthetic_profiles  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def out(line: str = "") -> None:
@@ -162,8 +161,8 @@ async def run_batch(
     end, and the p99 lag of the event loop meanwhile (a 10 ms timer, how late it fires: ms).
     """
     kinds = placed_kinds(builtin_kinds(settings), settings, runner)
-    config = ExecutorConfig(lease_s=30, poll_interval_s=0.05, process_workers=process_workers)
-    executor = Executor(db, kinds, config, dask_runner=runner)
+    config = DispatcherConfig(lease_s=30, poll_interval_s=0.05, process_workers=process_workers)
+    executor = Dispatcher(db, kinds, config, dask_runner=runner)
     for user_id in user_ids:
         await db.enqueue(executor.new_task(MATCH, {"user_id": user_id}))
     # Rewrites of distinct stored profiles (the same seed gives the same user ids).

@@ -17,7 +17,7 @@ from contextlib import closing
 from pathlib import Path
 
 from bench.servers import ROOT
-from synthetic import synthetic_profiles
+from profile_app.matching.synthetic import synthetic_profiles
 
 SEED = 7  # the stored profiles: the same rows on every run
 BODY_SEED = 1234  # request bodies come from another seed than the stored profiles
@@ -25,7 +25,17 @@ BODY_SEED = 1234  # request bodies come from another seed than the stored profil
 
 def seed_database(path: Path, count: int) -> Path:
     """A fresh database with `count` synthetic profiles, made by profile_app's own `seed`."""
-    command = ["profile_app.py", "seed", "--count", str(count), "--db", str(path), "--random-seed", str(SEED)]
+    command = [
+        "-m",
+        "profile_app",
+        "seed",
+        "--count",
+        str(count),
+        "--db",
+        str(path),
+        "--random-seed",
+        str(SEED),
+    ]
     subprocess.run(
         [sys.executable, *command],
         cwd=ROOT,

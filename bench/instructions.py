@@ -51,7 +51,7 @@ def _server(mode: str, port: int, db: Path) -> list[str]:
     if mode in ("bare", "noop"):
         app = "bench.bare_app:app" if mode == "bare" else "bench.profile_app_noop:app"
         return ["-m", "uvicorn", app, "--port", str(port), "--log-level", "warning", "--no-access-log"]
-    return ["profile_app.py", "serve", "--port", str(port), "--db", str(db)]
+    return ["-m", "profile_app", "serve", "--port", str(port), "--db", str(db)]
 
 
 def _count(db: Path, where: str) -> int:

@@ -34,9 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from matching import MatchIndex
+from profile_app.matching.index import MatchIndex
 
 CHANGED_PER_TASK = 10
 Row = tuple[str, str, str]  # user_id, interests (JSON), bio

@@ -26,12 +26,11 @@ import anyio
 import numpy as np
 import requests
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from profile_app.db.database import Database
+from profile_app.dispatcher.dispatcher import Dispatcher, DispatcherConfig
+from profile_app.executors.kinds import AUTO, CallResult, KindRegistry, Placement, _runnable_s
 
-from db import Database  # noqa: E402
-from dispatcher import Executor, ExecutorConfig  # noqa: E402
-from executors import AUTO, CallResult, KindRegistry, Placement, _runnable_s  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 WORK_S = 0.05
 
@@ -123,9 +122,9 @@ def _registry(cpu_runs_on: Placement | str, io_runs_on: Placement | str) -> Kind
 
 async def _throughput(kinds: KindRegistry, tasks_per_kind: int, db_path: Path) -> float:
     """Tasks per second to finish `tasks_per_kind` of each kind, submitted interleaved."""
-    config = ExecutorConfig(lease_s=30, poll_interval_s=0.01, process_workers=2)
+    config = DispatcherConfig(lease_s=30, poll_interval_s=0.01, process_workers=2)
     async with Database(db_path) as db, anyio.create_task_group() as group:
-        executor = Executor(db, kinds, config)
+        executor = Dispatcher(db, kinds, config)
         await group.start(executor.run)
         started = time.perf_counter()
         ids = []

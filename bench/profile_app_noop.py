@@ -1,7 +1,7 @@
 """profile_app with the benchmark's own task kinds, submitted through the app's executor.
 
 * POST /bench/noop submits a `bench_noop` task (a process-kind no-op), then waits for it
-  with `Executor.wait` (woken once its result is committed, then reading the row), so the
+  with `Dispatcher.wait` (woken once its result is committed, then reading the row), so the
   client sees submit -> stored result (bench/roundtrip.py).
 * POST /bench/io queues a `bench_io` task (a `loop` kind that awaits a 5 ms sleep, 64 at
   a time) and answers 202 once it is on disk (bench/short_tasks.py).
@@ -18,9 +18,9 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from bench.noop_tasks import noop
-from executors import KindRegistry, Placement
 from profile_app import create_app
-from settings import Settings
+from profile_app.executors.kinds import KindRegistry, Placement
+from profile_app.settings import Settings
 
 NOOP = "bench_noop"
 IO = "bench_io"

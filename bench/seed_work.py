@@ -29,7 +29,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from matching import MatchIndex
+from profile_app.matching.index import MatchIndex
 
 Row = tuple[str, str, str]  # user_id, interests (JSON list), bio
 MATCH_COUNT = 10

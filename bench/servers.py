@@ -89,7 +89,7 @@ def uvicorn_command(app: str, port: int) -> list[str]:
 
 
 def profile_app_command(port: int, db: Path) -> list[str]:
-    return python_command("profile_app.py", "serve", "--host", HOST, "--port", str(port), "--db", str(db))
+    return python_command("-m", "profile_app", "serve", "--host", HOST, "--port", str(port), "--db", str(db))
 
 
 @contextmanager

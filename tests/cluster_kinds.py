@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from executors import KindRegistry, Placement, report_progress
+from profile_app.executors.kinds import KindRegistry, Placement, report_progress
 
 kinds = KindRegistry()
 

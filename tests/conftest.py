@@ -18,12 +18,11 @@ import pytest
 import requests
 from starlette.testclient import TestClient
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from profile_app import create_app
+from profile_app.executors.kinds import KindRegistry
+from profile_app.settings import Settings
 
-from executors import KindRegistry  # noqa: E402
-from profile_app import create_app  # noqa: E402
-from settings import Settings  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 
@@ -120,7 +119,8 @@ class Server:
             self.process = subprocess.Popen(
                 [
                     sys.executable,
-                    "profile_app.py",
+                    "-m",
+                    "profile_app",
                     "serve",
                     "--port",
                     str(self.port),

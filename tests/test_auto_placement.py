@@ -10,8 +10,8 @@ import pytest
 from conftest import submit, wait_for_task
 from starlette.testclient import TestClient
 
-from db import PlacementRecord
-from executors import AUTO, KindRegistry, Placement
+from profile_app.db.database import PlacementRecord
+from profile_app.executors.kinds import AUTO, KindRegistry, Placement
 
 kinds = KindRegistry()
 

@@ -20,7 +20,7 @@ import pytest
 from conftest import stored_task, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
 
-from executors import KindRegistry, Placement
+from profile_app.executors.kinds import KindRegistry, Placement
 
 NAP_S = 0.5
 NAP_LIMIT_S = 0.8  # above one nap, below a nap plus the wait behind another

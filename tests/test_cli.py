@@ -33,7 +33,7 @@ def test_seed_is_deterministic_for_a_random_seed(tmp_path: Path) -> None:
     first, second, other = tmp_path / "a.db", tmp_path / "b.db", tmp_path / "c.db"
     for db, random_seed in ((first, "5"), (second, "5"), (other, "6")):
         result = run(
-            "profile_app.py", "seed", "--count", "300", "--db", str(db), "--random-seed", random_seed
+            "-m", "profile_app", "seed", "--count", "300", "--db", str(db), "--random-seed", random_seed
         )
         assert result.returncode == 0, result.stderr
         assert "300/300" in result.stderr  # the progress bar reached the end
@@ -53,7 +53,7 @@ def test_seed_is_deterministic_for_a_random_seed(tmp_path: Path) -> None:
 def test_a_bad_setting_stops_serve_with_one_line_naming_it(
     args: list[str], env: dict[str, str], named: str
 ) -> None:
-    result = run("profile_app.py", "serve", *args, env=env)
+    result = run("-m", "profile_app", "serve", *args, env=env)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and named in lines[0], result.stderr
@@ -77,7 +77,7 @@ def test_a_bad_setting_stops_uvicorn_with_one_line_naming_it(env: dict[str, str]
 
 
 def tasks_cli(db: Path, *args: str) -> subprocess.CompletedProcess:
-    return run("profile_app.py", "tasks", *args, "--db", str(db))
+    return run("-m", "profile_app", "tasks", *args, "--db", str(db))
 
 
 def test_tasks_list_show_cancel_and_retry_act_on_the_database(tmp_path: Path, make_server) -> None:
@@ -108,7 +108,7 @@ def test_tasks_list_show_cancel_and_retry_act_on_the_database(tmp_path: Path, ma
 
 
 def submit_to_db(db: Path, kind: str, payload: dict) -> str:
-    from db import Database, NewTask
+    from profile_app.db.database import Database, NewTask
 
     task = NewTask(kind, payload, "process", 1)
 

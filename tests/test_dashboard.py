@@ -17,9 +17,9 @@ import requests
 from conftest import FINISHED, Server, wait_for_task
 from starlette.testclient import TestClient
 
-import dashboard
-from db import Database, NewTask, TaskStatus
-from executors import KindRegistry
+from profile_app.db.database import Database, NewTask, TaskStatus
+from profile_app.executors.kinds import KindRegistry
+from profile_app.web import dashboard
 
 ClientFactory = Callable[..., TestClient]
 

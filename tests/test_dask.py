@@ -21,16 +21,16 @@ import pytest
 from conftest import ROOT, free_port, profile, stored_task, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
 
-import dask_backend
-import dask_on_worker
-import dask_runner
-from dask_shipping import BaseSnapshot, dumps_rows
-from executors import KindRegistry, Placement
-from matching import reference_matches
 from profile_app import create_app
-from schemas import DaskHealth, Health
-from settings import Settings, SettingsError
-from synthetic import synthetic_profiles
+from profile_app.executors.dask import backend as dask_backend
+from profile_app.executors.dask import on_worker as dask_on_worker
+from profile_app.executors.dask import runner as dask_runner
+from profile_app.executors.dask.shipping import BaseSnapshot, dumps_rows
+from profile_app.executors.kinds import KindRegistry, Placement
+from profile_app.matching.index import reference_matches
+from profile_app.matching.synthetic import synthetic_profiles
+from profile_app.settings import Settings, SettingsError
+from profile_app.web.schemas import DaskHealth, Health
 
 distributed = pytest.importorskip("distributed")
 from cluster_kinds import kinds as cluster_kinds  # noqa: E402  (after the skip: workers import it)
@@ -524,7 +524,7 @@ def test_an_unreachable_scheduler_stops_start_up_with_one_line(
 
     environ = {**os.environ, "PROFILE_APP_DASK_SCHEDULER": address, "PROFILE_APP_DASK_CONNECT_TIMEOUT_S": "1"}
     done = subprocess.run(
-        [sys.executable, "profile_app.py", "serve", "--port", str(free_port()), "--db", str(db_path)],
+        [sys.executable, "-m", "profile_app", "serve", "--port", str(free_port()), "--db", str(db_path)],
         cwd=ROOT,
         env=environ,
         capture_output=True,

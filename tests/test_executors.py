@@ -15,7 +15,7 @@ import pytest
 from conftest import profile, stored_task, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
 
-from executors import KindRegistry, Placement, current_task, report_progress
+from profile_app.executors.kinds import KindRegistry, Placement, current_task, report_progress
 
 kinds = KindRegistry()
 
@@ -366,7 +366,7 @@ def test_logs_of_an_unknown_task_are_404(app_client: TestClient) -> None:
 def test_waiting_for_a_task_is_woken_when_its_result_is_stored(
     app_client: TestClient, tmp_path: Path
 ) -> None:
-    """`Executor.wait` does not poll for attempts it runs: with a poll interval far longer
+    """`Dispatcher.wait` does not poll for attempts it runs: with a poll interval far longer
     than its timeout, it still returns the stored result (and a cancel of a queued task)."""
     executor = app_client.app_state["executor"]
 

@@ -28,7 +28,7 @@ from anyio.abc import TaskGroup
 from conftest import wait_for_task, wait_until
 from starlette.testclient import TestClient
 
-from db import (
+from profile_app.db.database import (
     ClaimRequest,
     Database,
     NewTask,
@@ -40,8 +40,8 @@ from db import (
     TaskStatus,
     Transaction,
 )
-from dispatcher import Executor
-from executors import KindRegistry, Placement
+from profile_app.dispatcher.dispatcher import Dispatcher
+from profile_app.executors.kinds import KindRegistry, Placement
 
 pytestmark = pytest.mark.anyio
 
@@ -357,7 +357,7 @@ def test_short_tasks_share_commits_and_keep_their_concurrency(
     assert len(sizes) < 400 and max(sizes) > 1  # commits were shared
 
 
-async def submit_many(executor: Executor) -> list[str]:
+async def submit_many(executor: Dispatcher) -> list[str]:
     """200 `short_io` tasks, submitted by 8 concurrent callers."""
     ids: list[str] = []
 

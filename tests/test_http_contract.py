@@ -25,10 +25,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 from starlette.types import Message
 
-from executors import KindRegistry
-from matching import reference_matches
 from profile_app import create_app
-from settings import Settings
+from profile_app.executors.kinds import KindRegistry
+from profile_app.matching.index import reference_matches
+from profile_app.settings import Settings
 
 ClientFactory = Callable[..., TestClient]
 

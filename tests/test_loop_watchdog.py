@@ -10,7 +10,7 @@ import pytest
 from conftest import submit, wait_for_task
 from starlette.testclient import TestClient
 
-from executors import KindRegistry, Placement
+from profile_app.executors.kinds import KindRegistry, Placement
 
 kinds = KindRegistry()
 

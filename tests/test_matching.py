@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from matching import (
+from profile_app.matching.index import (
     MatchIndex,
     _token_bytes,
     interest_set,

@@ -26,8 +26,8 @@ import requests
 from conftest import Server, profile, wait_for_task, wait_until
 from test_server_e2e import seed
 
-from db import Database
-from synthetic import synthetic_profiles
+from profile_app.db.database import Database
+from profile_app.matching.synthetic import synthetic_profiles
 
 WORKERS = 4
 POSTED = 1000  # through HTTP, spread over the server processes by the kernel

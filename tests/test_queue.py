@@ -10,7 +10,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from db import (
+from profile_app.db.database import (
     MIGRATIONS,
     Database,
     NewTask,

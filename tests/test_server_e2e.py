@@ -12,8 +12,8 @@ from pathlib import Path
 
 from conftest import ROOT, Server, profile, wait_for_task
 
-from matching import reference_matches
-from synthetic import synthetic_profiles
+from profile_app.matching.index import reference_matches
+from profile_app.matching.synthetic import synthetic_profiles
 
 SEEDED = 20_000
 
@@ -22,7 +22,8 @@ def seed(db: Path, count: int) -> None:
     subprocess.run(
         [
             sys.executable,
-            "profile_app.py",
+            "-m",
+            "profile_app",
             "seed",
             "--count",
             str(count),

@@ -20,7 +20,7 @@ import pytest
 from conftest import stored_task, submit, wait_for_task
 from starlette.testclient import TestClient
 
-from executors import KindRegistry, Placement
+from profile_app.executors.kinds import KindRegistry, Placement
 
 kinds = KindRegistry()
 WORKER_DIED = "the worker process died (crash, kill or out of memory)"

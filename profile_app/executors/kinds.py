@@ -42,9 +42,9 @@ import anyio.to_process
 import anyio.to_thread
 from anyio import CapacityLimiter
 
-from db import PlacementRecord, SuccessEffect
-from process_pool import KEEP_WORKERS, ProcessPool, RecyclePolicy, Retirement
-from task_output import TaskOutput, capturing_into, install_for_worker_process
+from profile_app.db.database import PlacementRecord, SuccessEffect
+from profile_app.executors.process_pool import KEEP_WORKERS, ProcessPool, RecyclePolicy, Retirement
+from profile_app.executors.task_output import TaskOutput, capturing_into, install_for_worker_process
 
 logger = logging.getLogger("profile_app.executors")
 

@@ -26,13 +26,18 @@ from typing import TYPE_CHECKING, Any
 
 from anyio import CancelScope
 
-from dask_cluster import DaskCluster
-from dask_on_worker import PROGRESS_TOPIC, RaisedOnWorker, match_on_worker, run_on_worker
-from dask_shipping import ProfileShipping
-from db import Database
-from dispatcher import AttemptGivenBack
-from executors import AttemptError, Call, CallResult, Placement, Runner, error_line
-from kinds import match_profile
+from profile_app.db.database import Database
+from profile_app.dispatcher.dispatcher import AttemptGivenBack
+from profile_app.executors.dask.cluster import DaskCluster
+from profile_app.executors.dask.on_worker import (
+    PROGRESS_TOPIC,
+    RaisedOnWorker,
+    match_on_worker,
+    run_on_worker,
+)
+from profile_app.executors.dask.shipping import ProfileShipping
+from profile_app.executors.kinds import AttemptError, Call, CallResult, Placement, Runner, error_line
+from profile_app.tasks.builtin import match_profile
 
 if TYPE_CHECKING:
     from distributed import Client, Future

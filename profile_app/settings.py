@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AnyHttpUrl, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from logs import LogFormat
+from profile_app.observability.logs import LogFormat
 
 ENV_PREFIX = "PROFILE_APP_"
 DASK_ADDRESS = re.compile(r"(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")

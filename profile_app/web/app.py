@@ -23,11 +23,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-import dashboard
-import dask_backend
-import openapi
-from dask_runner import DaskRunner
-from db import (
+from profile_app.db.database import (
     Database,
     IdempotencyConflict,
     IdempotencyInProgress,
@@ -37,16 +33,19 @@ from db import (
     TaskStatus,
     request_hash,
 )
-from dispatcher import Executor, ExecutorConfig
-from executors import KindRegistry, WorkerPriority
-from http_io import error, iso_utc, read_json_object, task_document
-from kinds import MATCH, builtin_kinds
-from logs import RequestLogMiddleware, configure_logging
-from loop_watchdog import LoopWatchdog
-from metrics import CONTENT_TYPE_LATEST, Metrics
-from process_pool import RecyclePolicy
-from schemas import USER_ID_PATTERN, ProfileIn, TaskQuery, validation_detail
-from settings import Settings, SettingsError
+from profile_app.dispatcher.dispatcher import Dispatcher, DispatcherConfig
+from profile_app.executors.dask import backend as dask_backend
+from profile_app.executors.dask.runner import DaskRunner
+from profile_app.executors.kinds import KindRegistry, WorkerPriority
+from profile_app.executors.process_pool import RecyclePolicy
+from profile_app.observability.logs import RequestLogMiddleware, configure_logging
+from profile_app.observability.loop_watchdog import LoopWatchdog
+from profile_app.observability.metrics import CONTENT_TYPE_LATEST, Metrics
+from profile_app.settings import Settings, SettingsError
+from profile_app.tasks.builtin import MATCH, builtin_kinds
+from profile_app.web import dashboard, openapi
+from profile_app.web.http_io import error, iso_utc, read_json_object, task_document
+from profile_app.web.schemas import USER_ID_PATTERN, ProfileIn, TaskQuery, validation_detail
 
 logger = logging.getLogger("profile_app")
 
@@ -73,7 +72,7 @@ class ExecutorMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            executor: Executor | None = scope.get("state", {}).get("executor")
+            executor: Dispatcher | None = scope.get("state", {}).get("executor")
             writes = scope["method"] in ("POST", "PUT", "PATCH", "DELETE")
             if executor is None or (writes and not executor.accepting):
                 why = "starting" if executor is None else "shutting down"
@@ -86,7 +85,7 @@ class ExecutorMiddleware:
 # -- routes ------------------------------------------------------------------------------
 
 
-def _services(request: Request) -> tuple[Settings, Database, Executor]:
+def _services(request: Request) -> tuple[Settings, Database, Dispatcher]:
     state = request.state
     return state.settings, state.db, state.executor
 
@@ -309,7 +308,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
             ) as dask_runner,  # None without a scheduler
             anyio.create_task_group() as task_group,
         ):
-            config = ExecutorConfig(
+            config = DispatcherConfig(
                 lease_s=settings.lease_s,
                 poll_interval_s=settings.poll_interval_s,
                 process_workers=settings.process_workers,
@@ -321,7 +320,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
                 recycle=RecyclePolicy(settings.worker_max_tasks, settings.worker_max_rss_mb),
                 task_max_memory_mb=settings.task_max_memory_mb,
             )
-            executor = Executor(
+            executor = Dispatcher(
                 db,
                 dask_backend.placed_kinds(registry, settings, dask_runner),
                 config,
@@ -374,22 +373,14 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
     )
 
 
-def __getattr__(name: str) -> Any:
-    """`profile_app.app`, built from the environment when uvicorn asks for it.
+def app_from_environment() -> Starlette:
+    """The app built from the environment (`uvicorn profile_app:app`).
 
     A bad setting stops start-up with one line naming it, not a traceback.
     """
-    if name == "app":
-        try:
-            settings = Settings.load()
-            dask_backend.check_scheduler(settings)  # unreachable: one line, like a bad setting
-            return create_app(settings)
-        except SettingsError as exc:
-            raise SystemExit(f"profile_app: {exc}") from None
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-if __name__ == "__main__":
-    import cli
-
-    raise SystemExit(cli.main())
+    try:
+        settings = Settings.load()
+        dask_backend.check_scheduler(settings)  # unreachable: one line, like a bad setting
+        return create_app(settings)
+    except SettingsError as exc:
+        raise SystemExit(f"profile_app: {exc}") from None

@@ -9,10 +9,10 @@ from typing import Any
 
 import requests
 
-from db import NewTask, TaskRecord, Transaction, connect_read_only
-from executors import KindRegistry, Placement, current_task, report_progress
-from matching import MatchIndex
-from settings import Settings
+from profile_app.db.database import NewTask, TaskRecord, Transaction, connect_read_only
+from profile_app.executors.kinds import KindRegistry, Placement, current_task, report_progress
+from profile_app.matching.index import MatchIndex
+from profile_app.settings import Settings
 
 MATCH = "match"
 NOTIFY = "notify"

@@ -21,7 +21,7 @@ import anyio.to_thread
 if TYPE_CHECKING:
     from distributed import Client, Future
 
-    from db import Database
+    from profile_app.db.database import Database
 
 logger = logging.getLogger("profile_app.dask")
 

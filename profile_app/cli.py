@@ -1,4 +1,4 @@
-"""The command line: `python profile_app.py serve|seed`."""
+"""The command line: `profile-app serve|seed|tasks` (also `python -m profile_app`)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from pathlib import Path
 
 import anyio
 
-from db import TaskStatus
-from settings import Settings, SettingsError
+from profile_app.db.database import TaskStatus
+from profile_app.settings import Settings, SettingsError
 
 SEED_BATCH = 2000
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="profile_app.py", description=__doc__)
+    parser = argparse.ArgumentParser(prog="profile-app", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     serve = commands.add_parser("serve", help="run the HTTP server")
@@ -74,8 +74,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def serve(settings: Settings) -> int:
     import uvicorn
 
-    from dask_backend import check_scheduler
-    from http_guard import GuardedH11Protocol
+    from profile_app.executors.dask.backend import check_scheduler
+    from profile_app.web.http_guard import GuardedH11Protocol
 
     check_scheduler(settings)  # an unreachable Dask scheduler stops start-up with one line
     # Server processes (and uvicorn's --workers children) read the settings from here.
@@ -118,8 +118,8 @@ def metrics_directory(workers: int) -> Iterator[None]:
 async def seed(settings: Settings, count: int, random_seed: int) -> int:
     from tqdm import tqdm
 
-    from db import Database
-    from synthetic import synthetic_profiles
+    from profile_app.db.database import Database
+    from profile_app.matching.synthetic import synthetic_profiles
 
     profiles = synthetic_profiles(count, random_seed)
     async with Database(settings.db) as db:
@@ -137,8 +137,8 @@ TASK_COLUMNS = ("task_id", "kind", "status", "executor", "attempts", "created_at
 
 async def task_command(settings: Settings, args: argparse.Namespace) -> int:
     """Read or change the queue in the database directly; a running server sees the change."""
-    from db import Database
-    from http_io import task_document
+    from profile_app.db.database import Database
+    from profile_app.web.http_io import task_document
 
     async with Database(settings.db) as db:
         if args.verb == "list":

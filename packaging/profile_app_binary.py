@@ -28,9 +28,9 @@ def main() -> int:
 
     # `serve --workers N`: uvicorn starts its server processes with multiprocessing's spawn.
     multiprocessing.freeze_support()
-    import cli
+    from profile_app.cli import main as cli_main
 
-    return cli.main()
+    return cli_main()
 
 
 if __name__ == "__main__":

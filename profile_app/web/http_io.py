@@ -11,7 +11,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from db import TaskRecord
+from profile_app.db.database import TaskRecord
 
 JSON_MEDIA_TYPE = "application/json"
 

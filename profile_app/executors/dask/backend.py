@@ -30,11 +30,11 @@ import anyio
 import anyio.to_thread
 from anyio import CancelScope
 
-from dask_cluster import ClusterStatus, DaskCluster
-from dask_runner import DaskAttemptObserver, DaskRunner
-from db import Database
-from executors import KindRegistry, Placement, ProcessRunner, WorkerPriority
-from settings import Settings, SettingsError
+from profile_app.db.database import Database
+from profile_app.executors.dask.cluster import ClusterStatus, DaskCluster
+from profile_app.executors.dask.runner import DaskAttemptObserver, DaskRunner
+from profile_app.executors.kinds import KindRegistry, Placement, ProcessRunner, WorkerPriority
+from profile_app.settings import Settings, SettingsError
 
 MAX_IN_FLIGHT = 256  # per kind and server process: a ceiling, the cluster's size decides below it
 

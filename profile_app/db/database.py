@@ -24,9 +24,9 @@ from typing import Any, TypeVar
 import aiosqlite
 import anyio
 
-from group_commit import QueuedWrite, run_group
-from migrations import MIGRATIONS
-from records import (
+from profile_app.db.group_commit import QueuedWrite, run_group
+from profile_app.db.migrations import MIGRATIONS
+from profile_app.db.records import (
     FINISHED,
     UNFINISHED,
     ClaimRequest,

@@ -21,7 +21,7 @@ import anyio
 from anyio import BrokenWorkerProcess, CancelScope
 from anyio.abc import TaskGroup
 
-from db import (
+from profile_app.db.database import (
     FINISHED,
     ClaimRequest,
     Database,
@@ -32,7 +32,7 @@ from db import (
     TaskRecord,
     TaskStatus,
 )
-from executors import (
+from profile_app.executors.kinds import (
     AttemptError,
     Call,
     CallResult,
@@ -47,8 +47,8 @@ from executors import (
     error_line,
     runners_for,
 )
-from logs import task_id_var
-from process_pool import RecyclePolicy
+from profile_app.executors.process_pool import RecyclePolicy
+from profile_app.observability.logs import task_id_var
 
 logger = logging.getLogger("profile_app.dispatcher")
 
@@ -109,7 +109,7 @@ class _AttemptEnd:
 
 
 @dataclass(frozen=True, slots=True)
-class ExecutorConfig:
+class DispatcherConfig:
     lease_s: float = 10.0
     poll_interval_s: float = 0.5
     process_workers: int = 2
@@ -123,14 +123,14 @@ class ExecutorConfig:
     claim_ahead: bool = True  # short process kinds claim a task ahead per worker (CLAIM_AHEAD_BELOW_S)
 
 
-class Executor:
+class Dispatcher:
     """Runs the queue's tasks for one server process."""
 
     def __init__(
         self,
         db: Database,
         kinds: KindRegistry,
-        config: ExecutorConfig,
+        config: DispatcherConfig,
         *,
         on_attempt_end: AttemptObserver | None = None,
         on_worker_replaced: Callable[[str], None] | None = None,

@@ -22,12 +22,12 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from db import Database, StorageUnavailable, TaskStatus
-from dispatcher import Executor
-from http_io import iso_utc, task_document
+from profile_app.db.database import Database, StorageUnavailable, TaskStatus
+from profile_app.dispatcher.dispatcher import Dispatcher
+from profile_app.web.http_io import iso_utc, task_document
 
 if TYPE_CHECKING:
-    from dask_runner import DaskRunner
+    from profile_app.executors.dask.runner import DaskRunner
 
 STATIC_DIR = Path(__file__).resolve().parent / "static"
 
@@ -61,7 +61,7 @@ async def events(request: Request) -> Response:
     """
     if request.method == "HEAD":  # headers only: a body that never ends would hold the connection
         return Response(media_type="text/event-stream", headers={"Cache-Control": "no-store"})
-    executor: Executor = request.state.executor
+    executor: Dispatcher = request.state.executor
 
     def stopping() -> bool:
         return not executor.accepting or _server_exiting()

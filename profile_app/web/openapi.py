@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
-from schemas import (
+from profile_app.web.schemas import (
     USER_ID_PATTERN,
     Accepted,
     ErrorDetail,
