@@ -2,4 +2,7 @@
 
 from profile_app.cli import main
 
-raise SystemExit(main())
+# Worker processes import the server's __main__ module by path (as anyio's do): the guard
+# keeps them from running the command line again.
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -499,7 +499,7 @@ def test_without_a_scheduler_nothing_of_dask_is_imported(db_path: Path) -> None:
         "import sys\n"
         "from starlette.testclient import TestClient\n"
         "from profile_app import create_app\n"
-        "from settings import Settings\n"
+        "from profile_app.settings import Settings\n"
         f"with TestClient(create_app(Settings(db={str(db_path)!r}))) as client:\n"
         "    assert client.get('/health').status_code == 200\n"
         "    kinds = {k['name']: k['placement'] for k in client.get('/kinds').json()['kinds']}\n"

@@ -34,6 +34,7 @@ from profile_app.db.database import (
 )
 from profile_app.executors.kinds import (
     AttemptError,
+    AttemptGivenBack,
     Call,
     CallResult,
     KindRegistry,
@@ -70,11 +71,6 @@ AttemptObserver = Callable[[str, str, float], None]
 
 class UnknownKind(LookupError):
     """Raised when submitting a task of a kind this app has not registered."""
-
-
-class AttemptGivenBack(Exception):
-    """Raised by a runner whose backend lost the attempt through no fault of the task (the
-    Dask scheduler went away): the task goes back to the queue uncharged, as in a drain."""
 
 
 class _StopReason(Enum):

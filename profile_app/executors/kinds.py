@@ -362,6 +362,11 @@ class CallResult:
 Runner = Callable[[Call], Awaitable[CallResult]]
 
 
+class AttemptGivenBack(Exception):
+    """Raised by a runner whose backend lost the attempt through no fault of the task (the
+    Dask scheduler went away): the task goes back to the queue uncharged, as in a drain."""
+
+
 class AttemptError(Exception):
     """Raised from a worker process when the task raised: its one-line error and its output.
 

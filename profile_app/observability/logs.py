@@ -12,13 +12,9 @@ import json
 import logging
 import re
 import sys
-import time
-import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
-
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 request_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 task_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_id", default=None)
@@ -90,44 +86,3 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
     for name in ("uvicorn", "uvicorn.error"):  # let uvicorn's lines reach our handler, once
         logging.getLogger(name).handlers.clear()
         logging.getLogger(name).propagate = True
-
-
-class RequestLogMiddleware:
-    """Gives each request an id (`X-Request-ID`) and logs one line when it has been answered."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
-        token = request_id_var.set(request_id)
-        started = time.perf_counter()
-        status = 500  # if the app fails before it answers
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, send_with_id)
-        finally:
-            access_logger.info(
-                "%s %s %d",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                },
-            )
-            request_id_var.reset(token)

@@ -38,13 +38,14 @@ from profile_app.executors.dask import backend as dask_backend
 from profile_app.executors.dask.runner import DaskRunner
 from profile_app.executors.kinds import KindRegistry, WorkerPriority
 from profile_app.executors.process_pool import RecyclePolicy
-from profile_app.observability.logs import RequestLogMiddleware, configure_logging
+from profile_app.observability.logs import configure_logging
 from profile_app.observability.loop_watchdog import LoopWatchdog
 from profile_app.observability.metrics import CONTENT_TYPE_LATEST, Metrics
 from profile_app.settings import Settings, SettingsError
 from profile_app.tasks.builtin import MATCH, builtin_kinds
 from profile_app.web import dashboard, openapi
 from profile_app.web.http_io import error, iso_utc, read_json_object, task_document
+from profile_app.web.request_log import RequestLogMiddleware
 from profile_app.web.schemas import USER_ID_PATTERN, ProfileIn, TaskQuery, validation_detail
 
 logger = logging.getLogger("profile_app")
