@@ -38,7 +38,8 @@ from typing import Any
 import anyio
 
 from profile_app.db.database import Database, TaskStatus
-from profile_app.dispatcher.dispatcher import Dispatcher, DispatcherConfig
+from profile_app.dispatcher.config import DispatcherConfig
+from profile_app.dispatcher.dispatcher import Dispatcher
 from profile_app.executors.dask.backend import open_dask, placed_kinds
 from profile_app.executors.dask.runner import DaskRunner
 from profile_app.matching.synthetic import synthetic_profiles

@@ -27,8 +27,10 @@ import numpy as np
 import requests
 
 from profile_app.db.database import Database
-from profile_app.dispatcher.dispatcher import Dispatcher, DispatcherConfig
-from profile_app.executors.kinds import AUTO, CallResult, KindRegistry, Placement, _runnable_s
+from profile_app.dispatcher.config import DispatcherConfig
+from profile_app.dispatcher.dispatcher import Dispatcher
+from profile_app.executors.calls import CallResult, _runnable_s
+from profile_app.executors.kinds import AUTO, KindRegistry, Placement
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -7,7 +7,8 @@ import os
 import time
 from pathlib import Path
 
-from profile_app.executors.kinds import KindRegistry, Placement, report_progress
+from profile_app.executors.context import report_progress
+from profile_app.executors.kinds import KindRegistry, Placement
 
 kinds = KindRegistry()
 

@@ -20,7 +20,7 @@ import pytest
 import requests
 from conftest import ROOT, free_port
 
-from profile_app.matching.index import reference_matches, score
+from profile_app.matching.reference import reference_matches, score
 
 BUILD_TIMEOUT_S = 600
 START_TIMEOUT_S = 60  # a one-file binary unpacks itself before it starts: seconds, not ms

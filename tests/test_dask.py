@@ -27,7 +27,7 @@ from profile_app.executors.dask import on_worker as dask_on_worker
 from profile_app.executors.dask import runner as dask_runner
 from profile_app.executors.dask.shipping import BaseSnapshot, dumps_rows
 from profile_app.executors.kinds import KindRegistry, Placement
-from profile_app.matching.index import reference_matches
+from profile_app.matching.reference import reference_matches
 from profile_app.matching.synthetic import synthetic_profiles
 from profile_app.settings import Settings, SettingsError
 from profile_app.web.schemas import DaskHealth, Health

@@ -15,7 +15,8 @@ import pytest
 from conftest import profile, stored_task, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
 
-from profile_app.executors.kinds import KindRegistry, Placement, current_task, report_progress
+from profile_app.executors.context import current_task, report_progress
+from profile_app.executors.kinds import KindRegistry, Placement
 
 kinds = KindRegistry()
 

@@ -27,7 +27,7 @@ from starlette.types import Message
 
 from profile_app import create_app
 from profile_app.executors.kinds import KindRegistry
-from profile_app.matching.index import reference_matches
+from profile_app.matching.reference import reference_matches
 from profile_app.settings import Settings
 
 ClientFactory = Callable[..., TestClient]

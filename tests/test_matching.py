@@ -7,14 +7,9 @@ import random
 
 import pytest
 
-from profile_app.matching.index import (
-    MatchIndex,
-    _token_bytes,
-    interest_set,
-    reference_matches,
-    score,
-    tokenize,
-)
+from profile_app.matching.index import MatchIndex
+from profile_app.matching.postings import token_bytes
+from profile_app.matching.reference import interest_set, reference_matches, score, tokenize
 
 Profiles = dict[str, tuple[list[str], str]]
 
@@ -61,7 +56,7 @@ def test_interest_set_strips_and_lowercases() -> None:
     ],
 )
 def test_fast_tokenizer_equals_reference_tokenizer(bio: str) -> None:
-    assert [t.decode("ascii") for t in _token_bytes(bio)] == tokenize(bio)
+    assert [t.decode("ascii") for t in token_bytes(bio)] == tokenize(bio)
 
 
 def test_fast_tokenizer_equals_reference_on_random_unicode() -> None:
@@ -70,7 +65,7 @@ def test_fast_tokenizer_equals_reference_on_random_unicode() -> None:
     for _ in range(2000):
         bio = "".join(rng.choice(alphabet) for _ in range(rng.randrange(30)))
         bio += "".join(chr(rng.randrange(0x110000)) for _ in range(rng.randrange(5)))
-        assert [t.decode("ascii") for t in _token_bytes(bio)] == tokenize(bio)
+        assert [t.decode("ascii") for t in token_bytes(bio)] == tokenize(bio)
 
 
 # ------------------------------------------------------------- hand-computed scores

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from conftest import ROOT, Server, profile, wait_for_task
 
-from profile_app.matching.index import reference_matches
+from profile_app.matching.reference import reference_matches
 from profile_app.matching.synthetic import synthetic_profiles
 
 SEEDED = 20_000

@@ -8,17 +8,13 @@ was cancelled, takes back tasks whose server process died, and writes progress.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
-import time
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
-from enum import Enum, auto
 from typing import Any
 
 import anyio
-from anyio import BrokenWorkerProcess, CancelScope
+from anyio import CancelScope
 from anyio.abc import TaskGroup
 
 from profile_app.db.database import (
@@ -30,96 +26,25 @@ from profile_app.db.database import (
     ProfileSubmission,
     StorageUnavailable,
     TaskRecord,
-    TaskStatus,
 )
-from profile_app.executors.kinds import (
-    AttemptError,
-    AttemptGivenBack,
-    Call,
-    CallResult,
-    KindRegistry,
-    Placement,
-    PlacementPolicy,
-    Runner,
-    TaskContext,
-    TaskKind,
-    WorkerPriority,
-    checked_for_processes,
-    error_line,
-    runners_for,
+from profile_app.dispatcher.attempt import Attempt, AttemptEnd, AttemptLifecycle, StopReason
+from profile_app.dispatcher.config import (
+    CLAIM_AHEAD_BELOW_S,
+    CLAIM_ROUND_MAX_S,
+    DURATION_SMOOTHING,
+    AttemptObserver,
+    DispatcherConfig,
+    UnknownKind,
 )
-from profile_app.executors.process_pool import RecyclePolicy
-from profile_app.observability.logs import task_id_var
+from profile_app.dispatcher.housekeeping import Housekeeping
+from profile_app.executors.calls import Runner
+from profile_app.executors.kinds import KindRegistry, Placement, TaskKind, checked_for_processes
+from profile_app.executors.runners import runners_for
 
 logger = logging.getLogger("profile_app.dispatcher")
 
-CLAIM_ROUND_MAX_S = 5.0  # how long a drain waits for a claim round in flight (SQLite's busy timeout)
-CLAIM_AHEAD_BELOW_S = 1.0
-"""Process kinds whose attempts typically take less than this claim one task ahead per
-worker while only such kinds run in processes: a worker that finishes one takes the next
-at once instead of idling while its result commits (a fifth of a 10 ms task). A task
-claimed ahead shows as `running` and waits here for a worker, usually less than one such
-task's length (one that suddenly runs long holds it until it ends or meets its time
-limit); its own time limit starts when it gets the worker. Longer tasks gain nothing from
-it and would make the ones behind them wait, so they never claim ahead."""
-DURATION_SMOOTHING = 0.3  # weight of the newest attempt in a kind's typical duration
 
-
-AttemptObserver = Callable[[str, str, float], None]
-"""Called with (kind, outcome, wall seconds) after every attempt, e.g. to count it in metrics."""
-
-
-class UnknownKind(LookupError):
-    """Raised when submitting a task of a kind this app has not registered."""
-
-
-class _StopReason(Enum):
-    CANCELLED = auto()  # DELETE /tasks/{id}, or the lease was lost to another process
-    DRAIN = auto()  # shutdown: give the task back without charging the attempt
-
-
-@dataclass(slots=True)
-class _Attempt:
-    task: TaskRecord
-    kind: TaskKind
-    placement: Placement
-    scope: CancelScope = field(default_factory=CancelScope)  # stop() cancels it; deadline: time limit
-    stop_reason: _StopReason | None = None
-    logs: str = ""  # what the attempt printed or logged
-    refilled: bool = False  # its finishing transaction claimed work for every free slot
-    ended_as: TaskRecord | None = None  # the task's row as the attempt's outcome left it
-    running_since: float | None = None  # monotonic time it began to run (got its worker)
-
-    def stop(self, reason: _StopReason) -> None:
-        self.stop_reason = self.stop_reason or reason
-        self.scope.cancel()
-
-
-@dataclass(slots=True)
-class _AttemptEnd:
-    """What wakes the `wait` callers of one task: set when an attempt of it ends, with the
-    task's row as the finishing transaction committed it, if there was one."""
-
-    event: anyio.Event = field(default_factory=anyio.Event)
-    task: TaskRecord | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class DispatcherConfig:
-    lease_s: float = 10.0
-    poll_interval_s: float = 0.5
-    process_workers: int = 2
-    process_priority: WorkerPriority = field(default_factory=WorkerPriority)
-    inline: bool = False
-    idempotency_ttl_s: float = 24 * 3600.0
-    auto_placement: bool = True
-    placement_policy: PlacementPolicy = field(default_factory=PlacementPolicy)
-    recycle: RecyclePolicy = field(default_factory=RecyclePolicy)  # when process workers are replaced
-    task_max_memory_mb: int | None = None  # what one process attempt may allocate
-    claim_ahead: bool = True  # short process kinds claim a task ahead per worker (CLAIM_AHEAD_BELOW_S)
-
-
-class Dispatcher:
+class Dispatcher(AttemptLifecycle, Housekeeping):
     """Runs the queue's tasks for one server process."""
 
     def __init__(
@@ -148,11 +73,11 @@ class Dispatcher:
             task_max_memory_mb=config.task_max_memory_mb,
             on_retire=on_worker_replaced,
         )
-        self._attempts: dict[str, _Attempt] = {}
+        self._attempts: dict[str, Attempt] = {}
         self._placements: dict[str, PlacementRecord] = {}  # learned placements of `auto` kinds
         self._typical_s: dict[str, float] = {}  # per kind: its attempts' smoothed running time
         self._live_progress: dict[str, tuple[int, float]] = {}
-        self._attempt_ended: dict[str, _AttemptEnd] = {}  # for `wait`: set when an attempt ends
+        self._attempt_ended: dict[str, AttemptEnd] = {}  # for `wait`: set when an attempt ends
         self._wakeup = anyio.Event()
         self._accepting = True
         self._task_group: TaskGroup | None = None
@@ -231,7 +156,7 @@ class Dispatcher:
         task = await self.db.cancel(task_id)
         attempt = self._attempts.get(task_id)
         if task is not None and attempt is not None:
-            attempt.stop(_StopReason.CANCELLED)
+            attempt.stop(StopReason.CANCELLED)
         elif task is not None:
             self._wake_waiters(task_id)  # it was queued: no attempt will end to say so
         return task
@@ -246,7 +171,7 @@ class Dispatcher:
         """
         with anyio.fail_after(timeout_s):
             while True:
-                attempt_end = self._attempt_ended.setdefault(task_id, _AttemptEnd())
+                attempt_end = self._attempt_ended.setdefault(task_id, AttemptEnd())
                 try:
                     # Running here: its end wakes us (checked and registered with no await between).
                     if task_id in self._attempts:
@@ -346,7 +271,7 @@ class Dispatcher:
             await self._until_idle()
         leftover = list(self._attempts.values())
         for attempt in leftover:
-            attempt.stop(_StopReason.DRAIN)
+            attempt.stop(StopReason.DRAIN)
         with anyio.move_on_after(5):
             await self._until_idle()
         if leftover:
@@ -432,7 +357,7 @@ class Dispatcher:
         for kind_name, tasks in claimed.items():
             for task in tasks:
                 # A claim sets the task's executor to where its kind runs now.
-                attempt = _Attempt(task, self.kinds[kind_name], Placement(task.executor))
+                attempt = Attempt(task, self.kinds[kind_name], Placement(task.executor))
                 self._attempts[task.id] = attempt
                 task_group.start_soon(self._run_attempt, attempt, name=f"task {task.id}")
                 started += 1
@@ -445,230 +370,9 @@ class Dispatcher:
             for kind in self.kinds:
                 placement = self.placement_of(kind)
                 for task in await self.db.claim(kind.name, placement.value, 1, self.config.lease_s):
-                    attempt = _Attempt(task, kind, placement)
+                    attempt = Attempt(task, kind, placement)
                     self._attempts[task.id] = attempt
                     await self._run_attempt(attempt, retry_delay_s=0.0)
                     started += 1
             if not started:
                 return
-
-    def _context(self, task: TaskRecord) -> TaskContext:
-        def report(fraction: float) -> None:
-            self._live_progress[task.id] = (task.attempts, fraction)
-
-        return TaskContext(task.id, task.kind, task.attempts, str(self.db.path), report)
-
-    async def _run_attempt(self, attempt: _Attempt, retry_delay_s: float | None = None) -> None:
-        task, kind = attempt.task, attempt.kind
-        log_context = task_id_var.set(task.id)  # the attempt's log lines carry its task id
-        error: str | None = None
-        outcome: CallResult | None = None
-        started = time.monotonic()
-        logger.info(
-            "task %s (%s) attempt %d/%d started", task.id, kind.name, task.attempts, task.max_attempts
-        )
-        runner = self._runners[attempt.placement]
-
-        def start_clock() -> None:  # the attempt's scope gets its deadline: the time limit
-            attempt.running_since = time.monotonic()
-            attempt.scope.deadline = anyio.current_time() + kind.time_limit_s
-
-        call = Call(kind, task.payload, self._context(task), started=start_clock)
-        if not getattr(runner, "calls_started", False):  # it runs as soon as it is called
-            start_clock()
-        worker_lost: str | None = None  # why a process worker had to be replaced, if it was
-        try:
-            with attempt.scope:
-                try:
-                    outcome = await runner(call)
-                except BrokenWorkerProcess:
-                    error = "the worker process died (crash, kill or out of memory)"
-                    worker_lost = "crashed"
-                except AttemptGivenBack as exc:
-                    logger.warning("task %s (%s): %s", task.id, kind.name, exc)
-                    attempt.stop_reason = _StopReason.DRAIN
-                except AttemptError as exc:  # raised in a worker process, with its output
-                    error, attempt.logs = exc.error, exc.logs
-                except Exception as exc:  # the task boundary: any error of the task is its outcome
-                    error = error_line(exc)
-            if attempt.scope.cancelled_caught and outcome is None:
-                if attempt.stop_reason is None:  # not stopped: the scope's deadline passed
-                    error = f"time limit of {kind.time_limit_s:g} s exceeded: the attempt was stopped"
-                    worker_lost = "time_limit"
-                elif attempt.running_since is not None:
-                    worker_lost = "stopped"  # cancelled or drained mid-call: the pool killed the worker
-            if attempt.running_since is not None:
-                self._note_duration(kind, time.monotonic() - attempt.running_since)
-            if worker_lost and attempt.placement is Placement.PROCESS and self._on_worker_replaced:
-                self._on_worker_replaced(worker_lost)
-            if outcome is not None:
-                attempt.logs = outcome.logs
-            elif not attempt.logs:
-                attempt.logs = call.output.text()  # an in-process attempt that raised or was stopped
-            with CancelScope(shield=True):
-                result = await self._finish(attempt, outcome, error, retry_delay_s)
-            if self._on_attempt_end is not None:
-                self._on_attempt_end(kind.name, result, time.monotonic() - started)
-        finally:
-            self._attempts.pop(task.id, None)
-            self._live_progress.pop(task.id, None)
-            self._wake_waiters(task.id, attempt.ended_as)
-            if not attempt.refilled:  # a slot is free: claim the next due task now, not at the next poll
-                self._wakeup.set()
-            if not self._attempts:
-                self._idle.set()
-            task_id_var.reset(log_context)
-
-    async def _finish(
-        self, attempt: _Attempt, outcome: CallResult | None, error: str | None, retry_delay_s: float | None
-    ) -> str:
-        """Record how the attempt ended; returns that outcome's name."""
-        task, kind = attempt.task, attempt.kind
-        try:
-            if attempt.stop_reason is _StopReason.DRAIN:
-                await self.db.release([task])
-                return "released"
-            if attempt.stop_reason is _StopReason.CANCELLED:
-                logger.info("task %s (%s) attempt %d stopped: cancelled", task.id, kind.name, task.attempts)
-                return TaskStatus.CANCELLED.value
-            if error is None and outcome is not None:
-                return await self._succeed(attempt, outcome)
-            assert error is not None
-            delay = kind.retry_backoff_s * 2 ** (task.attempts - 1)
-            status = await self._fail(attempt, error, delay if retry_delay_s is None else retry_delay_s)
-            retrying = status is TaskStatus.QUEUED
-            logger.warning(
-                "task %s (%s) attempt %d/%d failed: %s%s",
-                task.id,
-                kind.name,
-                task.attempts,
-                task.max_attempts,
-                error,
-                "; will retry" if retrying else "",
-            )
-            return "retrying" if retrying else TaskStatus.FAILED.value
-        except StorageUnavailable as exc:
-            attempt.refilled = False  # its transaction claimed nothing: let the dispatcher look
-            # The lease runs out and the task is taken back: nothing accepted is lost.
-            logger.error("task %s: could not store the outcome of its attempt: %s", task.id, exc)
-            return "unrecorded"
-
-    async def _fail(self, attempt: _Attempt, error: str, retry_in_s: float | None) -> TaskStatus | None:
-        """Store the failed attempt, and claim the next due tasks in the same transaction."""
-        attempt.ended_as, claimed = await self.db.fail_and_claim(
-            attempt.task,
-            error,
-            retry_in_s,
-            attempt.logs,
-            claims=self._claims_after(attempt),
-            lease_s=self.config.lease_s,
-        )
-        await self._start_claimed_now(claimed)
-        return None if attempt.ended_as is None else attempt.ended_as.status
-
-    def _claims_after(self, attempt: _Attempt) -> Callable[[frozenset[str]], list[ClaimRequest]]:
-        """The claims of the transaction that ends `attempt`, asked only if its write leads
-        that transaction (`ending` then holds its task, and any other the group ends)."""
-
-        def claims(ending: frozenset[str]) -> list[ClaimRequest]:
-            requests = self._claim_requests(ending)
-            attempt.refilled = bool(requests)  # then the dispatcher need not look for work itself
-            return requests
-
-        return claims
-
-    async def _start_claimed_now(self, claimed: dict[str, list[TaskRecord]]) -> None:
-        if claimed and self._task_group is not None:
-            await self._start_claimed(self._task_group, claimed)
-
-    async def _succeed(self, attempt: _Attempt, outcome: CallResult) -> str:
-        task, kind = attempt.task, attempt.kind
-        try:
-            # The freed slot's next task is claimed in the finishing transaction: one commit
-            # per task instead of two, and the worker does not wait for a claim round.
-            stored, claimed = await self.db.succeed_and_claim(
-                task,
-                outcome.value,
-                kind.on_success,
-                attempt.logs,
-                executor=outcome.ran_on or None,
-                claims=self._claims_after(attempt),
-                lease_s=self.config.lease_s,
-                returning=task.id in self._attempt_ended,  # a waiter takes the row (else it reads)
-            )
-        except (TypeError, ValueError) as exc:  # the result is not JSON: a defect of the task
-            await self._fail(attempt, f"the result could not be stored: {error_line(exc)}", None)
-            return TaskStatus.FAILED.value
-        await self._start_claimed_now(claimed)
-        if stored is None:
-            logger.info("task %s (%s): result dropped, the attempt no longer held it", task.id, kind.name)
-            return "dropped"
-        attempt.ended_as = stored.task
-        logger.info(
-            "task %s (%s) succeeded on %s (cpu %.3f s of %.3f s)",
-            task.id,
-            kind.name,
-            outcome.ran_on or attempt.placement.value,
-            outcome.cpu_s,
-            outcome.wall_s,
-        )
-        if kind.auto and self.config.auto_placement and not self.config.inline:
-            await self._learn_placement(kind, outcome)
-        for follow_up in stored.follow_ups:
-            self._announce(follow_up.kind)  # inline mode runs it in its loop
-        return TaskStatus.SUCCEEDED.value
-
-    async def _learn_placement(self, kind: TaskKind, outcome: CallResult) -> None:
-        """One more observation of an `auto` kind; moves it when the evidence says so."""
-        policy = self.config.placement_policy
-        before, after = await self.db.observe_placement(
-            kind.name, lambda record: policy.observe(record, kind, outcome.cpu_share)
-        )
-        self._placements[kind.name] = after
-        was = before.placement if before else kind.placement.value
-        if after.placement != was:
-            logger.warning(
-                "task kind %s moves from %s to %s after %d attempts: %s",
-                kind.name,
-                was,
-                after.placement,
-                after.observations,
-                after.reason,
-            )
-
-    # -- housekeeping: heartbeat, cancellations, recovery, progress ----------------------------
-
-    async def _housekeeping(self) -> None:
-        tick_s = min(0.25, self.config.lease_s / 4)
-        renew_every = max(1, math.floor(self.config.lease_s / 3 / tick_s))
-        recover_every = max(1, math.floor(self.config.lease_s / 2 / tick_s))
-        gc_every = max(1, math.floor(3600 / tick_s))
-        for tick in itertools.count(1):
-            await anyio.sleep(tick_s)
-            try:
-                await self._stop_cancelled()
-                await self._flush_progress()
-                if tick % renew_every == 0:
-                    await self.db.renew_leases(list(self._attempts), self.config.lease_s)
-                if tick % recover_every == 0 and await self.db.recover_lost():
-                    self._wakeup.set()
-                if tick % renew_every == 0:  # other server processes may have moved a kind
-                    self._placements = await self.db.placements()
-                if tick % gc_every == 0:
-                    await self.db.forget_idempotency_keys(self.config.idempotency_ttl_s)
-            except StorageUnavailable as exc:
-                logger.warning("housekeeping skipped a beat: %s", exc)
-
-    async def _stop_cancelled(self) -> None:
-        ids = list(self._attempts)
-        if not ids:
-            return
-        still_ours = await self.db.still_running(ids)
-        for task_id in ids:
-            attempt = self._attempts.get(task_id)
-            if task_id not in still_ours and attempt is not None and attempt.stop_reason is None:
-                attempt.stop(_StopReason.CANCELLED)
-
-    async def _flush_progress(self) -> None:
-        pending, self._live_progress = self._live_progress, {}
-        await self.db.set_progress((task_id, *progress) for task_id, progress in pending.items())

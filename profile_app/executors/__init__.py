@@ -3,14 +3,7 @@
 Developers add kinds with a `KindRegistry` in their own module (see docs/extending.md).
 """
 
-from profile_app.executors.kinds import (
-    AUTO,
-    KindRegistry,
-    Placement,
-    TaskContext,
-    TaskKind,
-    current_task,
-    report_progress,
-)
+from profile_app.executors.context import TaskContext, current_task, report_progress
+from profile_app.executors.kinds import AUTO, KindRegistry, Placement, TaskKind
 
 __all__ = ["AUTO", "KindRegistry", "Placement", "TaskContext", "TaskKind", "current_task", "report_progress"]

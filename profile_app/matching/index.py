@@ -1,185 +1,18 @@
-"""Profile matching: the reference score and an incremental in-memory index.
+"""MatchIndex: the same answers as the reference oracle (bit-identical floats, same order)
+with cost proportional to the postings shared with the profile.
 
-Contract, for a profile P against every other stored profile Q:
-
-* ``jaccard`` = |I(P) & I(Q)| / |I(P) | I(Q)|, I = interests ``.strip().lower()``-ed;
-  0 when the union is empty.
-* ``cosine`` = cosine similarity of the bio token-count vectors (tokens from
-  :func:`tokenize`); 0 when either bio has no tokens.
-* ``score`` = ``round(0.5 * jaccard + 0.5 * cosine, 6)``.
-* matches = the ``k`` (10) highest scores > 0, by score descending, ties by
-  ``user_id`` ascending; P itself is never among its matches.
-
-:func:`reference_matches` is the brute-force oracle; :class:`MatchIndex` gives the
-same answers (bit-identical floats, same order) with cost proportional to the
-postings shared with P.
-
-This module is pure: it imports only the standard library and numpy.
+Pure: imports only the standard library and numpy.
 """
 
 from __future__ import annotations
 
 import heapq
-import math
-import re
 from array import array
-from collections import Counter
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 
-__all__ = [
-    "MatchIndex",
-    "interest_set",
-    "reference_matches",
-    "score",
-    "tokenize",
-]
-
-_TOKEN_RE = re.compile(r"[a-z0-9]+")
-
-# Fast equivalent of _TOKEN_RE.findall on an already lower-cased str, on its UTF-8
-# bytes: [a-z0-9] are exactly the single bytes 0x30-0x39 and 0x61-0x7a, and every other
-# code point (any non-ASCII one included) encodes to bytes outside those ranges, which
-# this table turns into spaces. Tokens come out as bytes (ASCII) instead of str.
-_SEPARATE = bytes(c if (48 <= c <= 57 or 97 <= c <= 122) else 32 for c in range(256))
-
-# A raw score that is this much below the k-th best raw score cannot round
-# (to 6 decimals, i.e. by at most 5e-7) to a value >= the k-th best rounded score.
-_MARGIN = 1e-6
-
-
-def tokenize(bio: str) -> list[str]:
-    """Bio tokens: runs of ``[a-z0-9]`` in the lower-cased text, in order, with repeats."""
-    return _TOKEN_RE.findall(bio.lower())
-
-
-def interest_set(interests: Iterable[str]) -> frozenset[str]:
-    """The set of interests, each ``.strip().lower()``-ed."""
-    return frozenset(i.strip().lower() for i in interests)
-
-
-def score(p_interests: Iterable[str], p_bio: str, q_interests: Iterable[str], q_bio: str) -> float:
-    """Reference score of one pair: ``round(0.5 * jaccard + 0.5 * cosine, 6)``."""
-    pi = interest_set(p_interests)
-    qi = interest_set(q_interests)
-    union = pi | qi
-    jaccard = len(pi & qi) / len(union) if union else 0.0
-
-    pc = Counter(tokenize(p_bio))
-    qc = Counter(tokenize(q_bio))
-    if pc and qc:
-        dot = sum(c * qc[t] for t, c in pc.items() if t in qc)
-        p_norm = math.sqrt(sum(c * c for c in pc.values()))
-        q_norm = math.sqrt(sum(c * c for c in qc.values()))
-        cosine = dot / (p_norm * q_norm)
-    else:
-        cosine = 0.0
-    return round(0.5 * jaccard + 0.5 * cosine, 6)
-
-
-def reference_matches(
-    user_id: str, profiles: Mapping[str, tuple[Sequence[str], str]], k: int = 10
-) -> list[tuple[str, float]]:
-    """Brute-force top-``k`` matches of ``user_id`` over ``score()`` (the test oracle)."""
-    p_interests, p_bio = profiles[user_id]
-    scored = []
-    for q_id, (q_interests, q_bio) in profiles.items():
-        if q_id == user_id:
-            continue
-        s = score(p_interests, p_bio, q_interests, q_bio)
-        if s > 0:
-            scored.append((q_id, s))
-    scored.sort(key=lambda item: (-item[1], item[0]))
-    return scored[: max(k, 0)]
-
-
-def _token_bytes(bio: str) -> list[bytes]:
-    """``tokenize(bio)``, as ASCII bytes (about twice as fast)."""
-    return bio.lower().encode("utf-8", "surrogatepass").translate(_SEPARATE).split()
-
-
-class _Vocab(dict):
-    """Key -> dense id, assigning the next id to unseen keys."""
-
-    def __missing__(self, key: object) -> int:
-        value = self[key] = len(self)
-        return value
-
-
-class _Grow:
-    """A numpy array with amortised O(1) append."""
-
-    __slots__ = ("a", "n")
-
-    def __init__(self, dtype: type, initial: Sequence[float] = ()) -> None:
-        self.a = np.empty(max(16, len(initial)), dtype)
-        self.n = len(initial)
-        self.a[: self.n] = initial
-
-    def extend(self, xs: np.ndarray) -> None:
-        k = xs.shape[0]
-        need = self.n + k
-        if need > self.a.shape[0]:
-            new = np.empty(max(need, 2 * self.a.shape[0]), self.a.dtype)
-            new[: self.n] = self.a[: self.n]
-            self.a = new
-        self.a[self.n : need] = xs
-        self.n = need
-
-    def view(self) -> np.ndarray:
-        return self.a[: self.n]
-
-    def replace(self, arr: np.ndarray) -> None:
-        self.a = np.array(arr, dtype=self.a.dtype)
-        self.n = self.a.shape[0]
-        if self.n == 0:
-            self.a = np.empty(16, self.a.dtype)
-
-
-def _merge_postings(
-    ptr: np.ndarray,
-    rows: np.ndarray,
-    vals: np.ndarray | None,
-    d_keys: np.ndarray,
-    d_rows: np.ndarray,
-    d_vals: np.ndarray | None,
-    n_keys: int,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Merge key-grouped postings (``ptr``/``rows``/``vals``) with ungrouped new ones.
-
-    Within a key the old postings come first. The old postings are not re-sorted.
-    """
-    # Stable sort of the new postings by key: sort (key << 32 | position).
-    packed = (d_keys.astype(np.int64) << 32) | np.arange(d_keys.shape[0], dtype=np.int64)
-    packed.sort()
-    order = packed & 0xFFFFFFFF
-    d_keys = packed >> 32
-    b_counts = np.zeros(n_keys, np.int64)
-    b_counts[: ptr.shape[0] - 1] = np.diff(ptr)
-    d_counts = np.bincount(d_keys, minlength=n_keys)
-    new_ptr = np.zeros(n_keys + 1, np.int64)
-    np.cumsum(b_counts + d_counts, out=new_ptr[1:])
-
-    # Old posting i with key t lands after the new postings of keys < t;
-    # new posting j with key t lands after the old postings of keys <= t.
-    d_before = np.zeros(n_keys, np.int64)
-    np.cumsum(d_counts[:-1], out=d_before[1:])
-    b_pos = np.repeat(d_before, b_counts)
-    b_pos += np.arange(b_pos.shape[0], dtype=np.int64)
-    d_pos = np.cumsum(b_counts)[d_keys]
-    d_pos += np.arange(d_pos.shape[0], dtype=np.int64)
-
-    total = int(new_ptr[-1])
-    new_rows = np.empty(total, np.int32)
-    new_rows[b_pos] = rows
-    new_rows[d_pos] = d_rows[order]
-    new_vals = None
-    if vals is not None and d_vals is not None:
-        new_vals = np.empty(total, vals.dtype)
-        new_vals[b_pos] = vals
-        new_vals[d_pos] = d_vals[order]
-    return new_ptr, new_rows, new_vals
+from profile_app.matching.postings import MARGIN, Grow, Vocab, merge_postings, token_bytes
 
 
 class MatchIndex:
@@ -205,21 +38,21 @@ class MatchIndex:
         self._row_uid: list[str | None] = []
         self._alive = bytearray()
         self._n_dead = 0
-        self._tok_vocab = _Vocab()
-        self._int_vocab = _Vocab()
+        self._tok_vocab = Vocab()
+        self._int_vocab = Vocab()
         # Rows not yet counted: raw token ids (with repeats), unique interest ids.
         self._p_tok = array("i")
         self._p_tok_len = array("q")
         self._p_int = array("i")
         self._p_int_len = array("q")
         # Row-major store of the counted rows.
-        self._tok_ptr = _Grow(np.int64, [0])
-        self._tok_ids = _Grow(np.int32)
-        self._tok_cnt = _Grow(np.int32)
-        self._int_ptr = _Grow(np.int64, [0])
-        self._int_ids = _Grow(np.int32)
-        self._norm = _Grow(np.float64)  # sqrt(sum of squared token counts)
-        self._nint = _Grow(np.float64)  # size of the interest set
+        self._tok_ptr = Grow(np.int64, [0])
+        self._tok_ids = Grow(np.int32)
+        self._tok_cnt = Grow(np.int32)
+        self._int_ptr = Grow(np.int64, [0])
+        self._int_ids = Grow(np.int32)
+        self._norm = Grow(np.float64)  # sqrt(sum of squared token counts)
+        self._nint = Grow(np.float64)  # size of the interest set
         # Token-major inverted index over rows [0, _base_rows).
         self._base_rows = 0
         self._ct_ptr = np.zeros(1, np.int64)
@@ -235,7 +68,7 @@ class MatchIndex:
 
     def upsert(self, user_id: str, interests: Sequence[str], bio: str) -> None:
         """Insert or replace the profile of ``user_id`` (amortised O(profile size))."""
-        toks = _token_bytes(bio)
+        toks = token_bytes(bio)
         names = {i.strip().lower() for i in interests}
         tok_ids = list(map(self._tok_vocab.__getitem__, toks))
         int_ids = list(map(self._int_vocab.__getitem__, names))
@@ -367,7 +200,7 @@ class MatchIndex:
         tp = self._tok_ptr.view()
         t0 = int(tp[b])
         d_rows = np.repeat(np.arange(b, n_rows, dtype=np.int32), np.diff(tp[b:]))
-        self._ct_ptr, self._ct_rows, self._ct_cnt = _merge_postings(
+        self._ct_ptr, self._ct_rows, self._ct_cnt = merge_postings(
             self._ct_ptr,
             self._ct_rows,
             self._ct_cnt,
@@ -379,7 +212,7 @@ class MatchIndex:
         ip = self._int_ptr.view()
         i0 = int(ip[b])
         d_rows = np.repeat(np.arange(b, n_rows, dtype=np.int32), np.diff(ip[b:]))
-        self._ci_ptr, self._ci_rows, _ = _merge_postings(
+        self._ci_ptr, self._ci_rows, _ = merge_postings(
             self._ci_ptr,
             self._ci_rows,
             None,
@@ -518,9 +351,9 @@ class MatchIndex:
         """Round with Python's round() and pick the top k by (-score, user_id)."""
         if cand.shape[0] > k:
             # round() is monotone and moves a value by at most 5e-7, so nothing more
-            # than _MARGIN below the k-th raw score can reach the k-th rounded score.
+            # than MARGIN below the k-th raw score can reach the k-th rounded score.
             kth = np.partition(raw, -k)[-k]
-            keep = raw >= kth - _MARGIN
+            keep = raw >= kth - MARGIN
             cand = cand[keep]
             raw = raw[keep]
         # Equal raw scores round equally: round each distinct value once.

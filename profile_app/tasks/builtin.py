@@ -10,7 +10,8 @@ from typing import Any
 import requests
 
 from profile_app.db.database import NewTask, TaskRecord, Transaction, connect_read_only
-from profile_app.executors.kinds import KindRegistry, Placement, current_task, report_progress
+from profile_app.executors.context import current_task, report_progress
+from profile_app.executors.kinds import KindRegistry, Placement
 from profile_app.matching.index import MatchIndex
 from profile_app.settings import Settings
 

@@ -33,7 +33,8 @@ from anyio import CancelScope
 from profile_app.db.database import Database
 from profile_app.executors.dask.cluster import ClusterStatus, DaskCluster
 from profile_app.executors.dask.runner import DaskAttemptObserver, DaskRunner
-from profile_app.executors.kinds import KindRegistry, Placement, ProcessRunner, WorkerPriority
+from profile_app.executors.kinds import KindRegistry, Placement
+from profile_app.executors.process import ProcessRunner, WorkerPriority
 from profile_app.settings import Settings, SettingsError
 
 MAX_IN_FLIGHT = 256  # per kind and server process: a ceiling, the cluster's size decides below it

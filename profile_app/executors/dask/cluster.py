@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import anyio
 from anyio import CancelScope
 
-from profile_app.executors.kinds import error_line
+from profile_app.executors.calls import error_line
 
 if TYPE_CHECKING:
     from distributed import Client

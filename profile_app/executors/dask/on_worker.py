@@ -22,20 +22,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from profile_app.executors.calls import AttemptError, CallResult, call_in_task_context, error_line
+from profile_app.executors.context import TaskContext
 from profile_app.executors.dask.shipping import BaseSnapshot, ProfileRow
-from profile_app.executors.kinds import (
-    AttemptError,
-    CallResult,
-    TaskContext,
-    call_in_task_context,
-    error_line,
-)
 from profile_app.executors.task_output import TaskOutput
 from profile_app.matching.index import MatchIndex
 from profile_app.tasks.builtin import match_in
 
 PROGRESS_TOPIC = "profile_app-progress"  # the Dask event topic the server's client subscribes to
-PROGRESS_INTERVAL_S = 0.5  # as executors._SqliteProgress: at most two events a second per task
+PROGRESS_INTERVAL_S = 0.5  # as executors.SqliteProgress: at most two events a second per task
 
 
 class StoppedOnWorker(Exception):

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from anyio import CancelScope
 
 from profile_app.db.database import Database
+from profile_app.executors.calls import AttemptError, AttemptGivenBack, Call, CallResult, Runner, error_line
 from profile_app.executors.dask.cluster import DaskCluster
 from profile_app.executors.dask.on_worker import (
     PROGRESS_TOPIC,
@@ -35,15 +36,7 @@ from profile_app.executors.dask.on_worker import (
     run_on_worker,
 )
 from profile_app.executors.dask.shipping import ProfileShipping
-from profile_app.executors.kinds import (
-    AttemptError,
-    AttemptGivenBack,
-    Call,
-    CallResult,
-    Placement,
-    Runner,
-    error_line,
-)
+from profile_app.executors.kinds import Placement
 from profile_app.tasks.builtin import match_profile
 
 if TYPE_CHECKING:

@@ -1,0 +1,310 @@
+"""The connections of one server process: opening and migrating the file, the one writer
+(group commit, group_commit.py) and the read connections."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any, Self
+
+import aiosqlite
+import anyio
+
+from profile_app.db.group_commit import QueuedWrite, run_group
+from profile_app.db.migrations import MIGRATIONS
+from profile_app.db.records import (
+    ClaimRequest,
+    ProfileSubmission,
+    StorageUnavailable,
+    TaskRecord,
+)
+from profile_app.db.sql import (
+    TASK_COLUMNS,
+    Claimed,
+    Claims,
+    Clock,
+    T,
+    by_kind,
+    connect_read_only,
+    in_transaction,
+    lease_owner_id,
+    logger,
+    no_claims,
+    sqlite_failure,
+    statements,
+)
+
+
+class DatabaseCore:
+    """The connections of one server process; the stores (profiles, tasks, stats) build on it."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        busy_timeout_s: float = 5.0,
+        clock: Clock = time.time,
+        on_group_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        self.path = path
+        self.clock = clock
+        self.on_group_commit = on_group_commit  # called with how many writes each group commit held
+        self.busy_timeout_s = busy_timeout_s
+        self.owner = lease_owner_id()
+        self._writer: aiosqlite.Connection | None = None
+        self._reader: aiosqlite.Connection | None = None
+        self._loop_reader: sqlite3.Connection | None = None
+        # Every holder goes on to await the writer's thread, so taking a free lock need not
+        # yield to the loop as well (one loop iteration less per write).
+        self._write_lock = anyio.Lock(fast_acquire=True)
+        # What the next holder of the write lock commits (see _commit_queued).
+        self._queued_writes: list[QueuedWrite[Any]] = []
+        self._queued_submissions: list[ProfileSubmission] = []
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        try:
+            self._writer = await self._connect(read_only=False)
+            await self._migrate(self._writer)
+            self._reader = await self._connect(read_only=True)
+            # Busy timeout 0: it never waits (see _read_on_loop).
+            self._loop_reader = connect_read_only(self.path, timeout_s=0)
+        except sqlite3.Error as exc:
+            await self.aclose()
+            raise sqlite_failure(exc) from exc
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        for conn in (self._reader, self._writer):
+            if conn is not None:
+                await conn.close()
+        if self._loop_reader is not None:
+            self._loop_reader.close()
+        self._reader = self._writer = self._loop_reader = None
+
+    async def _connect(self, *, read_only: bool) -> aiosqlite.Connection:
+        conn = await aiosqlite.connect(self.path, isolation_level=None)
+        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+        if read_only:
+            await conn.execute("PRAGMA query_only = 1")
+        else:
+            await conn.execute("PRAGMA journal_mode = WAL")
+            # FULL: a 202 must survive power loss, not only a process crash.
+            await conn.execute("PRAGMA synchronous = FULL")
+        return conn
+
+    @staticmethod
+    async def _migrate(conn: aiosqlite.Connection) -> None:
+        await conn.execute("BEGIN IMMEDIATE")
+        try:
+            (version,) = await (await conn.execute("PRAGMA user_version")).fetchone()  # type: ignore[misc]
+            if version > len(MIGRATIONS):
+                raise StorageUnavailable(
+                    f"the database schema is version {version}, newer than this server knows"
+                )
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in statements(script):
+                    await conn.execute(statement)
+                await conn.execute(f"PRAGMA user_version = {number}")
+                logger.info("database schema migrated to version %d", number)
+        except BaseException:
+            await conn.execute("ROLLBACK")
+            raise
+        await conn.execute("COMMIT")
+
+    @property
+    def _w(self) -> aiosqlite.Connection:
+        if self._writer is None:
+            raise StorageUnavailable("the database is not open")
+        return self._writer
+
+    @property
+    def _r(self) -> aiosqlite.Connection:
+        if self._reader is None:
+            raise StorageUnavailable("the database is not open")
+        return self._reader
+
+    async def _write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run `work(conn)` on the writer's thread in the next group commit; returns its value."""
+        value, _nothing = await self._write_and_claim(work, no_claims, 0.0)
+        return value
+
+    async def _write_and_claim(
+        self,
+        work: Callable[[sqlite3.Connection], T],
+        claims: Claims,
+        lease_s: float,
+        *,
+        ends: str | None = None,
+    ) -> tuple[T, Claimed]:
+        """Run `work(conn)` on the writer's thread in the next group commit; returns what it
+        returned, and the due tasks `claims` asked for if this call led the commit. `ends`:
+        the id of the task whose attempt this write ends.
+
+        A call that finds its write already committed by another's transaction claims
+        nothing: its caller's wake-up of the dispatcher (a finished attempt's free slot, a
+        new task) takes them in the next claim round. Raises what `work` raised, with its
+        write undone, or StorageUnavailable.
+        """
+        write: QueuedWrite[T] = QueuedWrite(work, ends)
+        self._queued_writes.append(write)
+        claimed: Claimed = {}
+        try:
+            async with self._write_lock:
+                if not write.done:
+                    claimed = await self._commit_queued(claims, lease_s)
+                    if write.error is not None and claimed:
+                        # The group committed them, but this caller raises and would never
+                        # start them: they go back to the queue, uncharged.
+                        now = self.clock()
+                        taken = [task for tasks in claimed.values() for task in tasks]
+                        await self._locked_write(lambda conn: self._release_in(conn, taken, now))
+                        claimed = {}
+        except anyio.get_cancelled_exc_class():
+            if not write.taken:  # withdrawn: no transaction will run it
+                self._queued_writes.remove(write)
+            raise
+        try:
+            return write.outcome(), claimed
+        except sqlite3.Error as exc:  # the write failed in its savepoint; the group committed
+            raise sqlite_failure(exc) from exc
+
+    async def _commit_queued(self, claims: Claims, lease_s: float) -> Claimed:
+        """Holding the write lock: commit every queued write and profile submission in one
+        transaction, which also takes the due tasks `claims` asks for; returns those.
+
+        A failed transaction is every write's outcome (StorageUnavailable, or what a write
+        alone raised); nothing is raised here unless the caller is cancelled mid-way.
+        """
+        writes: list[QueuedWrite[Any]]
+        writes, self._queued_writes = self._queued_writes, []
+        submissions, self._queued_submissions = self._queued_submissions, []
+        held = len(writes) + len(submissions)
+        now = self.clock()
+        if submissions:  # one write for them all: their inserts take a statement each
+            writes.append(QueuedWrite(lambda conn: self._apply_submissions(conn, submissions, now)))
+        requests = claims(frozenset(write.ends for write in writes if write.ends is not None))
+        if not writes and not any(request.limit > 0 for request in requests):
+            return {}
+        for write in writes:
+            write.taken = True
+
+        def transaction(conn: sqlite3.Connection) -> Claimed:
+            run_group(conn, writes)
+            return self._claim_in(conn, requests, lease_s, now)
+
+        claimed: Claimed = {}
+        try:
+            claimed = await self._locked_write(transaction)
+        except Exception as exc:
+            for write in writes:
+                write.error = exc
+        except BaseException:
+            for write in writes:
+                write.error = StorageUnavailable("cancelled")
+            raise
+        else:
+            if self.on_group_commit is not None and held:
+                self.on_group_commit(held)
+        finally:
+            for write in writes:
+                write.done = True
+            if submissions:
+                self._settle(submissions, writes[-1])
+        return claimed
+
+    @staticmethod
+    def _settle(submissions: list[ProfileSubmission], write: QueuedWrite[Any]) -> None:
+        """Give each submission of a group commit its outcome: its response, or the error."""
+        error = write.error
+        if isinstance(error, sqlite3.Error):
+            error = sqlite_failure(error)
+        outcomes = [error] * len(submissions) if error is not None else write.value
+        for item, outcome in zip(submissions, outcomes, strict=True):
+            item.outcome = outcome
+
+    async def _locked_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """One transaction, `work(conn)` between BEGIN IMMEDIATE and COMMIT, for a caller
+        that holds the write lock (a group commit's leader).
+
+        Every statement awaited through aiosqlite is a round trip between the event loop and
+        the writer's thread, which costs more CPU than the statement (~70 us, a fifth of a
+        bare Starlette POST; bench/instructions.py). A whole transaction handed over as one
+        function costs one. aiosqlite's `_execute` is the queue all its own calls go through
+        (aiosqlite is pinned in requirements.txt). Shielded: the transaction runs to its end
+        in the thread anyway, and the caller must learn whether it committed.
+        """
+        try:
+            with anyio.CancelScope(shield=True):
+                return await self._on_writer(lambda conn: in_transaction(conn, work))
+        except sqlite3.Error as exc:
+            raise sqlite_failure(exc) from exc
+
+    async def _on_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        """Call `fn` with the writer's sqlite3 connection, on its thread (one round trip)."""
+        conn = self._w
+        return await conn._execute(fn, conn._conn)
+
+    def _read_on_loop(self, sql: str) -> list[Any] | None:
+        """A read of a few rows right on the event loop, or None if SQLite would make it wait.
+
+        For /health, which load balancers poll: a trip to the reader thread costs more CPU
+        than reading two rows and wakes two threads, each a chance to wait for a core on a
+        busy machine. This connection's busy timeout is 0, so it never blocks the loop:
+        when SQLite says busy, the caller reads through the reader thread instead.
+        """
+        if self._loop_reader is None:
+            return None
+        try:
+            return self._loop_reader.execute(sql).fetchall()
+        except sqlite3.Error:
+            return None
+
+    async def _read(self, sql: str, params: Sequence[Any] = ()) -> Iterable[sqlite3.Row]:
+        try:
+            return await self._r.execute_fetchall(sql, params)
+        except sqlite3.Error as exc:
+            raise sqlite_failure(exc) from exc
+
+    # -- profiles --------------------------------------------------------------------------
+
+    def _claim_in(
+        self, conn: sqlite3.Connection, requests: Sequence[ClaimRequest], lease_s: float, now: float
+    ) -> dict[str, list[TaskRecord]]:
+        """Inside a write transaction, on the writer's thread: take the due tasks `requests`
+        ask for, oldest first."""
+        statement = self._claim_statement(requests, lease_s, now)
+        return by_kind(conn.execute(*statement).fetchall()) if statement else {}
+
+    def _claim_statement(
+        self, requests: Sequence[ClaimRequest], lease_s: float, now: float
+    ) -> tuple[str, tuple[Any, ...]] | None:
+        """One `UPDATE ... RETURNING` for every kind (a round trip to the writer's thread
+        costs more than the statement): each kind's due tasks come from its own LIMITed arm."""
+        requests = [request for request in requests if request.limit > 0]
+        if not requests:
+            return None
+        arms = " UNION ALL ".join(
+            "SELECT id FROM (SELECT id FROM tasks WHERE status = 'queued' AND kind = ?"
+            " AND run_after <= ? ORDER BY run_after, seq LIMIT ?)"
+            for _ in requests
+        )
+        executors = " ".join("WHEN ? THEN ?" for _ in requests)
+        return (
+            "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?,"
+            f" lease_until = ?, started_at = ?, executor = CASE kind {executors} END, progress = NULL"
+            f" WHERE id IN ({arms}) RETURNING {TASK_COLUMNS}",
+            (
+                self.owner,
+                now + lease_s,
+                now,
+                *(value for request in requests for value in (request.kind, request.executor)),
+                *(value for request in requests for value in (request.kind, now, request.limit)),
+            ),
+        )

@@ -1,0 +1,172 @@
+"""The SQL and the small pieces every store shares: the task row, a write transaction, failures."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sqlite3
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+from profile_app.db.records import (
+    ClaimRequest,
+    NewTask,
+    StorageUnavailable,
+    TaskRecord,
+)
+
+logger = logging.getLogger("profile_app.db")
+
+Clock = Callable[[], float]
+Claimed = dict[str, list[TaskRecord]]  # the due tasks a transaction took, by kind
+# What to claim, asked only by the caller that leads a transaction, once it holds the write
+# lock: every claim committed before has been started by then (and counts as busy), so two
+# transactions never fill one free slot. It gets the ids of the tasks whose attempts the
+# transaction ends: their slots are free in it, and in no transaction before it.
+Claims = Callable[[frozenset[str]], Sequence[ClaimRequest]]
+
+
+def no_claims(ending: frozenset[str]) -> Sequence[ClaimRequest]:
+    """Claims that ask for nothing (a write that takes no due task with it)."""
+    return ()
+
+
+T = TypeVar("T")
+
+
+MAX_LOG_CHARS = 64 * 1024
+# Appends an attempt's output to the task's, keeping the newest MAX_LOG_CHARS characters.
+APPEND_LOGS = f"logs = substr(COALESCE(logs, '') || ?, -{MAX_LOG_CHARS})"
+
+
+def attempt_logs(attempt: int, logs: str) -> str:
+    return f"--- attempt {attempt} ---\n{logs}" if logs else ""
+
+
+TASK_COLUMNS = (
+    "seq, id, kind, payload, status, executor, attempts, max_attempts, created_at, run_after, "
+    "started_at, finished_at, lease_owner, error, progress, result"
+)
+
+
+def lease_owner_id() -> str:
+    """Who holds a lease: host and pid (to tell a dead local process) and a random token."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+def owner_is_dead(owner: str) -> bool:
+    """True only when the owner certainly is gone: a process of this host that no longer runs."""
+    host, _, rest = owner.partition(":")
+    pid_text, _, _token = rest.partition(":")
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return True  # an earlier incarnation that had our pid; our own owner id is never passed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+INSERT_TASK = (
+    "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after)"
+    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)"
+)
+
+
+class Transaction:
+    """The writes a task kind may make when its attempt succeeds, in the finishing transaction.
+
+    Its effect runs on the writer's thread, between the statement that stores the result
+    and the COMMIT, so its methods are plain calls: the whole finish is one round trip.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+        self._conn = conn
+        self.now = now
+        self.enqueued: list[NewTask] = []
+
+    def enqueue(self, task: NewTask) -> None:
+        self._conn.execute(INSERT_TASK, task_row(task, self.now))
+        self.enqueued.append(task)
+
+    def set_matches(self, user_id: str, task_id: str, matches: list[dict[str, Any]]) -> bool:
+        """Store matches on the profile if `task_id` is still its latest match task."""
+        cursor = self._conn.execute(
+            "UPDATE profiles SET matches = ?, matches_computed_at = ? WHERE user_id = ? AND task_id = ?",
+            (json.dumps(matches), self.now, user_id, task_id),
+        )
+        return cursor.rowcount == 1
+
+
+SuccessEffect = Callable[[Transaction, TaskRecord, Any], None]
+"""A kind's `on_success`: called with the finishing transaction, the task and its result."""
+
+
+def task_row(task: NewTask, now: float) -> tuple[Any, ...]:
+    return (task.id, task.kind, json.dumps(task.payload), task.executor, task.max_attempts, now, now)
+
+
+def in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
+    """On the writer's thread: `work` inside BEGIN IMMEDIATE ... COMMIT, rolled back if it fails."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        result = work(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return result
+
+
+def connect_read_only(path: str | Path, timeout_s: float) -> sqlite3.Connection:
+    """A plain sqlite3 connection that can only read the database at `path`."""
+    uri = Path(path).resolve().as_uri() + "?mode=ro"
+    return sqlite3.connect(uri, uri=True, timeout=timeout_s, isolation_level=None)
+
+
+def by_kind(rows: Iterable[Sequence[Any]]) -> dict[str, list[TaskRecord]]:
+    """Claimed rows as tasks by kind, each kind's oldest first."""
+    claimed: dict[str, list[TaskRecord]] = {}
+    for row in rows:
+        task = TaskRecord.from_row(row)
+        claimed.setdefault(task.kind, []).append(task)
+    for tasks in claimed.values():
+        tasks.sort(key=lambda task: task.seq)
+    return claimed
+
+
+def statements(script: str) -> Iterator[str]:
+    """A migration's statements, one by one (a trigger's body holds `;` of its own)."""
+    statement = ""
+    for line in script.splitlines(keepends=True):
+        statement += line
+        if sqlite3.complete_statement(statement):
+            yield statement
+            statement = ""
+    if statement.strip():
+        raise ValueError(f"incomplete SQL statement in a migration: {statement.strip()[:80]!r}")
+
+
+# What SQLite's primary result codes mean for the operator, by `sqlite_errorname` prefix.
+_FAILURE_CAUSES = {
+    "SQLITE_FULL": "the disk is full",
+    "SQLITE_IOERR": "it cannot write to its disk: full, over a size limit, or failing",
+    "SQLITE_READONLY": "it is read-only",
+    "SQLITE_BUSY": "it stayed locked past the busy timeout",
+}
+
+
+def sqlite_failure(exc: sqlite3.Error) -> StorageUnavailable:
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    cause = next((text for prefix, text in _FAILURE_CAUSES.items() if name.startswith(prefix)), None)
+    return StorageUnavailable(f"the database is unavailable{f' ({cause})' if cause else ''}: {exc}")

@@ -1,0 +1,89 @@
+"""POST /profile and GET /profile/{user_id}."""
+
+from __future__ import annotations
+
+import re
+
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from profile_app.db.database import (
+    IdempotencyConflict,
+    IdempotencyInProgress,
+    ProfileSubmission,
+    QueueFull,
+    request_hash,
+)
+from profile_app.tasks.builtin import MATCH
+from profile_app.web.http_io import error, iso_utc, read_json_object
+from profile_app.web.middleware import services
+from profile_app.web.schemas import USER_ID_PATTERN, ProfileIn, validation_detail
+
+MAX_IDEMPOTENCY_KEY_CHARS = 255
+USER_ID = re.compile(USER_ID_PATTERN)
+
+
+async def post_profile(request: Request) -> Response:
+    settings, _db, executor = services(request)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise HTTPException(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+    document = await read_json_object(request, settings.max_body_bytes, settings.body_timeout_s)
+    try:
+        profile = ProfileIn.model_validate(document)
+    except ValidationError as exc:
+        return error(422, validation_detail(exc))
+    task = executor.new_task(MATCH, {"user_id": profile.user_id})
+    task_url = f"/tasks/{task.id}"
+    submission = ProfileSubmission(
+        profile=profile.model_dump(),
+        task=task,
+        idempotency_key=key,
+        request_hash=request_hash(document) if key is not None else None,
+        response={
+            "task_id": task.id,
+            "status": "queued",
+            "profile_url": f"/profile/{profile.user_id}",
+            "task_url": task_url,
+        },
+    )
+    try:
+        accepted = await executor.submit_profile(
+            submission, max_unfinished=settings.max_queued, idempotency_ttl_s=settings.idempotency_ttl_s
+        )
+    except QueueFull:
+        return error(
+            503,
+            f"the queue is full ({settings.max_queued} unfinished tasks); retry later",
+            {"Retry-After": str(settings.queue_full_retry_after_s)},
+        )
+    except IdempotencyConflict:
+        return error(422, "this Idempotency-Key was used with a different request body")
+    except IdempotencyInProgress:
+        return error(409, "a request with this Idempotency-Key is still being handled")
+    return JSONResponse(accepted, status_code=202, headers={"Location": accepted["task_url"]})
+
+
+async def get_profile(request: Request) -> Response:
+    _settings, db, _executor = services(request)
+    user_id = request.path_params["user_id"]
+    profile = await db.get_profile(user_id) if _is_user_id(user_id) else None
+    if profile is None:
+        return error(404, f"no profile with user_id {user_id!r}")
+    return JSONResponse(
+        {
+            "user_id": profile.user_id,
+            "name": profile.name,
+            "interests": profile.interests,
+            "bio": profile.bio,
+            "matches": profile.matches,
+            "matches_computed_at": iso_utc(profile.matches_computed_at),
+            "task_id": profile.task_id,
+        }
+    )
+
+
+def _is_user_id(text: str) -> bool:
+    return USER_ID.fullmatch(text) is not None

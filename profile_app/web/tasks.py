@@ -1,0 +1,74 @@
+"""The task routes: list, read, cancel, logs."""
+
+from __future__ import annotations
+
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response
+
+from profile_app.db.database import (
+    TaskStatus,
+)
+from profile_app.web.http_io import error, task_document
+from profile_app.web.middleware import services
+from profile_app.web.schemas import TaskQuery, validation_detail
+
+TASK_ID_CHARS = frozenset("0123456789abcdef")
+
+
+def _task_id(request: Request) -> str | None:
+    task_id = request.path_params["task_id"]
+    return task_id if len(task_id) == 32 and set(task_id) <= TASK_ID_CHARS else None
+
+
+async def get_task(request: Request) -> Response:
+    _settings, db, _executor = services(request)
+    task_id = _task_id(request)
+    task = await db.get_task(task_id) if task_id else None
+    if task is None:
+        return error(404, "no such task")
+    return JSONResponse(task_document(task))
+
+
+async def list_tasks(request: Request) -> Response:
+    _settings, db, _executor = services(request)
+    try:
+        query = TaskQuery.model_validate(dict(request.query_params))
+    except ValidationError as exc:
+        return error(422, [{**item, "loc": ["query", *item["loc"][1:]]} for item in validation_detail(exc)])
+    tasks = await db.list_tasks(
+        status=TaskStatus(query.status) if query.status else None,
+        kind=query.kind,
+        before_seq=int(query.cursor) if query.cursor else None,
+        limit=query.limit + 1,
+    )
+    page, more = tasks[: query.limit], len(tasks) > query.limit
+    return JSONResponse(
+        {"tasks": [task_document(task) for task in page], "next": str(page[-1].seq) if more else None}
+    )
+
+
+async def cancel_task(request: Request) -> Response:
+    _settings, db, executor = services(request)
+    task_id = _task_id(request)
+    cancelled = await executor.cancel(task_id) if task_id else None
+    if cancelled is not None:
+        return JSONResponse(task_document(cancelled))
+    existing = await db.get_task(task_id) if task_id else None
+    if existing is None:
+        return error(404, "no such task")
+    return error(409, f"the task has already finished ({existing.status.value})")
+
+
+async def task_logs(request: Request) -> Response:
+    _settings, db, _executor = services(request)
+    task_id = _task_id(request)
+    logs = await db.get_task_logs(task_id) if task_id else None
+    if logs is None:
+        return error(404, "no such task")
+    return PlainTextResponse(logs)
+
+
+async def task_resource(request: Request) -> Response:
+    # One route for both methods, so a 405 on this path lists every allowed method.
+    return await (cancel_task(request) if request.method == "DELETE" else get_task(request))
