@@ -227,7 +227,7 @@ async def measure_cluster(
             started = time.perf_counter()
             await run_batch(db, settings, runner, rng.sample(user_ids, 4 * workers))
             warm_up_s = time.perf_counter() - started
-            stats = runner.shipping.stats
+            stats = runner.submissions["match"].shipping.stats
             before_tasks, before_rows, before_bytes = stats.tasks, stats.delta_rows, stats.delta_bytes
             scheduler_before, workers_before = cluster.cpu_s()
             wall, cpu, lag_ms = await run_batch(db, settings, runner, rng.sample(user_ids, tasks))
@@ -262,7 +262,7 @@ async def measure_cluster(
                     "tasks_per_s": round(tasks / wall, 2),
                     "server_cpu_ms_per_task": round(1000 * cpu / tasks, 2),
                     "rebases": stats.rebases - rebases_before,
-                    "rebase_threshold_rows": runner.shipping.rebase_rows(len(user_ids)),
+                    "rebase_threshold_rows": runner.submissions["match"].shipping.rebase_rows(len(user_ids)),
                     "delta_rows_per_task": round((stats.delta_rows - rows_before) / max(1, done), 1),
                     "delta_bytes_per_task": round((stats.delta_bytes - bytes_before) / max(1, done), 1),
                 }

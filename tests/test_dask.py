@@ -23,13 +23,13 @@ from starlette.testclient import TestClient
 
 from profile_app import create_app
 from profile_app.executors.dask import backend as dask_backend
-from profile_app.executors.dask import on_worker as dask_on_worker
 from profile_app.executors.dask import runner as dask_runner
-from profile_app.executors.dask.shipping import BaseSnapshot, dumps_rows
 from profile_app.executors.kinds import KindRegistry, Placement
 from profile_app.matching.reference import reference_matches
 from profile_app.matching.synthetic import synthetic_profiles
 from profile_app.settings import Settings, SettingsError
+from profile_app.tasks import match_on_dask
+from profile_app.tasks.match_on_dask import BaseSnapshot, dumps_rows
 from profile_app.web.schemas import DaskHealth, Health
 
 distributed = pytest.importorskip("distributed")
@@ -224,7 +224,7 @@ def test_match_tasks_on_the_cluster_equal_the_reference(dask_client: TestClient)
             assert task["executor"].startswith("dask:tcp://127.0.0.1:")
             assert stored_task(dask_client, task["id"]).result == expected(user_id, table)
 
-    stats = dask_client.app_state["executor"]._runners[Placement.DASK].shipping.stats
+    stats = dask_client.app_state["executor"]._runners[Placement.DASK].submissions["match"].shipping.stats
     assert stats.rebases == 2  # the table went out twice, not with every task
     assert stats.delta_rows <= stats.tasks * 5
 
@@ -596,18 +596,18 @@ def test_a_worker_index_follows_snapshots_and_deltas() -> None:
 
     def index_after(snapshot: list, version: int, delta_rows: list) -> Any:
         base = BaseSnapshot(database, version, len(snapshot))
-        return dask_on_worker._worker_index(dumps_rows(snapshot), base, dumps_rows(delta_rows))
+        return match_on_dask.worker_index(dumps_rows(snapshot), base, dumps_rows(delta_rows))
 
-    dask_on_worker._indexes.pop(database, None)
+    match_on_dask.worker_indexes.pop(database, None)
     index_after(snapshot_1, 120, [])
     index = index_after(snapshot_1, 120, delta)  # warm: applies only the delta
-    assert dask_on_worker._indexes[database].rev == 150
+    assert match_on_dask.worker_indexes[database].rev == 150
     pairs = {uid: (p["interests"], p["bio"]) for uid, p in current.items()}
     for user_id in list(current)[::17]:
         assert index.top_matches(user_id) == reference_matches(user_id, pairs)
     index = index_after(snapshot_2, 150, [])  # a new snapshot it is already past: nothing to do
-    assert dask_on_worker._indexes[database].rev == 150
-    dask_on_worker._indexes.pop(database, None)
+    assert match_on_dask.worker_indexes[database].rev == 150
+    match_on_dask.worker_indexes.pop(database, None)
     cold = index_after(snapshot_2, 150, [])  # a new worker: builds from the snapshot alone
     for user_id in list(current)[::17]:
         assert cold.top_matches(user_id) == reference_matches(user_id, pairs)

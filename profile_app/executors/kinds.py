@@ -31,9 +31,12 @@ import pickle
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from enum import StrEnum
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from profile_app.db.database import SuccessEffect
+
+if TYPE_CHECKING:
+    from profile_app.executors.dask.submission import DaskSubmissionFactory
 
 logger = logging.getLogger("profile_app.executors")
 
@@ -69,6 +72,7 @@ class TaskKind:
     reason: str = ""
     auto: bool = False
     max_memory_mb: int | None = None  # per attempt, in a process; None: the server's default
+    dask_submission: DaskSubmissionFactory | None = None  # how attempts reach a Dask worker
 
     def concurrency_in(self, placement: Placement) -> int:
         return self.concurrency or DEFAULT_CONCURRENCY[placement]
@@ -107,6 +111,7 @@ class KindRegistry:
         retry_backoff_s: float = 1.0,
         on_success: SuccessEffect | None = None,
         max_memory_mb: int | None = None,
+        dask_submission: DaskSubmissionFactory | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated function as a task kind (named after it by default).
 
@@ -118,6 +123,8 @@ class KindRegistry:
         a MemoryError and its worker is replaced. `on_success(tx, task, result)` runs inside
         the transaction that stores the result, exactly once, on the database's writer
         thread: plain calls on `tx` (db.Transaction), nothing awaited, nothing slow.
+        `dask_submission` builds how the kind's attempts reach a Dask worker when its
+        function needs data a worker cannot read (executors/dask/submission.py).
         """
 
         def register(func: F) -> F:
@@ -145,6 +152,7 @@ class KindRegistry:
                     reason=reason,
                     auto=auto,
                     max_memory_mb=max_memory_mb,
+                    dask_submission=dask_submission,
                 )
             )
             return func

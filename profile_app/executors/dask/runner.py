@@ -1,8 +1,8 @@
 """The server's side of a `dask` attempt: `DaskRunner` turns it into one Dask future.
 
 The dispatcher claims each task with a lease and runs one attempt under its time limit;
-the runner submits it (`match` with its profiles shipped, dask_shipping.py; any other kind
-as its function, dask_on_worker.py) and waits for the future:
+the runner submits it (as its function, on_worker.py, or through the `DaskSubmission` the
+kind declared, submission.py) and waits for the future:
 
 - a worker that dies under a task (`KilledWorker`) or a future the cluster loses fails
   the attempt, which the queue retries like any other (charged);
@@ -29,15 +29,9 @@ from anyio import CancelScope
 from profile_app.db.database import Database
 from profile_app.executors.calls import AttemptError, AttemptGivenBack, Call, CallResult, Runner, error_line
 from profile_app.executors.dask.cluster import DaskCluster
-from profile_app.executors.dask.on_worker import (
-    PROGRESS_TOPIC,
-    RaisedOnWorker,
-    match_on_worker,
-    run_on_worker,
-)
-from profile_app.executors.dask.shipping import ProfileShipping
-from profile_app.executors.kinds import Placement
-from profile_app.tasks.builtin import match_profile
+from profile_app.executors.dask.on_worker import PROGRESS_TOPIC, RaisedOnWorker, run_on_worker
+from profile_app.executors.dask.submission import DaskSubmission
+from profile_app.executors.kinds import Placement, TaskKind
 
 if TYPE_CHECKING:
     from distributed import Client, Future
@@ -83,7 +77,7 @@ class GiveBacks:
 
 
 class DaskRunner:
-    """Runs an attempt as one Dask future; `match` gets its profiles shipped (ProfileShipping).
+    """Runs an attempt as one Dask future, through its kind's `DaskSubmission` if it has one.
 
     While the cluster is unavailable (the scheduler went away, or no worker is left),
     `capacity()` tells the dispatcher how many attempts to claim: none (the tasks wait in
@@ -108,7 +102,8 @@ class DaskRunner:
         self.local_slots = local_slots if local is not None else 0
         self._on_attempt = on_attempt
         self.give_backs = GiveBacks()
-        self.shipping = ProfileShipping(cluster.client, db)  # type: ignore[arg-type]
+        self.db = db
+        self.submissions: dict[str, DaskSubmission] = {}  # per kind that declared one
         self._progress: dict[tuple[str, int], Callable[[float], None]] = {}
         self.running_on: dict[str, str] = {}  # task id -> worker address, from its progress events
         # worker address -> outcome -> attempts of this server process (for the dashboard)
@@ -150,9 +145,19 @@ class DaskRunner:
 
     def _connected(self, client: Client) -> None:
         # A (re)started scheduler holds none of our data and knows no subscriber.
-        self.shipping.client = client
-        self.shipping.forget_base()
+        for submission in self.submissions.values():
+            submission.connected(client)
         client.subscribe_topic(PROGRESS_TOPIC, self._on_progress)
+
+    def _submission_of(self, kind: TaskKind, client: Client) -> DaskSubmission | None:
+        """The kind's DaskSubmission, built on its first attempt; None for a plain kind."""
+        if kind.dask_submission is None:
+            return None
+        submission = self.submissions.get(kind.name)
+        if submission is None:
+            submission = self.submissions[kind.name] = kind.dask_submission(self.db)
+            submission.connected(client)
+        return submission
 
     def _on_progress(self, event: tuple[float, dict[str, Any]]) -> None:
         """A worker's progress report (log_event): hand it to the attempt's reporter, which the
@@ -177,18 +182,9 @@ class DaskRunner:
         future: Future | None = None
         scheduler_lost = False
         try:
-            if call.kind.func is match_profile:
-                snapshot, base, delta = await self.shipping.for_task()
-                future = client.submit(
-                    match_on_worker,
-                    snapshot,
-                    base,
-                    delta,
-                    call.payload["user_id"],
-                    where,
-                    key=key,
-                    pure=False,
-                )
+            submission = self._submission_of(call.kind, client)
+            if submission is not None:
+                future = await submission.submit(client, call, where, key)
             else:
                 future = client.submit(
                     run_on_worker, call.kind.func, call.payload, where, key=key, pure=False
@@ -200,7 +196,8 @@ class DaskRunner:
         except Exception as exc:
             scheduler_lost = _scheduler_lost(exc, client)
             if not scheduler_lost:  # the cluster failed the attempt: the queue retries it
-                self.shipping.check_base()
+                for submission in self.submissions.values():
+                    submission.cluster_failed()
                 worker = _killed_on(exc)
                 if worker is not None:
                     self._observe(call, worker, "worker_died")

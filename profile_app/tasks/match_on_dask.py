@@ -1,27 +1,37 @@
-"""Profiles for `match` on Dask workers, which cannot open the server's SQLite file.
+"""`match` on Dask workers, which cannot open the server's SQLite file: its DaskSubmission.
 
 The server's side (`ProfileShipping`): a base snapshot of every profile is scattered to
 all the workers once (`client.scatter(broadcast=True)`), and each task carries only the
-rows written since that snapshot (the delta). The workers' side, a resident index per
-database brought up to date from them, is dask_on_worker.py. Both import `BaseSnapshot`
-from here: it crosses the network pickled. See bench/dask_scaling.py for what it costs.
+rows written since that snapshot (the delta). The workers' side (`match_on_worker`) keeps
+a resident index per database brought up to date from them. Dask pickles functions by
+reference, so the workers import this module by name: it imports nothing of Dask at the
+top. See bench/dask_scaling.py for what it costs.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import pickle
+import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
+
+from profile_app.executors.dask.on_worker import run_on_worker, stop_if_unwanted
+from profile_app.executors.dask.submission import Where
+from profile_app.matching.index import MatchIndex
+from profile_app.tasks.match import match_in
 
 if TYPE_CHECKING:
     from distributed import Client, Future
 
     from profile_app.db.database import Database
+    from profile_app.executors.calls import Call, CallResult
 
 logger = logging.getLogger("profile_app.dask")
 
@@ -56,7 +66,7 @@ class ProfileShipping:
     shipping the table to every worker (a warm worker then applies only the rows it lacks).
     """
 
-    client: Client  # replaced when the app reconnects to a scheduler
+    client: Client | None  # replaced when the app reconnects to a scheduler
     db: Database
     min_rebase_rows: int = 256
     stats: ShippingStats = field(default_factory=ShippingStats)
@@ -96,6 +106,7 @@ class ProfileShipping:
         rows = await self.db.profiles_since(0)
         database = await self.db.instance_id()
         blob = await anyio.to_thread.run_sync(dumps_rows, rows)
+        assert self.client is not None, "a snapshot is scattered only once connected"
         future = await self.client.scatter(blob, broadcast=True, hash=False)
         old, self._future = self._future, future
         self._base = BaseSnapshot(database, rows[-1][3] if rows else 0, len(rows))
@@ -109,3 +120,84 @@ class ProfileShipping:
 def dumps_rows(rows: list[ProfileRow]) -> bytes:
     """Profile rows as the workers receive them (pickled once here, not per worker by Dask)."""
     return pickle.dumps(rows, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+# -- on the workers -----------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _WorkerIndex:
+    """A worker process's index of one database's profiles: every row with rev <= `rev`."""
+
+    rev: int = 0
+    index: MatchIndex = field(default_factory=MatchIndex)
+
+
+# Per worker process: an index per database (most recent MAX_DATABASES), shared by its threads.
+worker_indexes: OrderedDict[str, _WorkerIndex] = OrderedDict()
+_indexes_lock = threading.Lock()  # MatchIndex is not thread-safe: one task at a time uses it
+MAX_DATABASES = 4
+
+
+def worker_index(snapshot: bytes, base: BaseSnapshot, delta: bytes) -> MatchIndex:
+    """Bring this worker's index of `base.database` up to date; call with `_indexes_lock` held.
+
+    Rows are applied only above the index's `rev` (a rewritten profile gets a new rev), so a
+    warm worker reads the snapshot only when the delta does not reach back to its rev.
+    """
+    entry = worker_indexes.get(base.database)
+    if entry is None:
+        entry = worker_indexes[base.database] = _WorkerIndex()
+        while len(worker_indexes) > MAX_DATABASES:
+            worker_indexes.popitem(last=False)
+    worker_indexes.move_to_end(base.database)
+    if base.version > entry.rev:
+        _apply(entry, pickle.loads(snapshot))
+    _apply(entry, pickle.loads(delta))
+    return entry.index
+
+
+def _apply(entry: _WorkerIndex, rows: list[ProfileRow]) -> None:
+    for user_id, interests, bio, rev in rows:
+        if rev > entry.rev:
+            entry.index.upsert(user_id, json.loads(interests), bio)
+            entry.rev = rev
+
+
+def match_on_worker(
+    snapshot: bytes, base: BaseSnapshot, delta: bytes, user_id: str, where: tuple[str, str, int]
+) -> CallResult:
+    """`match` on a Dask worker, against its resident index brought up to date.
+
+    `snapshot` arrives as the scattered future's value and `delta` with the task
+    (ProfileShipping), both pickled profile rows.
+    """
+
+    def match(user_id: str) -> list[dict[str, Any]]:
+        from distributed import get_worker
+
+        stop_if_unwanted(get_worker())
+        with _indexes_lock:
+            return match_in(worker_index(snapshot, base, delta), user_id)
+
+    return run_on_worker(match, {"user_id": user_id}, where)
+
+
+class MatchOnDask:
+    """`match`'s DaskSubmission: its profiles shipped (ProfileShipping), then `match_on_worker`."""
+
+    def __init__(self, db: Database) -> None:
+        self.shipping = ProfileShipping(None, db)  # the client comes with `connected`
+
+    def connected(self, client: Client) -> None:
+        self.shipping.client = client
+        self.shipping.forget_base()
+
+    def cluster_failed(self) -> None:
+        self.shipping.check_base()
+
+    async def submit(self, client: Client, call: Call, where: Where, key: str) -> Future:
+        snapshot, base, delta = await self.shipping.for_task()
+        return client.submit(
+            match_on_worker, snapshot, base, delta, call.payload["user_id"], where, key=key, pure=False
+        )

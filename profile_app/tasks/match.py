@@ -1,0 +1,64 @@
+"""The built-in `match` kind: a stored profile's ten best matches, computed in a worker
+process against a resident index of every profile (see bench/match_data_paths.py)."""
+
+from __future__ import annotations
+
+import json
+from contextlib import closing
+from dataclasses import dataclass, field
+from typing import Any
+
+from profile_app.db.database import connect_read_only
+from profile_app.executors.context import current_task, report_progress
+from profile_app.matching.index import MatchIndex
+
+MATCH = "match"
+NOTIFY = "notify"
+MATCH_COUNT = 10
+
+
+@dataclass(slots=True)
+class _ResidentIndex:
+    instance_id: str
+    rev: int = 0
+    index: MatchIndex = field(default_factory=MatchIndex)
+
+
+# Per worker process, the profiles of each database it has matched against. A worker
+# reads only the rows changed since its last task (`rev` grows with every write), so the
+# event loop ships a user id, not the profile table. See bench/match_data_paths.py.
+_resident: dict[str, _ResidentIndex] = {}
+
+
+def resident_index(db_path: str) -> MatchIndex:
+    """The index of every stored profile, brought up to date with the database."""
+    with closing(connect_read_only(db_path, timeout_s=30)) as conn:
+        conn.execute("BEGIN")  # one snapshot for the instance check and the delta
+        (instance_id,) = conn.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
+        entry = _resident.get(db_path)
+        if entry is None or entry.instance_id != instance_id:
+            entry = _resident[db_path] = _ResidentIndex(instance_id)
+        rows = conn.execute(
+            "SELECT user_id, interests, bio, rev FROM profiles WHERE rev > ? ORDER BY rev", (entry.rev,)
+        )
+        for user_id, interests, bio, rev in rows:
+            entry.index.upsert(user_id, _json_list(interests), bio)
+            entry.rev = rev
+    return entry.index
+
+
+def _json_list(text: str) -> list[str]:
+    return json.loads(text)
+
+
+def match_profile(user_id: str) -> list[dict[str, Any]]:
+    """The ten best matches of a stored profile against every other (see shared/API.md)."""
+    return match_in(resident_index(current_task().db_path), user_id)
+
+
+def match_in(index: MatchIndex, user_id: str) -> list[dict[str, Any]]:
+    """`match` against an index kept up to date elsewhere (a Dask worker's: dask_on_worker.py)."""
+    if user_id not in index:
+        raise LookupError(f"profile {user_id!r} is not stored")
+    best = index.top_matches(user_id, MATCH_COUNT, progress=report_progress)
+    return [{"user_id": other, "score": score} for other, score in best]
