@@ -217,3 +217,28 @@ def submit(client: TestClient, kind: str, payload: dict[str, Any]) -> str:
 def stored_task(client: TestClient, task_id: str) -> Any:
     """The task's row as the queue stores it (with its result)."""
     return client.portal.call(client.app_state["db"].get_task, task_id)  # type: ignore[union-attr]
+
+
+# `make check` runs the quick tier: every test but these (real server processes, clusters,
+# builds and long fault loops). `make test` runs them all.
+SLOW_MODULES = frozenset(
+    {
+        "test_binary",
+        "test_crash_loop",
+        "test_dask",
+        "test_dashboard_browser",
+        "test_disk_full",
+        "test_fuzzing",
+        "test_multiprocess",
+        "test_overload",
+        "test_server_e2e",
+        "test_worker_faults",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        module = item.module.__name__.rpartition(".")[2] if item.module else ""
+        if module in SLOW_MODULES or "make_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
