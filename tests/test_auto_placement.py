@@ -87,7 +87,7 @@ def test_an_auto_kind_that_computes_moves_back_to_processes(make_client: Callabl
     # Earlier evidence (say, from a version of it that waited) put it on threads.
     learned = PlacementRecord("thread", "auto: mostly waits", 10, 0.0)
     client.portal.call(db.observe_placement, "computes", lambda record: learned)
-    client.portal.call(client.app_state["executor"]._load_placements)
+    client.portal.call(client.app_state["executor"].load_placements)
     assert kinds_by_name(client)["computes"]["placement"] == "thread"
 
     executors = [run(client, "computes", 0.1)["executor"] for _ in range(5)]

@@ -55,7 +55,7 @@ def status(client: TestClient, task_id: str) -> str:
 
 
 def pool_pids(client: TestClient) -> list[int]:
-    return client.app_state["executor"]._runners[Placement.PROCESS].pool.pids()
+    return client.app_state["executor"].runner(Placement.PROCESS).pool.pids()
 
 
 def test_a_task_claimed_ahead_waits_for_its_kinds_slot_and_its_time_limit_starts_there(

@@ -105,7 +105,8 @@ def test_sigkill_at_random_moments_loses_and_duplicates_nothing(db_path: Path) -
     # Each profile's matches were stored by its latest task, not by a stale attempt.
     assert profiles == latest_task
     # A kill charges the attempts it interrupted, at most one per running task (one claimed
-    # ahead counts too: nothing is written when it reaches its worker).
+    # ahead counts too: nothing is written when it reaches its worker). How many a kill
+    # interrupts depends on the machine's speed, so only the bound is asserted.
     charged = sum(attempts - 1 for _, _, attempts, _, _ in tasks)
     assert all(attempts >= 1 for _, _, attempts, _, _ in tasks)
-    assert 0 < charged <= KILLS * running_at_most
+    assert charged <= KILLS * running_at_most

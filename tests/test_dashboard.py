@@ -138,7 +138,7 @@ async def test_the_stream_ends_once_the_server_stops(db_path: Path) -> None:
     async with Database(db_path) as db:
         with anyio.fail_after(5):
             snapshots = dashboard.SharedSnapshot(db)
-            chunks = [chunk async for chunk in dashboard._stream(snapshots, lambda: next(stops))]
+            chunks = [chunk async for chunk in dashboard.event_stream(snapshots, lambda: next(stops))]
     assert len(chunks) == 1
     assert chunks[0].startswith(f"retry: {dashboard.RECONNECT_MS}\ndata: {{")
     assert chunks[0].endswith("}\n\n")
@@ -147,7 +147,7 @@ async def test_the_stream_ends_once_the_server_stops(db_path: Path) -> None:
 @pytest.mark.anyio
 async def test_a_database_outage_is_an_event_not_the_end_of_the_stream(db_path: Path) -> None:
     db = Database(db_path)  # never opened: every read raises StorageUnavailable
-    document = await dashboard._snapshot_or_error(db)
+    document = await dashboard.snapshot_or_error(db)
     assert document["error"] == "the database is not open"
 
 

@@ -224,7 +224,7 @@ def test_match_tasks_on_the_cluster_equal_the_reference(dask_client: TestClient)
             assert task["executor"].startswith("dask:tcp://127.0.0.1:")
             assert stored_task(dask_client, task["id"]).result == expected(user_id, table)
 
-    stats = dask_client.app_state["executor"]._runners[Placement.DASK].submissions["match"].shipping.stats
+    stats = dask_client.app_state["executor"].runner(Placement.DASK).submissions["match"].shipping.stats
     assert stats.rebases == 2  # the table went out twice, not with every task
     assert stats.delta_rows <= stats.tasks * 5
 

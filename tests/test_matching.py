@@ -291,12 +291,10 @@ def random_profile(rng: random.Random) -> tuple[list[str], str]:
 @pytest.mark.parametrize("seed", range(8))
 def test_index_equals_reference_under_random_upserts(seed: int) -> None:
     rng = random.Random(seed)
-    index = MatchIndex()
     # Small thresholds on some seeds, so the delta merge and tombstone compaction run
     # many times; the default (large) thresholds keep everything in the delta.
-    if seed % 2:
-        index._merge_min = rng.choice([1, 4, 16])
-        index._compact_min = rng.choice([1, 8, 32])
+    small = {"merge_min": rng.choice([1, 4, 16]), "compact_min": rng.choice([1, 8, 32])}
+    index = MatchIndex(**small) if seed % 2 else MatchIndex()
     n_users = rng.choice([150, 300])
     profiles: Profiles = {}
     for step in range(3 * n_users):
@@ -343,9 +341,7 @@ def test_index_equals_reference_hypothesis() -> None:
     @hypothesis.settings(max_examples=200, deadline=None)
     @hypothesis.given(ops)
     def check(ops: list[tuple[int, list[str], str]]) -> None:
-        index = MatchIndex()
-        index._merge_min = 2
-        index._compact_min = 2
+        index = MatchIndex(merge_min=2, compact_min=2)
         profiles: Profiles = {}
         for n, its, text in ops:
             profiles[f"u{n}"] = (its, text)

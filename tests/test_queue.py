@@ -215,7 +215,7 @@ async def test_counts_are_read_on_the_loop_or_else_through_the_reader_thread(db_
         await db.claim("work", "process", 1, lease_s=60)
         expected = {TaskStatus.QUEUED: 2, TaskStatus.RUNNING: 1}
         assert await db.count_unfinished() == expected
-        db._loop_reader.close()  # any SQLite error on the loop's connection: read through the thread
+        db.loop_reader.close()  # any SQLite error on the loop's connection: read through the thread
         assert await db.count_unfinished() == expected
         await db.enqueue(new_task(3))
         assert await db.count_unfinished() == {TaskStatus.QUEUED: 3, TaskStatus.RUNNING: 1}

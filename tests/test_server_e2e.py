@@ -77,22 +77,22 @@ def test_health_stays_fast_while_cpu_tasks_run(db_path: Path, make_server: Calla
     seed(db_path, SEEDED)
     server = make_server()
     task_ids = post_profiles(server, list(synthetic_profiles(40, seed=99)))
-    started = time.monotonic()
-    slowest = 0.0
-    probes = 0
+    slowest_while_running = 0.0
+    probed_while_running = False
     while server.get(f"/tasks/{task_ids[-1]}").json()["status"] not in ("succeeded", "failed"):
         before = time.monotonic()
-        assert server.get("/health", timeout=5).status_code == 200
-        slowest = max(slowest, time.monotonic() - before)
-        probes += 1
-    busy_s = time.monotonic() - started
+        health = server.get("/health", timeout=5)
+        took = time.monotonic() - before
+        assert health.status_code == 200
+        if health.json()["running"] > 0:  # a probe answered while match tasks computed
+            slowest_while_running = max(slowest_while_running, took)
+            probed_while_running = True
     statuses = {wait_for_task(server, task_id)["status"] for task_id in task_ids}
 
     assert statuses == {"succeeded"}
-    assert busy_s > 1.0, "the tasks finished too fast to load the CPU; seed more profiles"
-    assert probes > 10
+    assert probed_while_running, "no /health probe overlapped a running task; seed more profiles"
     # A blocked loop would take as long as a whole match (seconds); allow for a noisy machine.
-    assert slowest < 0.5, f"slowest /health took {slowest:.3f} s while tasks ran for {busy_s:.1f} s"
+    assert slowest_while_running < 0.5, f"slowest /health while tasks ran took {slowest_while_running:.3f} s"
 
 
 def test_kill_9_with_tasks_queued_then_restart_finishes_them(db_path: Path) -> None:

@@ -55,7 +55,7 @@ class DatabaseCore:
         self.owner = lease_owner_id()
         self._writer: aiosqlite.Connection | None = None
         self._reader: aiosqlite.Connection | None = None
-        self._loop_reader: sqlite3.Connection | None = None
+        self.loop_reader: sqlite3.Connection | None = None
         # Every holder goes on to await the writer's thread, so taking a free lock need not
         # yield to the loop as well (one loop iteration less per write).
         self._write_lock = anyio.Lock(fast_acquire=True)
@@ -71,7 +71,7 @@ class DatabaseCore:
             await self._migrate(self._writer)
             self._reader = await self._connect(read_only=True)
             # Busy timeout 0: it never waits (see _read_on_loop).
-            self._loop_reader = connect_read_only(self.path, timeout_s=0)
+            self.loop_reader = connect_read_only(self.path, timeout_s=0)
         except sqlite3.Error as exc:
             await self.aclose()
             raise sqlite_failure(exc) from exc
@@ -84,9 +84,9 @@ class DatabaseCore:
         for conn in (self._reader, self._writer):
             if conn is not None:
                 await conn.close()
-        if self._loop_reader is not None:
-            self._loop_reader.close()
-        self._reader = self._writer = self._loop_reader = None
+        if self.loop_reader is not None:
+            self.loop_reader.close()
+        self._reader = self._writer = self.loop_reader = None
 
     async def _connect(self, *, read_only: bool) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
@@ -259,10 +259,10 @@ class DatabaseCore:
         busy machine. This connection's busy timeout is 0, so it never blocks the loop:
         when SQLite says busy, the caller reads through the reader thread instead.
         """
-        if self._loop_reader is None:
+        if self.loop_reader is None:
             return None
         try:
-            return self._loop_reader.execute(sql).fetchall()
+            return self.loop_reader.execute(sql).fetchall()
         except sqlite3.Error:
             return None
 

@@ -224,12 +224,16 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Claim and run tasks until `drain` is called; start it with `task_group.start`."""
         await self._recover()
-        await self._load_placements()
+        await self.load_placements()
         try:
             await self._dispatch(task_status)
         finally:
             with CancelScope(shield=True):
                 await self._close_runners()
+
+    def runner(self, placement: Placement) -> Runner:
+        """The runner of `placement` (e.g. to look at the process runner's worker pool)."""
+        return self._runners[placement]
 
     async def _close_runners(self) -> None:
         """Stop the runners that own resources (the process pool's workers); the Dask
@@ -283,7 +287,7 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
             self._idle = anyio.Event()
             await self._idle.wait()
 
-    async def _load_placements(self) -> None:
+    async def load_placements(self) -> None:
         try:
             self._placements = await self.db.placements()
         except StorageUnavailable as exc:

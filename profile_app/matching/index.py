@@ -27,13 +27,20 @@ class MatchIndex:
     index, so upserts stay cheap. Not thread-safe.
     """
 
-    # Merge the delta once it has more than max(_merge_min, base rows / 16) rows;
-    # compact once more than max(_compact_min, rows / 4) rows are tombstones.
-    _merge_min = 512
-    _compact_min = 1024
+    def __init__(
+        self,
+        profiles: Iterable[tuple[str, Sequence[str], str]] = (),
+        *,
+        merge_min: int = 512,
+        compact_min: int = 1024,
+    ) -> None:
+        """Optionally start from ``(user_id, interests, bio)`` triples.
 
-    def __init__(self, profiles: Iterable[tuple[str, Sequence[str], str]] = ()) -> None:
-        """Optionally start from ``(user_id, interests, bio)`` triples."""
+        The delta is merged once it has more than max(merge_min, base rows / 16) rows, and
+        tombstones compacted once more than max(compact_min, rows / 4) rows are dead.
+        """
+        self._merge_min = merge_min
+        self._compact_min = compact_min
         self._uid_to_row: dict[str, int] = {}
         self._row_uid: list[str | None] = []
         self._alive = bytearray()

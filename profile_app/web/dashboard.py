@@ -67,7 +67,7 @@ async def events(request: Request) -> Response:
         return not executor.accepting or _server_exiting()
 
     return StreamingResponse(
-        _stream(_snapshots(request), stopping),
+        event_stream(_snapshots(request), stopping),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
@@ -92,7 +92,7 @@ class SharedSnapshot:
     async def data(self) -> str:
         async with self._lock:
             if anyio.current_time() - self._taken_at >= self.max_age_s:
-                self._data = json.dumps(await _snapshot_or_error(self.db, self.dask))
+                self._data = json.dumps(await snapshot_or_error(self.db, self.dask))
                 self._taken_at = anyio.current_time()
             return self._data
 
@@ -107,7 +107,7 @@ def _snapshots(request: Request) -> SharedSnapshot:
     return shared
 
 
-async def _stream(snapshots: SharedSnapshot, stopping: Callable[[], bool]) -> AsyncIterator[str]:
+async def event_stream(snapshots: SharedSnapshot, stopping: Callable[[], bool]) -> AsyncIterator[str]:
     prefix = f"retry: {RECONNECT_MS}\n"
     next_snapshot = anyio.current_time()
     while not stopping():
@@ -130,7 +130,7 @@ def _server_exiting() -> bool:
     return getattr(getattr(handler, "__self__", None), "should_exit", False) is True
 
 
-async def _snapshot_or_error(db: Database, dask: DaskRunner | None = None) -> dict[str, Any]:
+async def snapshot_or_error(db: Database, dask: DaskRunner | None = None) -> dict[str, Any]:
     try:
         return await snapshot(db, dask)
     except StorageUnavailable as exc:
