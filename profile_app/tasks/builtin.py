@@ -105,6 +105,7 @@ def builtin_kinds(settings: Settings) -> KindRegistry:
         concurrency=settings.process_workers,
         retry_backoff_s=settings.retry_backoff_s,
         on_success=store_matches,
+        http=True,  # POST /tasks {"kind": "match", "payload": {"user_id": ...}} recomputes matches
     )(match_profile)
     kinds.kind(
         NOTIFY,
