@@ -3,6 +3,7 @@
 The public API is what this module exports (`__all__`)::
 
     from profile_app import KindRegistry, Placement, report_progress, create_app
+    from profile_app import UnknownKind, InvalidArguments     # what submitting may raise
 
 `profile_app.app` is the service built from the environment, for
 `uvicorn profile_app:app`. The web layer is imported only when asked for, so a worker
@@ -13,12 +14,27 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from profile_app.executors import KindRegistry, Placement, current_task, report_progress
+from profile_app.executors import (
+    InvalidArguments,
+    KindRegistry,
+    Placement,
+    UnknownKind,
+    current_task,
+    report_progress,
+)
 
 if TYPE_CHECKING:
     from profile_app.web.app import create_app
 
-__all__ = ["KindRegistry", "Placement", "create_app", "current_task", "report_progress"]
+__all__ = [
+    "InvalidArguments",
+    "KindRegistry",
+    "Placement",
+    "UnknownKind",
+    "create_app",
+    "current_task",
+    "report_progress",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -17,9 +17,11 @@ from pathlib import Path
 import anyio
 
 from profile_app.db.database import TaskStatus
+from profile_app.executors.errors import KindError
 from profile_app.settings import Settings, SettingsError
 
 SEED_BATCH = 2000
+KINDS_HELP = "MODULE:NAME of your KindRegistry, imported from the working directory (PROFILE_APP_KINDS)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,6 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="port (PROFILE_APP_PORT, default 8000)")
     serve.add_argument("--workers", type=int, help="server processes (PROFILE_APP_WORKERS, default 1)")
     serve.add_argument("--db", type=Path, help="SQLite file (PROFILE_APP_DB, default profile_app.db)")
+    serve.add_argument("--kinds", help=KINDS_HELP)
 
     seed = commands.add_parser("seed", help="store N synthetic profiles")
     seed.add_argument("--count", type=int, required=True, help="how many profiles")
@@ -49,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("cancel", "cancel a queued or running task"),
     ):
         verbs.add_parser(verb, help=text).add_argument("task_id")
+    submit = verbs.add_parser("submit", help="queue a task of any kind; prints its id")
+    submit.add_argument("kind")
+    submit.add_argument("payload", nargs="?", default="{}", help="its arguments, a JSON object")
+    submit.add_argument("--kinds", help=KINDS_HELP)
     for command in verbs.choices.values():
         command.add_argument("--db", type=Path, help="SQLite file (PROFILE_APP_DB, default profile_app.db)")
     return parser
@@ -57,27 +64,32 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        kinds = getattr(args, "kinds", None)
         if args.command == "serve":
-            settings = Settings.load(host=args.host, port=args.port, workers=args.workers, db=args.db)
-            return serve(settings)
-        settings = Settings.load(db=args.db)
+            settings = Settings.load(
+                host=args.host, port=args.port, workers=args.workers, db=args.db, kinds=kinds
+            )
+            return serve(settings, kinds_setting="--kinds" if kinds else "PROFILE_APP_KINDS")
+        settings = Settings.load(db=args.db, kinds=kinds)
         if args.command == "tasks":
             return anyio.run(task_command, settings, args)
         if args.count < 0:
             raise SettingsError("invalid setting --count: must be 0 or more")
         return anyio.run(seed, settings, args.count, args.random_seed)
-    except SettingsError as exc:
+    except (SettingsError, KindError) as exc:
         sys.stderr.write(f"profile_app: {exc}\n")
         return 2
 
 
-def serve(settings: Settings) -> int:
+def serve(settings: Settings, kinds_setting: str = "PROFILE_APP_KINDS") -> int:
     import uvicorn
 
     from profile_app.executors.dask.backend import check_scheduler
+    from profile_app.tasks.loading import served_kinds
     from profile_app.web.http_guard import GuardedH11Protocol
 
     check_scheduler(settings)  # an unreachable Dask scheduler stops start-up with one line
+    served_kinds(settings, setting=kinds_setting)  # so do bad --kinds, before any server process starts
     # Server processes (and uvicorn's --workers children) read the settings from here.
     os.environ.update(settings.as_environ())
     # uvicorn re-raises SIGTERM once it has shut down gracefully; a no-op handler makes a
@@ -130,7 +142,7 @@ async def seed(settings: Settings, count: int, random_seed: int) -> int:
     return 0
 
 
-# -- tasks list|show|retry|cancel ------------------------------------------------------------
+# -- tasks list|show|retry|cancel|submit -----------------------------------------------------
 
 TASK_COLUMNS = ("task_id", "kind", "status", "executor", "attempts", "created_at", "error")
 
@@ -140,6 +152,8 @@ async def task_command(settings: Settings, args: argparse.Namespace) -> int:
     from profile_app.db.database import Database
     from profile_app.web.http_io import task_document
 
+    if args.verb == "submit":
+        return await submit_task(settings, args.kind, args.payload, args.kinds)
     async with Database(settings.db) as db:
         if args.verb == "list":
             status = TaskStatus(args.status) if args.status else None
@@ -157,10 +171,36 @@ async def task_command(settings: Settings, args: argparse.Namespace) -> int:
             why = "no such task" if existing is None else f"the task is {existing.status.value}"
             sys.stderr.write(f"profile_app: cannot {args.verb} {args.task_id}: {why}\n")
             return 1
-        document = {**task_document(task), "result": task.result}
+        document = task_document(task)
         width = max(map(len, document))
         sys.stdout.write("".join(f"{key:<{width}}  {_cell(value, 200)}\n" for key, value in document.items()))
         return 0
+
+
+async def submit_task(settings: Settings, kind_name: str, payload_json: str, kinds_flag: str | None) -> int:
+    """Queue a task, its arguments checked as POST /tasks checks them; print its id."""
+    from profile_app.db.database import Database, NewTask
+    from profile_app.executors.errors import InvalidArguments, UnknownKind
+    from profile_app.tasks.loading import served_kinds
+
+    kinds = served_kinds(settings, setting="--kinds" if kinds_flag else "PROFILE_APP_KINDS")
+    try:
+        payload = json.loads(payload_json)
+        kind = kinds.named(kind_name)
+        arguments = kind.arguments.check(payload)
+    except ValueError as exc:  # not JSON (json.JSONDecodeError), or InvalidArguments
+        why = exc if isinstance(exc, InvalidArguments) else f"PAYLOAD_JSON is not JSON: {exc}"
+        sys.stderr.write(f"profile_app: cannot submit {kind_name}: {why}\n")
+        return 1
+    except UnknownKind as exc:
+        known = ", ".join(kind.name for kind in kinds)
+        sys.stderr.write(f"profile_app: cannot submit: {exc.args[0]} (known: {known})\n")
+        return 1
+    task = NewTask(kind.name, arguments, kind.placement.value, kind.max_attempts)
+    async with Database(settings.db) as db:
+        await db.enqueue(task)
+    sys.stdout.write(f"{task.id}\n")
+    return 0
 
 
 def format_table(rows: list[dict], columns: Sequence[str]) -> str:

@@ -15,6 +15,7 @@ from profile_app.observability.logs import LogFormat
 ENV_PREFIX = "PROFILE_APP_"
 DASK_ADDRESS = re.compile(r"(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):[0-9]{1,5}")
 KIND_NAMES = re.compile(r"[A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*")
+KINDS_SPEC = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*")
 
 
 class SettingsError(ValueError):
@@ -52,6 +53,9 @@ class Settings(BaseSettings):
     # What one attempt may allocate in a worker process (a kind's max_memory_mb wins).
     task_max_memory_mb: Annotated[int | None, Field(ge=1)] = None
     inline: bool = False
+    # MODULE:NAME of a KindRegistry in the user's own module (imported from the working
+    # directory): its kinds are served beside the built-in ones (profile_app.tasks.loading).
+    kinds: str | None = None
     auto_placement: bool = True  # let `auto` kinds move between threads and processes
     claim_ahead: bool = True  # short process kinds claim one task ahead per worker
     match_time_limit_s: Annotated[float, Field(gt=0)] = 60.0
@@ -95,6 +99,13 @@ class Settings(BaseSettings):
         if not KIND_NAMES.fullmatch(value):
             raise ValueError(f"{value!r} is not a comma-separated list of task kind names")
         return value
+
+    @field_validator("kinds")
+    @classmethod
+    def _kinds_spec(cls, value: str | None) -> str | None:
+        if value is not None and not KINDS_SPEC.fullmatch(value.strip()):
+            raise ValueError(f"{value!r} is not MODULE:NAME, e.g. my_kinds:kinds")
+        return None if value is None else value.strip()
 
     @property
     def dask_kind_names(self) -> tuple[str, ...]:

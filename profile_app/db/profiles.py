@@ -97,7 +97,8 @@ class ProfileStore(DatabaseCore):
             assert item.response is not None
             accepted.append(item)
             outcomes.append(item.response)
-        if accepted:
+        profiles = [item for item in accepted if item.profile is not None]  # POST /tasks has none
+        if profiles:
             conn.executemany(
                 "INSERT INTO profiles (user_id, name, interests, bio, rev, task_id, updated_at)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (user_id) DO UPDATE SET"
@@ -114,9 +115,11 @@ class ProfileStore(DatabaseCore):
                         item.task.id,
                         now,
                     )
-                    for number, item in enumerate(accepted, start=1)
+                    for number, item in enumerate(profiles, start=1)
+                    if item.profile is not None
                 ],
             )
+        if accepted:
             conn.executemany(INSERT_TASK, [task_row(item.task, now) for item in accepted])
             keyed = [item for item in accepted if item.idempotency_key is not None]
             if keyed:  # (every statement is a round trip to the writer's thread)

@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -119,6 +120,33 @@ class ClaimRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    """When and how a submitted task runs: not before `run_at` (or `delay_s` from now),
+    higher `priority` first, and at most one task per `unique_key` of its kind (queued,
+    running, or finished less than `unique_for_s` ago). The defaults: due now, priority 0."""
+
+    run_at: datetime | None = None  # timezone-aware
+    delay_s: float | None = None
+    priority: int = 0
+    unique_key: str | None = None
+    unique_for_s: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.run_at is not None and self.delay_s is not None:
+            raise ValueError("give run_at or delay_s, not both")
+        if self.run_at is not None and self.run_at.utcoffset() is None:
+            raise ValueError("run_at must carry a timezone")
+        if self.delay_s is not None and not 0 <= self.delay_s < float("inf"):
+            raise ValueError("delay_s must be a number >= 0")
+        if isinstance(self.priority, bool) or not -100 <= self.priority <= 100:
+            raise ValueError("priority must be an integer from -100 to 100")
+        if self.unique_key is not None and not 1 <= len(self.unique_key) <= 255:
+            raise ValueError("unique_key must be 1 to 255 characters")
+        if self.unique_for_s is not None and not 0 < self.unique_for_s < float("inf"):
+            raise ValueError("unique_for_s must be a number > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class NewTask:
     """A task to enqueue."""
 
@@ -127,6 +155,7 @@ class NewTask:
     executor: str
     max_attempts: int
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    options: SubmitOptions = SubmitOptions()
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,10 +169,11 @@ class StoredResult:
 
 @dataclass(slots=True)
 class ProfileSubmission:
-    """One POST /profile waiting for the group commit; `outcome` is filled in by it, and
-    `claimed` too on the submission whose request led the commit (see Database.submit_profile)."""
+    """One POST /profile (or POST /tasks: no `profile`) waiting for the group commit;
+    `outcome` is filled in by it, and `claimed` too on the submission whose request led
+    the commit (see Database.submit_profile)."""
 
-    profile: dict[str, Any]
+    profile: dict[str, Any] | None
     task: NewTask
     idempotency_key: str | None = None
     request_hash: str | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum, auto
 
 import anyio
@@ -87,7 +87,8 @@ class AttemptLifecycle:
         try:
             with attempt.scope:
                 try:
-                    outcome = await runner(call)
+                    # Called with the values its signature's check made of the stored payload.
+                    outcome = await runner(replace(call, payload=kind.arguments.values(task.payload)))
                 except BrokenWorkerProcess:
                     error = "the worker process died (crash, kill or out of memory)"
                     worker_lost = "crashed"

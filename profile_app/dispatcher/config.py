@@ -6,11 +6,14 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from profile_app.executors.errors import UnknownKind
 from profile_app.executors.placement import PlacementPolicy
 from profile_app.executors.process import WorkerPriority
 from profile_app.executors.process_pool import RecyclePolicy
 
 logger = logging.getLogger("profile_app.dispatcher")
+
+__all__ = ["AttemptObserver", "DispatcherConfig", "UnknownKind"]  # UnknownKind: executors.errors
 
 CLAIM_ROUND_MAX_S = 5.0  # how long a drain waits for a claim round in flight (SQLite's busy timeout)
 CLAIM_AHEAD_BELOW_S = 1.0
@@ -26,10 +29,6 @@ DURATION_SMOOTHING = 0.3  # weight of the newest attempt in a kind's typical dur
 
 AttemptObserver = Callable[[str, str, float], None]
 """Called with (kind, outcome, wall seconds) after every attempt, e.g. to count it in metrics."""
-
-
-class UnknownKind(LookupError):
-    """Raised when submitting a task of a kind this app has not registered."""
 
 
 @dataclass(frozen=True, slots=True)

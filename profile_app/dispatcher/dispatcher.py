@@ -18,13 +18,13 @@ from anyio import CancelScope
 from anyio.abc import TaskGroup
 
 from profile_app.db.database import (
-    FINISHED,
     ClaimRequest,
     Database,
     NewTask,
     PlacementRecord,
     ProfileSubmission,
     StorageUnavailable,
+    SubmitOptions,
     TaskRecord,
 )
 from profile_app.dispatcher.attempt import Attempt, AttemptEnd, AttemptLifecycle, StopReason
@@ -34,17 +34,20 @@ from profile_app.dispatcher.config import (
     DURATION_SMOOTHING,
     AttemptObserver,
     DispatcherConfig,
-    UnknownKind,
 )
 from profile_app.dispatcher.housekeeping import Housekeeping
+from profile_app.dispatcher.waiting import Waiting
 from profile_app.executors.calls import Runner
 from profile_app.executors.kinds import KindRegistry, Placement, TaskKind, checked_for_processes
 from profile_app.executors.runners import runners_for
 
 logger = logging.getLogger("profile_app.dispatcher")
 
+INLINE = "inline"  # the `executor` of a task run in inline mode (PROFILE_APP_INLINE)
+DEFAULT_OPTIONS = SubmitOptions()
 
-class Dispatcher(AttemptLifecycle, Housekeeping):
+
+class Dispatcher(AttemptLifecycle, Housekeeping, Waiting):
     """Runs the queue's tasks for one server process."""
 
     def __init__(
@@ -92,27 +95,66 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
         """False once shutdown has begun: new work should be refused."""
         return self._accepting
 
-    def new_task(self, kind_name: str, payload: dict[str, Any]) -> NewTask:
-        try:
-            kind = self.kinds[kind_name]
-        except KeyError:
-            raise UnknownKind(kind_name) from None
-        return NewTask(kind.name, payload, self.placement_of(kind).value, kind.max_attempts)
+    def kind_of(self, func_or_name: Callable[..., Any] | str) -> TaskKind:
+        """The kind registered as `func_or_name` (its function or its name); raises UnknownKind."""
+        if isinstance(func_or_name, str):
+            return self.kinds.named(func_or_name)
+        return self.kinds.for_function(func_or_name)
 
-    async def submit(self, kind_name: str, payload: dict[str, Any]) -> str:
-        """Queue a task durably and return its id."""
-        task = self.new_task(kind_name, payload)
+    def new_task(
+        self,
+        func_or_name: Callable[..., Any] | str,
+        payload: dict[str, Any] | None = None,
+        *,
+        options: SubmitOptions | None = None,
+        **kwargs: Any,
+    ) -> NewTask:
+        """A task of the kind `func_or_name`, its arguments checked against the kind's
+        signature (a payload dict or keyword arguments); raises UnknownKind or InvalidArguments."""
+        kind = self.kind_of(func_or_name)
+        if payload is not None and kwargs:
+            raise TypeError("give the arguments as a payload dict or as keyword arguments, not both")
+        arguments = kind.arguments.check(kwargs if payload is None else payload)
+        executor = INLINE if self.config.inline else self.placement_of(kind).value
+        return NewTask(kind.name, arguments, executor, kind.max_attempts, options=options or DEFAULT_OPTIONS)
+
+    async def submit(
+        self,
+        func_or_name: Callable[..., Any] | str,
+        /,
+        payload: dict[str, Any] | None = None,
+        *,
+        options: SubmitOptions | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """Queue a task durably and return its id.
+
+        `func_or_name` is a registered kind's function or its name; the arguments are a
+        payload dict or keyword arguments (`submit(burn, ms=5)`, `submit("burn", {"ms": 5})`),
+        checked at once against the function's signature. Raises UnknownKind or
+        InvalidArguments, and then nothing is queued.
+        """
+        task = self.new_task(func_or_name, payload, options=options, **kwargs)
         # A free slot takes its task in the same transaction: one commit, no claim round.
         claimed = await self.db.enqueue(task, claims=self._claim_requests, lease_s=self.config.lease_s)
         await self._start_claimed_now(claimed)
         await self._stored(task)
         return task.id
 
+    async def retry(self, task_id: str) -> TaskRecord | None:
+        """Queue a failed or cancelled task again with a fresh attempt budget; None when it
+        does not exist or is queued, running or succeeded."""
+        task = await self.db.retry(task_id)
+        if task is not None:
+            await self.submitted(task.kind)
+        return task
+
     async def submit_profile(
         self, submission: ProfileSubmission, *, max_unfinished: int, idempotency_ttl_s: float
     ) -> dict[str, Any]:
-        """POST /profile's durable write (Database.submit_profile's group commit), which also
-        claims what free slots can take: the response to send."""
+        """POST /profile's (and POST /tasks') durable write, with the queue's limit and the
+        Idempotency-Key (Database.submit_profile's group commit), which also claims what
+        free slots can take: the response to send."""
         try:
             accepted = await self.db.submit_profile(
                 submission,
@@ -160,43 +202,6 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
         elif task is not None:
             self._wake_waiters(task_id)  # it was queued: no attempt will end to say so
         return task
-
-    async def wait(self, task_id: str, timeout_s: float, poll_s: float = 0.5) -> TaskRecord:
-        """Wait until the task has finished; raises TimeoutError after `timeout_s`.
-
-        An attempt run by this executor wakes its waiters as soon as its outcome is
-        committed, and hands them the row it committed: a task that runs here is waited
-        for without reading the database. `poll_s` only bounds how late a task run by
-        another server process (or cancelled by the CLI) is seen.
-        """
-        with anyio.fail_after(timeout_s):
-            while True:
-                attempt_end = self._attempt_ended.setdefault(task_id, AttemptEnd())
-                try:
-                    # Running here: its end wakes us (checked and registered with no await between).
-                    if task_id in self._attempts:
-                        await attempt_end.event.wait()
-                    else:
-                        task = await self.db.get_task(task_id)
-                        if task is None:
-                            raise LookupError(task_id)
-                        if task.status in FINISHED:
-                            return task
-                        with anyio.move_on_after(poll_s):
-                            await attempt_end.event.wait()
-                    if attempt_end.task is not None and attempt_end.task.status in FINISHED:
-                        return attempt_end.task
-                finally:
-                    if self._attempt_ended.get(task_id) is attempt_end:
-                        del self._attempt_ended[task_id]  # nothing is kept for a waiter gone
-
-    def _wake_waiters(self, task_id: str, ended_as: TaskRecord | None = None) -> None:
-        """Tell `wait` callers that the task's state changed: they take `ended_as`, the row
-        an attempt's outcome committed, or read the task again."""
-        attempt_end = self._attempt_ended.pop(task_id, None)
-        if attempt_end is not None:
-            attempt_end.task = ended_as
-            attempt_end.event.set()
 
     def running_count(self) -> int:
         return len(self._attempts)
@@ -373,7 +378,7 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
             started = 0
             for kind in self.kinds:
                 placement = self.placement_of(kind)
-                for task in await self.db.claim(kind.name, placement.value, 1, self.config.lease_s):
+                for task in await self.db.claim(kind.name, INLINE, 1, self.config.lease_s):
                     attempt = Attempt(task, kind, placement)
                     self._attempts[task.id] = attempt
                     await self._run_attempt(attempt, retry_delay_s=0.0)

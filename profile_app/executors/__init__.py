@@ -4,6 +4,18 @@ Developers add kinds with a `KindRegistry` in their own module (see docs/extendi
 """
 
 from profile_app.executors.context import TaskContext, current_task, report_progress
+from profile_app.executors.errors import InvalidArguments, KindError, UnknownKind
 from profile_app.executors.kinds import AUTO, KindRegistry, Placement, TaskKind
 
-__all__ = ["AUTO", "KindRegistry", "Placement", "TaskContext", "TaskKind", "current_task", "report_progress"]
+__all__ = [
+    "AUTO",
+    "InvalidArguments",
+    "KindError",
+    "KindRegistry",
+    "Placement",
+    "TaskContext",
+    "TaskKind",
+    "UnknownKind",
+    "current_task",
+    "report_progress",
+]

@@ -4,6 +4,7 @@ and the errors a runner raises."""
 from __future__ import annotations
 
 import time
+import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,7 +97,7 @@ def call_in_task_context(
     start_cpu, start_wall, start_runnable = cpu_clock(), time.perf_counter(), _runnable_s()
     try:
         with capturing_into(output):
-            value = func(**payload)
+            value = traced(output, func, payload)
     finally:
         current_task_var.reset(token)
     return CallResult(
@@ -106,6 +107,23 @@ def call_in_task_context(
         _runnable_s() - start_runnable,
         output.text(),
     )
+
+
+def traced(output: TaskOutput, func: Callable[..., Any], payload: dict[str, Any]) -> Any:
+    """`func(**payload)`; if it raises, its traceback goes to the task's output (its logs),
+    while the task's `error` keeps one line."""
+    try:
+        return func(**payload)
+    except Exception as exc:
+        output.write(task_traceback(exc))
+        raise
+
+
+def task_traceback(exc: BaseException) -> str:
+    """The traceback of an exception a task function raised, from the function's own frame."""
+    tb = exc.__traceback__
+    tb = tb.tb_next if tb is not None and tb.tb_next is not None else tb  # our calling frame
+    return "".join(traceback.format_exception(type(exc), exc, tb))
 
 
 def _runnable_s() -> float:

@@ -11,15 +11,16 @@ A kind is a function plus where it runs and its limits::
         ...
 
     app = create_app(settings, kinds=kinds)      # profile_app.create_app
-    task_id = await executor.submit("resize", {"path": p, "width": 640})
+    task_id = await executor.submit(resize, path=p, width=640)   # or ("resize", {"path": p, ...})
 
 `loop` kinds are `async def` functions awaited on the event loop (only for code that
 awaits and never blocks), `thread` kinds run on a worker thread with a limiter of
 their own (blocking I/O), `process` kinds run in a worker process at a lower OS
 priority (CPU work), killed when they pass their time limit or are cancelled. `dask` kinds
 run on a Dask cluster (dask_backend.py), set with PROFILE_APP_DASK_SCHEDULER and _DASK_KINDS.
-The payload is a JSON object passed as keyword arguments; the return value must be
-JSON-serialisable and is stored with the task.
+The payload is a JSON object passed as keyword arguments, checked against the function's
+signature when the task is submitted (arguments.py); the return value must be
+JSON-serialisable and is stored with the task. `http=True` lets POST /tasks submit the kind.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ import logging
 import os
 import pickle
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 from profile_app.db.database import SuccessEffect
+from profile_app.executors.arguments import Arguments
+from profile_app.executors.errors import KindError, UnknownKind
 
 if TYPE_CHECKING:
     from profile_app.executors.dask.submission import DaskSubmissionFactory
@@ -73,6 +76,13 @@ class TaskKind:
     auto: bool = False
     max_memory_mb: int | None = None  # per attempt, in a process; None: the server's default
     dask_submission: DaskSubmissionFactory | None = None  # how attempts reach a Dask worker
+    http: bool = False  # submittable with POST /tasks
+    # The signature's checker, built once per kind (from `func` when not given).
+    arguments: Arguments = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+
+    def __post_init__(self) -> None:
+        if self.arguments is None:
+            object.__setattr__(self, "arguments", Arguments(self.name, self.func))
 
     def concurrency_in(self, placement: Placement) -> int:
         return self.concurrency or DEFAULT_CONCURRENCY[placement]
@@ -112,6 +122,7 @@ class KindRegistry:
         on_success: SuccessEffect | None = None,
         max_memory_mb: int | None = None,
         dask_submission: DaskSubmissionFactory | None = None,
+        http: bool = False,
     ) -> Callable[[F], F]:
         """Register the decorated function as a task kind (named after it by default).
 
@@ -125,10 +136,16 @@ class KindRegistry:
         thread: plain calls on `tx` (db.Transaction), nothing awaited, nothing slow.
         `dask_submission` builds how the kind's attempts reach a Dask worker when its
         function needs data a worker cannot read (executors/dask/submission.py).
+        `http=True` makes the kind submittable with POST /tasks.
+
+        The function's signature is read here, once: every submission's arguments are
+        checked against it (profile_app.executors.arguments), and one that does not fit
+        raises InvalidArguments instead of queueing a task that cannot be called.
         """
 
         def register(func: F) -> F:
-            placement, reason, auto = _placement_for(func, runs_on)
+            kind_name = name or func.__name__
+            placement, reason, auto = _placement_for(kind_name, func, runs_on)
             if (
                 time_limit_s <= 0
                 or max_attempts < 1
@@ -136,12 +153,12 @@ class KindRegistry:
                 or (max_memory_mb is not None and max_memory_mb < 1)
             ):
                 raise ValueError(
-                    f"task kind {name or func.__name__!r}: time_limit_s must be > 0,"
+                    f"task kind {kind_name!r}: time_limit_s must be > 0,"
                     " max_attempts, concurrency and max_memory_mb >= 1"
                 )
             self.add(
                 TaskKind(
-                    name=name or func.__name__,
+                    name=kind_name,
                     func=func,
                     placement=placement,
                     time_limit_s=time_limit_s,
@@ -153,6 +170,7 @@ class KindRegistry:
                     auto=auto,
                     max_memory_mb=max_memory_mb,
                     dask_submission=dask_submission,
+                    http=http,
                 )
             )
             return func
@@ -161,6 +179,22 @@ class KindRegistry:
 
     def merged(self, other: KindRegistry) -> KindRegistry:
         return KindRegistry([*self, *other])
+
+    def for_function(self, func: Callable[..., Any]) -> TaskKind:
+        """The kind registered with `func`; raises UnknownKind if there is not exactly one."""
+        found = [kind for kind in self if kind.func is func]
+        if len(found) != 1:
+            name = getattr(func, "__qualname__", repr(func))
+            why = "is registered as several kinds: submit by name" if found else "is not a task kind"
+            raise UnknownKind(f"{name} {why}")
+        return found[0]
+
+    def named(self, name: str) -> TaskKind:
+        """The kind called `name`; raises UnknownKind."""
+        try:
+            return self._kinds[name]
+        except KeyError:
+            raise UnknownKind(f"no task kind {name!r}") from None
 
     def __getitem__(self, name: str) -> TaskKind:
         return self._kinds[name]
@@ -176,7 +210,7 @@ class KindRegistry:
 
 
 def _placement_for(
-    func: Callable[..., Any], runs_on: Placement | Literal["auto"] | None
+    name: str, func: Callable[..., Any], runs_on: Placement | Literal["auto"] | None
 ) -> tuple[Placement, str, bool]:
     """Where a kind starts, why, and whether the executor may move it."""
     is_async = inspect.iscoroutinefunction(func)
@@ -188,25 +222,33 @@ def _placement_for(
         placement = Placement(runs_on)
     except ValueError:
         choices = ", ".join([*(p.value for p in Placement), AUTO])
-        raise ValueError(f"runs_on={runs_on!r} is not one of: {choices}") from None
-    if (placement is Placement.LOOP) != is_async:
-        raise ValueError(
-            f"{func.__name__}: `loop` kinds must be async def functions and others plain def functions"
+        raise KindError(f"task kind {name!r}: runs_on={runs_on!r} is not one of: {choices}") from None
+    if is_async and placement is not Placement.LOOP:
+        raise KindError(
+            f"task kind {name!r} is an async def function, which cannot run on {placement.value}:"
+            " use runs_on='loop', or make it a plain def"
+        )
+    if placement is Placement.LOOP and not is_async:
+        raise KindError(
+            f"task kind {name!r} runs on the event loop, so it must be an async def function"
+            " (a plain def would block the loop): use runs_on='thread' or 'process'"
         )
     return placement, "chosen at registration (runs_on)", False
 
 
 def checked_for_processes(kind: TaskKind) -> TaskKind:
-    """An `auto` kind as it can really run: on a thread, with a warning, if it cannot be pickled.
+    """A kind as it can really run: an `auto` kind that cannot be pickled on a thread, with
+    a warning; a `process` or `dask` kind that cannot be pickled raises KindError.
 
-    Checked when an executor starts, not at registration: a decorated function is not yet
+    Checked when an app is built, not at registration: a decorated function is not yet
     bound to its module's name while its decorator runs, so it could not be pickled then.
     """
     if not kind.auto:
+        if kind.placement in (Placement.PROCESS, Placement.DASK):
+            check_picklable(kind, kind.placement.value)
         return kind
-    try:
-        pickle.dumps(kind.func)
-    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+    exc = pickling_problem(kind.func)
+    if exc is not None:
         logger.warning(
             "task kind %s cannot be pickled (%s), so it cannot run in a process: it runs on a thread",
             kind.name,
@@ -216,3 +258,22 @@ def checked_for_processes(kind: TaskKind) -> TaskKind:
             kind, placement=Placement.THREAD, auto=False, reason=f"auto: cannot be pickled ({exc})"
         )
     return kind
+
+
+def check_picklable(kind: TaskKind, runs_on: str) -> None:
+    """Raise KindError, in one line naming the kind, if its function cannot be pickled."""
+    problem = pickling_problem(kind.func)
+    if problem is not None:
+        raise KindError(
+            f"task kind {kind.name!r} (runs_on={runs_on}) cannot be pickled ({problem}),"
+            " so it cannot be sent to a worker: define it at the top level of a module"
+        )
+
+
+def pickling_problem(func: Callable[..., Any]) -> str | None:
+    """Why `func` cannot be pickled (by reference, as worker processes receive it), or None."""
+    try:
+        pickle.dumps(func)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        return " ".join(str(exc).split())
+    return None

@@ -9,7 +9,7 @@ import anyio.to_process
 import anyio.to_thread
 from anyio import CapacityLimiter
 
-from profile_app.executors.calls import Call, CallResult, call_in_task_context
+from profile_app.executors.calls import Call, CallResult, call_in_task_context, task_traceback
 from profile_app.executors.context import current_task_var
 from profile_app.executors.kinds import Placement
 from profile_app.executors.task_output import capturing_into
@@ -20,7 +20,11 @@ async def run_on_loop(call: Call) -> CallResult:
     start_wall = time.perf_counter()
     try:
         with capturing_into(call.output):
-            value = await call.kind.func(**call.payload)
+            try:
+                value = await call.kind.func(**call.payload)
+            except Exception as exc:  # its traceback goes to the task's logs, as on other runners
+                call.output.write(task_traceback(exc))
+                raise
     finally:
         current_task_var.reset(token)
     return CallResult(value, 0.0, time.perf_counter() - start_wall, logs=call.output.text())
@@ -57,6 +61,12 @@ class InlineRunner:
     async def __call__(self, call: Call) -> CallResult:
         if call.kind.placement is Placement.LOOP:
             return await run_on_loop(call)
+        # abandon_on_cancel: its time limit holds as in production (the thread is abandoned).
         return await anyio.to_thread.run_sync(
-            call_in_task_context, call.kind.func, call.payload, call.context, call.output
+            call_in_task_context,
+            call.kind.func,
+            call.payload,
+            call.context,
+            call.output,
+            abandon_on_cancel=True,
         )

@@ -54,6 +54,7 @@ def builtin_kinds(settings: Settings) -> KindRegistry:
         retry_backoff_s=settings.retry_backoff_s,
         on_success=store_matches,
         dask_submission=MatchOnDask,
+        http=True,  # POST /tasks {"kind": "match", "payload": {"user_id": ...}} recomputes matches
     )(match_profile)
     kinds.kind(
         NOTIFY,

@@ -24,6 +24,7 @@ from profile_app.db.database import (
 from profile_app.dispatcher.config import DispatcherConfig
 from profile_app.dispatcher.dispatcher import Dispatcher
 from profile_app.executors.dask import backend as dask_backend
+from profile_app.executors.errors import KindError
 from profile_app.executors.kinds import KindRegistry
 from profile_app.executors.process import WorkerPriority
 from profile_app.executors.process_pool import RecyclePolicy
@@ -31,25 +32,30 @@ from profile_app.observability.logs import configure_logging
 from profile_app.observability.loop_watchdog import LoopWatchdog
 from profile_app.observability.metrics import Metrics
 from profile_app.settings import Settings, SettingsError
-from profile_app.tasks.builtin import builtin_kinds
+from profile_app.tasks.loading import check_placements, served_kinds
 from profile_app.web import dashboard
 from profile_app.web.errors import http_exception, storage_unavailable, unexpected
 from profile_app.web.middleware import ExecutorMiddleware
 from profile_app.web.operations import health, list_kinds, metrics, openapi_schema
 from profile_app.web.profiles import get_profile, post_profile
 from profile_app.web.request_log import RequestLogMiddleware
-from profile_app.web.tasks import list_tasks, task_logs, task_resource
+from profile_app.web.submit import tasks_resource
+from profile_app.web.tasks import retry_task, task_logs, task_resource
 
 
 def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None = None) -> Starlette:
     """Build the app. Nothing is opened or started until the lifespan runs.
 
-    `settings` defaults to the environment's; `kinds` are added to the built-in ones.
+    `settings` defaults to the environment's; `kinds` are added to the built-in ones
+    (and to those of `settings.kinds`). Raises SettingsError for a bad PROFILE_APP_KINDS and
+    KindError for a kind that cannot run where it is placed (a `process` kind that cannot
+    be pickled), in inline mode too.
     """
     settings = settings or Settings.load()
-    registry = builtin_kinds(settings)
+    registry = served_kinds(settings)  # the built-in kinds and PROFILE_APP_KINDS'
     if kinds is not None:
         registry = registry.merged(kinds)
+        check_placements(kinds, settings)
     dask_backend.check_kinds(registry, settings)
 
     @asynccontextmanager
@@ -104,8 +110,9 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
     routes = [
         Route("/profile", post_profile, methods=["POST"]),
         Route("/profile/{user_id}", get_profile, methods=["GET"]),
-        Route("/tasks", list_tasks, methods=["GET"]),
+        Route("/tasks", tasks_resource, methods=["GET", "POST"]),
         Route("/tasks/{task_id}", task_resource, methods=["GET", "DELETE"]),
+        Route("/tasks/{task_id}/retry", retry_task, methods=["POST"]),
         Route("/tasks/{task_id}/logs", task_logs, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/kinds", list_kinds, methods=["GET"]),
@@ -137,5 +144,5 @@ def app_from_environment() -> Starlette:
         settings = Settings.load()
         dask_backend.check_scheduler(settings)  # unreachable: one line, like a bad setting
         return create_app(settings)
-    except SettingsError as exc:
+    except (SettingsError, KindError) as exc:
         raise SystemExit(f"profile_app: {exc}") from None

@@ -11,9 +11,10 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from profile_app.db.database import TaskRecord
+from profile_app.db.database import TaskRecord, TaskStatus
 
 JSON_MEDIA_TYPE = "application/json"
+MAX_IDEMPOTENCY_KEY_CHARS = 255
 
 
 def iso_utc(timestamp: float | None) -> str | None:
@@ -32,6 +33,14 @@ class ErrorResponse(JSONResponse):
 
 def error(status_code: int, detail: Any, headers: dict[str, str] | None = None) -> JSONResponse:
     return ErrorResponse({"detail": detail}, status_code=status_code, headers=headers)
+
+
+def idempotency_key(request: Request) -> str | None:
+    """The request's Idempotency-Key header, if any; 400 when it is empty or too long."""
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        raise HTTPException(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+    return key
 
 
 async def read_json_object(request: Request, max_body_bytes: int, timeout_s: float) -> dict[str, Any]:
@@ -81,4 +90,6 @@ def task_document(task: TaskRecord) -> dict[str, Any]:
         "finished_at": iso_utc(task.finished_at),
         "error": task.error,
         "progress": task.progress,
+        # What the task returned, once it has succeeded (a retry clears it).
+        "result": task.result if task.status is TaskStatus.SUCCEEDED else None,
     }

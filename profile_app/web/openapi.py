@@ -15,12 +15,25 @@ from profile_app.web.schemas import (
     KindList,
     ProfileIn,
     ProfileOut,
+    TaskIn,
     TaskOut,
     TaskPage,
     ValidationErrors,
 )
 
-MODELS = (Accepted, ErrorDetail, Health, KindList, ProfileIn, ProfileOut, TaskOut, TaskPage, ValidationErrors)
+MODELS = (
+    Accepted,
+    ErrorDetail,
+    Health,
+    KindList,
+    ProfileIn,
+    ProfileOut,
+    TaskIn,
+    TaskOut,
+    TaskPage,
+    ValidationErrors,
+)
+REQUEST_BODIES = (ProfileIn, TaskIn)  # their schemas are of what is accepted, not of what is sent
 
 
 def _ref(model: type) -> dict[str, str]:
@@ -42,36 +55,35 @@ UNAVAILABLE = _json(
     ErrorDetail, "the server is starting, shutting down, or its database is unavailable", RETRY_AFTER
 )
 TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+}
+VALIDATION_OR_KEY_REUSED = {
+    "application/json": {"schema": {"oneOf": [_ref(ValidationErrors), _ref(ErrorDetail)]}}
+}
+LOCATION = {"Location": {"schema": {"type": "string"}, "description": "the task's URL"}}
 
 
 @cache
 def document() -> dict[str, Any]:
     _, definitions = models_json_schema(
-        [(model, "validation" if model is ProfileIn else "serialization") for model in MODELS],
+        [(model, "validation" if model in REQUEST_BODIES else "serialization") for model in MODELS],
         ref_template="#/components/schemas/{model}",
     )
     paths: dict[str, Any] = {
         "/profile": {
             "post": {
                 "summary": "Store a profile and queue its match task",
-                "parameters": [
-                    {
-                        "name": "Idempotency-Key",
-                        "in": "header",
-                        "required": False,
-                        "schema": {"type": "string", "minLength": 1, "maxLength": 255},
-                    }
-                ],
+                "parameters": [IDEMPOTENCY_KEY],
                 "requestBody": {
                     "required": True,
                     "content": {"application/json": {"schema": _ref(ProfileIn)}},
                 },
                 "responses": {
-                    "202": _json(
-                        Accepted,
-                        "stored and queued (committed to disk)",
-                        {"Location": {"schema": {"type": "string"}, "description": "the task's URL"}},
-                    ),
+                    "202": _json(Accepted, "stored and queued (committed to disk)", LOCATION),
                     "400": _json(ErrorDetail, "not JSON, not an object, or a bad Idempotency-Key"),
                     "408": _json(ErrorDetail, "the body did not arrive within PROFILE_APP_BODY_TIMEOUT_S"),
                     "409": _json(ErrorDetail, "the same Idempotency-Key is still being handled"),
@@ -79,11 +91,7 @@ def document() -> dict[str, Any]:
                     "415": _json(ErrorDetail, "the Content-Type is not application/json"),
                     "422": {
                         "description": "a field breaks a rule, or the Idempotency-Key came with another body",
-                        "content": {
-                            "application/json": {
-                                "schema": {"oneOf": [_ref(ValidationErrors), _ref(ErrorDetail)]}
-                            }
-                        },
+                        "content": VALIDATION_OR_KEY_REUSED,
                     },
                     "503": UNAVAILABLE,
                 },
@@ -133,7 +141,31 @@ def document() -> dict[str, Any]:
                     "200": _json(TaskPage, "a page of tasks"),
                     "422": _json(ValidationErrors, "a bad query parameter"),
                 },
-            }
+            },
+            "post": {
+                "summary": "Queue a task of a kind registered with http=True",
+                "parameters": [IDEMPOTENCY_KEY],
+                "requestBody": {
+                    "required": True,
+                    "content": {"application/json": {"schema": _ref(TaskIn)}},
+                },
+                "responses": {
+                    "200": _json(TaskOut, 'a duplicate of a unique task, with "duplicate": true'),
+                    "202": _json(TaskOut, "queued (committed to disk)", LOCATION),
+                    "400": _json(ErrorDetail, "not JSON, not an object, or a bad Idempotency-Key"),
+                    "404": _json(ErrorDetail, "no such kind, or one not submittable over HTTP"),
+                    "408": _json(ErrorDetail, "the body did not arrive within PROFILE_APP_BODY_TIMEOUT_S"),
+                    "409": _json(ErrorDetail, "the same Idempotency-Key is still being handled"),
+                    "413": _json(ErrorDetail, "the body is over the size limit"),
+                    "415": _json(ErrorDetail, "the Content-Type is not application/json"),
+                    "422": {
+                        "description": "a field breaks a rule, the payload does not fit the kind's"
+                        " signature, or the Idempotency-Key came with another body",
+                        "content": VALIDATION_OR_KEY_REUSED,
+                    },
+                    "503": UNAVAILABLE,
+                },
+            },
         },
         "/tasks/{task_id}": {
             "get": {
@@ -151,6 +183,18 @@ def document() -> dict[str, Any]:
                     "503": UNAVAILABLE,
                 },
             },
+        },
+        "/tasks/{task_id}/retry": {
+            "post": {
+                "summary": "Queue a failed or cancelled task again, with a fresh attempt budget",
+                "parameters": [TASK_ID],
+                "responses": {
+                    "200": _json(TaskOut, "the task, now queued"),
+                    "404": _json(ErrorDetail, "unknown task"),
+                    "409": _json(ErrorDetail, "the task is queued, running or succeeded"),
+                    "503": UNAVAILABLE,
+                },
+            }
         },
         "/tasks/{task_id}/logs": {
             "get": {

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 
 from pydantic import ValidationError
-from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -17,19 +16,16 @@ from profile_app.db.database import (
     request_hash,
 )
 from profile_app.tasks.builtin import MATCH
-from profile_app.web.http_io import error, iso_utc, read_json_object
+from profile_app.web.http_io import error, idempotency_key, iso_utc, read_json_object
 from profile_app.web.middleware import services
 from profile_app.web.schemas import USER_ID_PATTERN, ProfileIn, validation_detail
 
-MAX_IDEMPOTENCY_KEY_CHARS = 255
 USER_ID = re.compile(USER_ID_PATTERN)
 
 
 async def post_profile(request: Request) -> Response:
     settings, _db, executor = services(request)
-    key = request.headers.get("idempotency-key")
-    if key is not None and not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
-        raise HTTPException(400, f"Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_CHARS} characters")
+    key = idempotency_key(request)
     document = await read_json_object(request, settings.max_body_bytes, settings.body_timeout_s)
     try:
         profile = ProfileIn.model_validate(document)

@@ -6,12 +6,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
     ValidationError,
     field_validator,
+    model_validator,
 )
 from pydantic.json_schema import SkipJsonSchema
 
@@ -100,6 +103,43 @@ class TaskOut(BaseModel):
     finished_at: str | None
     error: str | None
     progress: Annotated[float, Field(ge=0, le=1)] | None
+    result: Any = Field(description="What the task returned, once it has succeeded; else null.")
+
+
+def _iso_text(value: Any) -> Any:
+    # A number would be read as a Unix time: the contract asks for ISO-8601 text.
+    if not isinstance(value, str):
+        raise ValueError("run_at must be an ISO-8601 date and time with a timezone")
+    return value
+
+
+MAX_DELAY_S = 100 * 365.25 * 86400  # a century: any later time is a mistake, not a schedule
+
+
+class TaskIn(BaseModel):
+    """POST /tasks: a task of a kind registered with `http=True`, and when and how it runs
+    (docs/scheduling.md); the payload is checked against the kind's function signature."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"not": {"required": ["run_at", "delay_s"]}},  # one or the other
+    )
+
+    kind: Annotated[str, Field(strict=True, min_length=1, max_length=100)]
+    payload: Annotated[dict[str, Any], Field(strict=True)] = Field(
+        default_factory=dict, description="The kind function's arguments, by name."
+    )
+    run_at: Annotated[AwareDatetime, BeforeValidator(_iso_text)] | None = None
+    delay_s: Annotated[float, Field(strict=True, ge=0, le=MAX_DELAY_S, allow_inf_nan=False)] | None = None
+    priority: Annotated[int, Field(strict=True, ge=-100, le=100)] = 0
+    unique_key: Annotated[Text, Field(strict=True, min_length=1, max_length=255)] | None = None
+    unique_for_s: Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)] | None = None
+
+    @model_validator(mode="after")
+    def _one_start(self) -> TaskIn:
+        if self.run_at is not None and self.delay_s is not None:
+            raise ValueError("give run_at or delay_s, not both")
+        return self
 
 
 class TaskPage(BaseModel):

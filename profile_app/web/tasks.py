@@ -1,4 +1,4 @@
-"""The task routes: list, read, cancel, logs."""
+"""The task routes: list, read, cancel, retry, logs (POST /tasks is in submit.py)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,18 @@ async def cancel_task(request: Request) -> Response:
     if existing is None:
         return error(404, "no such task")
     return error(409, f"the task has already finished ({existing.status.value})")
+
+
+async def retry_task(request: Request) -> Response:
+    _settings, db, executor = services(request)
+    task_id = _task_id(request)
+    retried = await executor.retry(task_id) if task_id else None
+    if retried is not None:
+        return JSONResponse(task_document(retried))
+    existing = await db.get_task(task_id) if task_id else None
+    if existing is None:
+        return error(404, "no such task")
+    return error(409, f"only a failed or cancelled task can be retried; this one is {existing.status.value}")
 
 
 async def task_logs(request: Request) -> Response:
