@@ -58,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "serve":
-            settings = Settings.load(host=args.host, port=args.port, workers=args.workers, db=args.db)
+            settings = Settings.load(
+                check_host=True, host=args.host, port=args.port, workers=args.workers, db=args.db
+            )
             return serve(settings)
         settings = Settings.load(db=args.db)
         if args.command == "tasks":

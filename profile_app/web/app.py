@@ -134,7 +134,7 @@ def app_from_environment() -> Starlette:
     A bad setting stops start-up with one line naming it, not a traceback.
     """
     try:
-        settings = Settings.load()
+        settings = Settings.load(check_host=True)
         dask_backend.check_scheduler(settings)  # unreachable: one line, like a bad setting
         return create_app(settings)
     except SettingsError as exc:
