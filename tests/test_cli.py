@@ -156,3 +156,10 @@ def submit_to_db(db: Path, kind: str, payload: dict) -> str:
 
     anyio.run(enqueue)
     return task.id
+
+
+def test_help_lists_every_command() -> None:
+    result = run("-m", "profile_app", "--help")
+    assert result.returncode == 0
+    for command in ("serve", "seed", "tasks"):
+        assert f"    {command} " in result.stdout, result.stdout
