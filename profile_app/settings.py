@@ -50,7 +50,7 @@ class Settings(BaseSettings):
     queue_full_retry_after_s: Annotated[int, Field(ge=1, le=int(DAY_S))] = 5
 
     # Where tasks run.
-    process_workers: Annotated[int, Field(ge=1, le=256)] = os.cpu_count() or 2
+    process_workers: Annotated[int, Field(ge=1, le=256)] = min(256, os.cpu_count() or 2)
     process_nice: Annotated[int, Field(ge=0, le=19)] = 10
     process_sched_idle: bool = True  # Linux: workers yield a core to the server at once
     # A process worker is replaced after this many tasks, or once its resident memory
