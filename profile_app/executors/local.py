@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import threading
@@ -10,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import anyio
-import anyio.from_thread
 import anyio.to_process
 import anyio.to_thread
 from anyio import CapacityLimiter
@@ -63,7 +63,7 @@ class ThreadRunner:
             limiter = self._limiters[call.kind.name] = CapacityLimiter(
                 call.kind.concurrency_in(Placement.THREAD)
             )
-        run = _ThreadRun(anyio.Event())
+        run = _ThreadRun(anyio.Event(), asyncio.get_running_loop())
         self._running[task_id] = run.returned  # the task is this call's from now
 
         def returned(release: bool = True) -> None:  # on the event loop, once the thread is done
@@ -102,8 +102,8 @@ class _ThreadRun:
     """One call on a thread, and who gives its slot back: the caller if it is still waiting
     when the thread returns, else (abandoned) the thread itself, through the event loop."""
 
-    def __init__(self, returned: anyio.Event) -> None:
-        self.returned = returned
+    def __init__(self, returned: anyio.Event, loop: asyncio.AbstractEventLoop) -> None:
+        self.returned, self.loop = returned, loop
         self.on_return: Callable[[], None] = lambda: None
         self._lock = threading.Lock()
         self._done = self._left = False
@@ -116,9 +116,10 @@ class _ThreadRun:
                 self._done = True
                 left = self._left
             if left:
-                # The event loop is gone at exit: nothing is left to wait for the slot.
+                # Not waiting for the loop: at exit it may never run again (and once it is
+                # closed, RuntimeError: nothing is left to wait for the slot).
                 with contextlib.suppress(RuntimeError):
-                    anyio.from_thread.run_sync(self.on_return)
+                    self.loop.call_soon_threadsafe(self.on_return)
 
     def leave(self) -> None:
         """The caller stops waiting: give the slot back now if the thread is done, else let it."""
