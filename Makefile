@@ -23,11 +23,13 @@ browser:
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	fi
 
-# Minutes, not part of `make test`: the crash loop with 40 kills (about 4,100 tasks) and the
-# 512-connection overload burst for 3 minutes.
+# Minutes, not part of `make test`: the crash loop with 40 kills (about 4,100 tasks), the
+# 512-connection overload burst for 3 minutes, and a Dask scheduler killed 20 times under
+# match tasks with one attempt allowed (none may fail).
 soak: $(VENV)/.dev-installed
 	PROFILE_APP_TEST_KILLS=40 PROFILE_APP_TEST_BURST_S=180 $(PY) -m pytest -v tests/test_crash_loop.py \
 		tests/test_overload.py::test_a_burst_of_512_connections_gets_only_the_contracts_answers
+	PROFILE_APP_TEST_SCHEDULER_KILLS=20 $(PY) -m pytest -v tests/test_dask_scheduler_loss.py
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .

@@ -67,7 +67,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         kinds = getattr(args, "kinds", None)
         if args.command == "serve":
             settings = Settings.load(
-                host=args.host, port=args.port, workers=args.workers, db=args.db, kinds=kinds
+                check_host=True,
+                host=args.host,
+                port=args.port,
+                workers=args.workers,
+                db=args.db,
+                kinds=kinds,
             )
             return serve(settings, kinds_setting="--kinds" if kinds else "PROFILE_APP_KINDS")
         settings = Settings.load(db=args.db, kinds=kinds)

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sqlite3
 import subprocess
 import time
@@ -25,6 +26,7 @@ from profile_app.matching.reference import reference_matches, score
 BUILD_TIMEOUT_S = 600
 START_TIMEOUT_S = 60  # a one-file binary unpacks itself before it starts: seconds, not ms
 TASK_TIMEOUT_S = 60
+SHUTDOWN_DEADLINE_S = 30  # nothing is running: the child's graceful stop takes seconds
 
 # Two profiles with nothing in common, so each one's matches are the same whichever
 # task runs first; both share interests and bio words with the seeded profiles.
@@ -39,7 +41,10 @@ POSTED = [
 ]
 
 
-def build(tmp_path: Path) -> Path:
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The binary, built once for this module's tests."""
+    tmp_path = tmp_path_factory.mktemp("binary")
     result = subprocess.run(
         ["make", "binary", f"BINARY_DIR={tmp_path / 'dist'}", f"BINARY_WORK={tmp_path / 'build'}"],
         cwd=ROOT,
@@ -105,10 +110,9 @@ def wait_until_finished(url: str, task_id: str) -> dict:
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT_S + 180)
-def test_the_binary_seeds_serves_and_matches_in_frozen_worker_processes(tmp_path: Path) -> None:
+def test_the_binary_seeds_serves_and_matches_in_frozen_worker_processes(built: Path, tmp_path: Path) -> None:
     first, second = POSTED
     assert score(first["interests"], first["bio"], second["interests"], second["bio"]) == 0
-    built = build(tmp_path)
     # Run a copy in a directory of its own, with a clean environment: nothing of the repo,
     # the venv or the build is on any path it can see.
     home = tmp_path / "elsewhere"
@@ -171,3 +175,76 @@ def test_the_binary_seeds_serves_and_matches_in_frozen_worker_processes(tmp_path
         with contextlib.suppress(ProcessLookupError):
             os.killpg(server.pid, signal.SIGKILL)  # any process the server left behind
         server.wait(10)
+
+
+def session_processes(session: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry.name)) == session:
+                    found.append(int(entry.name))
+    return found
+
+
+def port_is_free(port: int) -> bool:
+    """Could a restarted server bind it? (As uvicorn does, with SO_REUSEADDR: the closed
+    connections' TIME_WAIT does not hold the port.)"""
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S + 180)
+def test_kill_9_of_the_launcher_stops_the_service_and_leaves_nothing_unpacked(
+    built: Path, tmp_path: Path
+) -> None:
+    """The one-file binary runs as a launcher (the pid a supervisor knows) and a child that
+    serves. Killed with -9, the launcher cannot pass anything on: the child and its worker
+    processes must stop by themselves, free the port and remove the unpacked bundle."""
+    unpacked = tmp_path / "tmp"
+    unpacked.mkdir()
+    db = tmp_path / "profiles.db"
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with log.open("wb") as out:
+        launcher = subprocess.Popen(
+            [str(built), "serve", "--port", str(port), "--db", str(db)],
+            cwd=tmp_path,
+            env=clean_environment(unpacked),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_until_healthy(url, launcher, log)
+        response = requests.post(f"{url}/profile", json=POSTED[0], timeout=10)
+        assert response.status_code == 202, response.text
+        task = wait_until_finished(url, response.json()["task_id"])
+        assert task["executor"] == "process", task  # a frozen worker process is running too
+        assert frozen_workers(built, launcher.pid)
+        assert len(list(unpacked.iterdir())) == 1  # the bundle, unpacked once
+
+        launcher.kill()  # SIGKILL, as a supervisor's last resort does
+        launcher.wait(10)
+
+        deadline = time.monotonic() + SHUTDOWN_DEADLINE_S
+        while session_processes(launcher.pid) or not port_is_free(port) or list(unpacked.iterdir()):
+            if time.monotonic() > deadline:
+                left = [
+                    (pid, Path(f"/proc/{pid}/cmdline").read_bytes())
+                    for pid in session_processes(launcher.pid)
+                ]
+                raise AssertionError(
+                    f"within {SHUTDOWN_DEADLINE_S} s: processes {left}, port free {port_is_free(port)},"
+                    f" unpacked {list(unpacked.iterdir())}\n{log.read_text()}"
+                )
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)

@@ -76,6 +76,44 @@ def test_a_bad_setting_stops_uvicorn_with_one_line_naming_it(env: dict[str, str]
     assert "Traceback" not in result.stderr
 
 
+# Each of these once started a server that was exposed, wedged or busy for nothing (issue 19).
+UNWORKABLE = [
+    ("PROFILE_APP_HOST", ""),  # bound every interface
+    ("PROFILE_APP_HOST", "nohost.invalid"),  # uvicorn's own error did not name the setting
+    ("PROFILE_APP_LEASE_S", "inf"),  # the dispatcher died; the server answered 503 forever
+    ("PROFILE_APP_LEASE_S", "0.01"),  # leases lapsed before their renewal: attempts charged
+    ("PROFILE_APP_LEASE_S", "1e9"),
+    ("PROFILE_APP_SHUTDOWN_GRACE_S", "inf"),  # a traceback at start
+    ("PROFILE_APP_BLOCKING_THRESHOLD_MS", "inf"),  # the watchdog died, the detector was off
+    ("PROFILE_APP_POLL_INTERVAL_S", "0.0001"),  # a quarter of a core while idle
+    ("PROFILE_APP_RETRY_BACKOFF_S", "nan"),
+    ("PROFILE_APP_MATCH_TIME_LIMIT_S", "-inf"),
+]
+
+
+@pytest.mark.parametrize(("name", "value"), UNWORKABLE)
+@pytest.mark.parametrize("command", ["serve", "uvicorn"])
+def test_a_setting_out_of_its_bounds_stops_start_up_with_one_line(
+    command: str, name: str, value: str, tmp_path: Path
+) -> None:
+    port = str(free_port())
+    if command == "serve":
+        args = ["-m", "profile_app", "serve", "--port", port, "--db", str(tmp_path / "x.db")]
+    else:
+        args = ["-m", "uvicorn", "profile_app:app", "--port", port]
+    result = run(*args, env={name: value}, timeout_s=30)
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"profile_app: invalid setting {name}:"), lines[0]
+
+
+def test_a_host_flag_that_does_not_resolve_is_named() -> None:
+    result = run("-m", "profile_app", "serve", "--host", "nohost.invalid", "--port", str(free_port()))
+    assert result.returncode == 2
+    assert result.stderr.startswith("profile_app: invalid setting --host: 'nohost.invalid' does not resolve")
+
+
 def tasks_cli(db: Path, *args: str) -> subprocess.CompletedProcess:
     return run("-m", "profile_app", "tasks", *args, "--db", str(db))
 
@@ -118,3 +156,10 @@ def submit_to_db(db: Path, kind: str, payload: dict) -> str:
 
     anyio.run(enqueue)
     return task.id
+
+
+def test_help_lists_every_command() -> None:
+    result = run("-m", "profile_app", "--help")
+    assert result.returncode == 0
+    for command in ("serve", "seed", "tasks"):
+        assert f"    {command} " in result.stdout, result.stdout

@@ -20,7 +20,7 @@ from profile_app.db.database import (
 from profile_app.executors.calls import AttemptError, AttemptGivenBack, Call, CallResult, error_line
 from profile_app.executors.context import TaskContext
 from profile_app.executors.kinds import Placement, TaskKind
-from profile_app.observability.logs import task_id_var
+from profile_app.observability.logs import request_id_var, task_id_var
 
 logger = logging.getLogger("profile_app.dispatcher")
 
@@ -68,6 +68,8 @@ class AttemptLifecycle:
     async def _run_attempt(self, attempt: Attempt, retry_delay_s: float | None = None) -> None:
         task, kind = attempt.task, attempt.kind
         log_context = task_id_var.set(task.id)  # the attempt's log lines carry its task id
+        # ...and no request's id: inline, an attempt runs in the context of whoever claimed it.
+        request_context = request_id_var.set(None)
         error: str | None = None
         outcome: CallResult | None = None
         started = time.monotonic()
@@ -126,6 +128,7 @@ class AttemptLifecycle:
             if not self._attempts:
                 self._idle.set()
             task_id_var.reset(log_context)
+            request_id_var.reset(request_context)
 
     async def _finish(
         self, attempt: Attempt, outcome: CallResult | None, error: str | None, retry_delay_s: float | None

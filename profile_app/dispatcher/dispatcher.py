@@ -8,6 +8,7 @@ was cancelled, takes back tasks whose server process died, and writes progress.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import math
 from collections.abc import Callable, Collection
@@ -368,7 +369,11 @@ class Dispatcher(AttemptLifecycle, Housekeeping, Waiting):
                 # A claim sets the task's executor to where its kind runs now.
                 attempt = Attempt(task, self.kinds[kind_name], Placement(task.executor))
                 self._attempts[task.id] = attempt
-                task_group.start_soon(self._run_attempt, attempt, name=f"task {task.id}")
+                # A fresh context: the claim may have ridden on a request's commit, and the
+                # attempt must not carry that request's id (or anything else of its caller).
+                contextvars.Context().run(
+                    task_group.start_soon, self._run_attempt, attempt, name=f"task {task.id}"
+                )
                 started += 1
         return started
 

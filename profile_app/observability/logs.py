@@ -21,7 +21,14 @@ task_id_var: contextvars.ContextVar[str | None] = contextvars.ContextVar("task_i
 
 REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 # LogRecord attributes that are not extra fields of ours.
-_STANDARD = set(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "request_id", "task_id"}
+# color_message: uvicorn's own lines carry a copy of the message with terminal colours.
+_STANDARD = set(logging.makeLogRecord({}).__dict__) | {
+    "message",
+    "asctime",
+    "request_id",
+    "task_id",
+    "color_message",
+}
 
 access_logger = logging.getLogger("profile_app.access")
 
@@ -83,6 +90,15 @@ def configure_logging(level: str, log_format: LogFormat) -> None:
     handler.setFormatter(JsonFormatter() if log_format is LogFormat.JSON else TextFormatter())
     root.addHandler(handler)
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error"):  # let uvicorn's lines reach our handler, once
-        logging.getLogger(name).handlers.clear()
-        logging.getLogger(name).propagate = True
+    # Plain `uvicorn profile_app:app` has configured its loggers before it loads the app:
+    # its handlers (text), its levels (INFO, whatever our level) and an access line of its
+    # own. uvicorn's lines reach our handler once, at our level; its access lines are off
+    # (an access logger without handlers is not used), RequestLogMiddleware writes one.
+    for name in ("uvicorn", "uvicorn.error"):
+        uvicorn_logger = logging.getLogger(name)
+        uvicorn_logger.handlers.clear()
+        uvicorn_logger.propagate = True
+        uvicorn_logger.setLevel(logging.NOTSET)
+    access = logging.getLogger("uvicorn.access")
+    access.handlers.clear()
+    access.propagate = False

@@ -39,6 +39,7 @@ from profile_app.web.middleware import ExecutorMiddleware
 from profile_app.web.operations import health, list_kinds, metrics, openapi_schema
 from profile_app.web.profiles import get_profile, post_profile
 from profile_app.web.request_log import RequestLogMiddleware
+from profile_app.web.signals import exit_zero_after_graceful_stop
 from profile_app.web.submit import tasks_resource
 from profile_app.web.tasks import retry_task, task_logs, task_resource
 
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         configure_logging(settings.log_level, settings.log_format)
+        exit_zero_after_graceful_stop()  # plain uvicorn: a SIGTERM stop exits 0, as under serve
         app_metrics = Metrics()
         async with (
             Database(settings.db, on_group_commit=app_metrics.group_committed) as db,
@@ -141,7 +143,10 @@ def app_from_environment() -> Starlette:
     A bad setting stops start-up with one line naming it, not a traceback.
     """
     try:
-        settings = Settings.load()
+        settings = Settings.load(check_host=True)
+        # Now, not only in the lifespan: under plain uvicorn, its own lines before start-up
+        # take our format and level too.
+        configure_logging(settings.log_level, settings.log_format)
         dask_backend.check_scheduler(settings)  # unreachable: one line, like a bad setting
         return create_app(settings)
     except (SettingsError, KindError) as exc:

@@ -64,7 +64,11 @@ async def read_json_object(request: Request, max_body_bytes: int, timeout_s: flo
             if len(body) > max_body_bytes:
                 raise too_large
     if reading.cancelled_caught:
-        raise HTTPException(408, f"the request body did not arrive within {timeout_s:g} s")
+        # Closed after the answer, as at the head deadline: the rest of a body may still come,
+        # and the connection must not wait for it until keep-alive ends.
+        raise HTTPException(
+            408, f"the request body did not arrive within {timeout_s:g} s", headers={"Connection": "close"}
+        )
     try:
         document = json.loads(body)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, or an integer too long to read

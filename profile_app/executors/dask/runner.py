@@ -181,6 +181,7 @@ class DaskRunner:
         self._progress[(context.task_id, context.attempt)] = context.report
         future: Future | None = None
         scheduler_lost = False
+        connection = client.scheduler_comm  # a reconnect replaces it: the scheduler went meanwhile
         try:
             submission = self._submission_of(call.kind, client)
             if submission is not None:
@@ -194,7 +195,7 @@ class DaskRunner:
             self._observe(call, exc.worker, "raised")
             raise
         except Exception as exc:
-            scheduler_lost = _scheduler_lost(exc, client)
+            scheduler_lost = _scheduler_lost(exc, client, connection)
             if not scheduler_lost:  # the cluster failed the attempt: the queue retries it
                 for submission in self.submissions.values():
                     submission.cluster_failed()
@@ -244,9 +245,18 @@ class DaskRunner:
                 del self._tally[address]
 
 
-def _scheduler_lost(exc: BaseException, client: Client) -> bool:
+def _scheduler_lost(exc: BaseException, client: Client, connection: object) -> bool:
     """Did the attempt fail because the scheduler connection went, not the task or its worker?
 
+    Every way the scheduler can go away under an attempt counts, whatever the client has
+    done about it since:
+    - the future was cancelled because the connection was lost;
+    - the connection broke mid-call (CommClosedError, an OSError, during the submit, the
+      shipping of profiles or the gather of the result);
+    - the client is not running (it is reconnecting, or gave up);
+    - the client is running again, on another connection: the scheduler restarted and the
+      client reconnected quickly; the new scheduler knows none of our futures and data
+      (`FutureCancelledError: ... lost dependencies`, a cancelled key).
     Anything else (a worker that died, a result lost with its worker) fails the attempt and
     is charged, so a task that keeps breaking the cluster runs out of attempts.
     """
@@ -254,7 +264,12 @@ def _scheduler_lost(exc: BaseException, client: Client) -> bool:
 
     if isinstance(exc, FutureCancelledError) and exc.reason == "scheduler-connection-lost":
         return True
-    return client.status != "running"
+    if isinstance(exc, OSError):  # CommClosedError is one
+        return True
+    if client.status != "running" or client.scheduler_comm is not connection:
+        return True
+    closed = getattr(connection, "closed", None)
+    return bool(closed()) if callable(closed) else False
 
 
 def _killed_on(exc: BaseException) -> str | None:

@@ -1,0 +1,36 @@
+"""A graceful SIGTERM stop exits 0 under plain `uvicorn profile_app:app`, as under `serve`.
+
+uvicorn's server catches SIGTERM, shuts down gracefully (the app's lifespan drains the
+dispatcher), then restores the handler it found and raises the signal again: with the
+default handler, the process dies of it (status -15), which supervisors report as a
+failure. `serve` installs a no-op handler before uvicorn starts; under plain uvicorn the
+app is loaded after uvicorn has installed its handler, so instead this wraps that handler:
+uvicorn still stops gracefully, but is not asked to raise SIGTERM again. A second SIGINT
+(Ctrl-C twice) still forces uvicorn's exit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from types import FrameType
+from typing import Any
+
+
+def exit_zero_after_graceful_stop() -> None:
+    """Wrap uvicorn's SIGTERM handler (in the main thread, under uvicorn; else nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signals are the main thread's: a TestClient or an embedding owns them
+    handler = signal.getsignal(signal.SIGTERM)
+    server: Any = getattr(handler, "__self__", None)
+    captured = getattr(server, "_captured_signals", None)  # uvicorn.Server's, read on exit
+    if not callable(handler) or not isinstance(captured, list):
+        return  # not uvicorn's handler (serve's no-op, or another server): leave it
+
+    def graceful(signum: int, frame: FrameType | None) -> None:
+        handler(signum, frame)  # type: ignore[operator]  # uvicorn: should_exit
+        with contextlib.suppress(ValueError):
+            captured.remove(signum)  # stopped gracefully: nothing to raise again
+
+    signal.signal(signal.SIGTERM, graceful)
