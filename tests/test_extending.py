@@ -63,13 +63,12 @@ def test_a_users_kind_is_served_submitted_checked_and_read_back(db_path: Path) -
         assert len(server.get("/tasks", params={"kind": "burn"}).json()["tasks"]) == 1
 
         # The command line checks them too, and the running server runs what it queues.
-        submitted = run(["-m", "profile_app", "tasks", "submit", "greet", '{"name": "Ann"}', "--kinds",
-                         "my_kinds:kinds", "--db", str(db_path)], cwd=EXAMPLES)  # fmt: skip
+        cli = ["-m", "profile_app", "tasks", "submit", "--db", str(db_path), "greet"]
+        submitted = run([*cli, '{"name": "Ann"}', "--kinds", "my_kinds:kinds"], cwd=EXAMPLES)
         assert submitted.returncode == 0, submitted.stderr
         greeted = wait_for_task(server, submitted.stdout.strip())
         assert (greeted["status"], greeted["result"]) == ("succeeded", "Hello, Ann!")
-        refused_cli = run(["-m", "profile_app", "tasks", "submit", "greet", '{"nam": "Ann"}', "--db", str(db_path)],
-                          cwd=EXAMPLES, env={"PROFILE_APP_KINDS": "my_kinds:kinds"})  # fmt: skip
+        refused_cli = run([*cli, '{"nam": "Ann"}'], cwd=EXAMPLES, env={"PROFILE_APP_KINDS": "my_kinds:kinds"})
         assert refused_cli.returncode == 1
         assert refused_cli.stderr.count("\n") == 1 and "name: Field required" in refused_cli.stderr
     finally:
