@@ -13,9 +13,11 @@ nothing else:
 from __future__ import annotations
 
 import json
+import threading
 from typing import Any
 
 import schemathesis
+from hypothesis.internal import lambda_sources
 from schemathesis.openapi.checks import RejectedPositiveData, UseAfterFree
 
 KEY_REUSED = "this Idempotency-Key was used with a different request body"
@@ -26,6 +28,21 @@ def _json(response: Any) -> Any:
         return json.loads(response.content or b"null")
     except ValueError:
         return None
+
+
+# Hypothesis names a lambda by parsing its source (ast.parse). CPython 3.11's parser is not
+# safe to run from several threads at once ("SystemError: AST constructor recursion depth
+# mismatch"), and schemathesis's --workers are threads: one parse at a time.
+_parsing = threading.Lock()
+_lambda_description = lambda_sources.lambda_description
+
+
+def _one_parse_at_a_time(f: Any) -> str:
+    with _parsing:
+        return _lambda_description(f)
+
+
+lambda_sources.lambda_description = _one_parse_at_a_time
 
 
 @schemathesis.hook
