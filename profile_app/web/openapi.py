@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Callable
 from functools import cache, lru_cache
 from typing import Any
 
@@ -76,9 +77,14 @@ HttpKinds = tuple[tuple[str, str], ...]  # (name, its arguments' JSON schema as 
 @lru_cache(maxsize=16)
 def http_kinds(kinds: KindRegistry) -> HttpKinds:
     """The kinds POST /tasks takes and their payloads' schemas (read once per registry)."""
-    return tuple(
-        (kind.name, json.dumps(kind.arguments.json_schema(), sort_keys=True)) for kind in kinds if kind.http
-    )
+    return tuple((kind.name, _payload_schema(kind.arguments.json_schema)) for kind in kinds if kind.http)
+
+
+def _payload_schema(json_schema: Callable[[], dict[str, Any]]) -> str:
+    try:
+        return json.dumps(json_schema(), sort_keys=True)
+    except Exception:  # an annotation JSON Schema cannot express: document any object
+        return json.dumps({"type": "object"})
 
 
 @cache
