@@ -12,6 +12,7 @@ nothing else:
 
 from __future__ import annotations
 
+import gc
 import json
 import threading
 from typing import Any
@@ -30,16 +31,23 @@ def _json(response: Any) -> Any:
         return None
 
 
-# Hypothesis names a lambda by parsing its source (ast.parse). CPython 3.11's parser is not
-# safe to run from several threads at once ("SystemError: AST constructor recursion depth
-# mismatch"), and schemathesis's --workers are threads: one parse at a time.
+# Hypothesis names a lambda by parsing its source (ast.parse). On CPython 3.11 that parse
+# can fail with "SystemError: AST constructor recursion depth mismatch" when other Python
+# code runs in the middle of it (a garbage collection's finalizers, another of schemathesis's
+# --workers threads): one parse at a time, with the collector held off meanwhile.
 _parsing = threading.Lock()
 _lambda_description = lambda_sources.lambda_description
 
 
 def _one_parse_at_a_time(f: Any) -> str:
     with _parsing:
-        return _lambda_description(f)
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return _lambda_description(f)
+        finally:
+            if collecting:
+                gc.enable()
 
 
 lambda_sources.lambda_description = _one_parse_at_a_time
