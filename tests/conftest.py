@@ -107,6 +107,7 @@ class Server:
     args: list[str] = field(default_factory=list)  # more `serve` flags, e.g. ["--workers", "3"]
     process: subprocess.Popen | None = None
     log: Path | None = None
+    cwd: Path = ROOT  # where it runs: `--kinds MODULE:NAME` imports MODULE from there
 
     @property
     def url(self) -> str:
@@ -128,7 +129,7 @@ class Server:
                     str(self.db),
                     *self.args,
                 ],
-                cwd=ROOT,
+                cwd=self.cwd,
                 env=environ,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -12,10 +12,13 @@ nothing else:
 
 from __future__ import annotations
 
+import gc
 import json
+import threading
 from typing import Any
 
 import schemathesis
+from hypothesis.internal import lambda_sources
 from schemathesis.openapi.checks import RejectedPositiveData, UseAfterFree
 
 KEY_REUSED = "this Idempotency-Key was used with a different request body"
@@ -26,6 +29,28 @@ def _json(response: Any) -> Any:
         return json.loads(response.content or b"null")
     except ValueError:
         return None
+
+
+# Hypothesis names a lambda by parsing its source (ast.parse). On CPython 3.11 that parse
+# can fail with "SystemError: AST constructor recursion depth mismatch" when other Python
+# code runs in the middle of it (a garbage collection's finalizers, another of schemathesis's
+# --workers threads): one parse at a time, with the collector held off meanwhile.
+_parsing = threading.Lock()
+_lambda_description = lambda_sources.lambda_description
+
+
+def _one_parse_at_a_time(f: Any) -> str:
+    with _parsing:
+        collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return _lambda_description(f)
+        finally:
+            if collecting:
+                gc.enable()
+
+
+lambda_sources.lambda_description = _one_parse_at_a_time
 
 
 @schemathesis.hook

@@ -348,7 +348,12 @@ def test_every_attempt_of_a_failing_task_keeps_its_output(app_client: TestClient
     task = wait_for_task(app_client, task_id)
     assert (task["status"], task["error"]) == ("failed", "ValueError: bad input")
     logs = app_client.get(f"/tasks/{task_id}/logs").text
-    assert logs == "--- attempt 1 ---\nabout to fail\n--- attempt 2 ---\nabout to fail\n"
+    # Each attempt's output, then the traceback of what it raised (from the task's own frame).
+    first, second = logs.split("--- attempt 2 ---\n")
+    for attempt in (first.removeprefix("--- attempt 1 ---\n"), second):
+        assert attempt.startswith("about to fail\nTraceback (most recent call last):\n")
+        assert 'in talks_then_fails\n    raise ValueError("bad input")' in attempt
+        assert attempt.endswith("ValueError: bad input\n")
 
 
 def test_concurrent_tasks_keep_their_own_output(app_client: TestClient) -> None:

@@ -46,6 +46,7 @@ TASK_KEYS = {
     "finished_at",
     "error",
     "progress",
+    "result",
 }
 TASK_STATUSES = {"queued", "running", "succeeded", "failed", "cancelled"}
 HOLD = "hold"
@@ -503,6 +504,7 @@ def test_a_task_document(client: TestClient) -> None:
         "error": None,
     }
     assert task["max_attempts"] == 3
+    assert task["result"] == []  # what match returned: ann has no one to match yet
     assert 0 <= task["progress"] <= 1
     assert utc(task["created_at"]) <= utc(task["started_at"]) <= utc(task["finished_at"])
 
@@ -789,8 +791,9 @@ def test_an_unknown_path_is_404(client: TestClient, path: str) -> None:
         ("PUT", "/profile"),
         ("DELETE", "/profile/ann"),
         ("POST", "/profile/ann"),
-        ("POST", "/tasks"),
+        ("DELETE", "/tasks"),
         ("PATCH", "/tasks"),
+        ("GET", f"/tasks/{'a' * 32}/retry"),
         ("PUT", f"/tasks/{'a' * 32}"),
         ("POST", "/health"),
         ("DELETE", "/kinds"),

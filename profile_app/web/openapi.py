@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from functools import cache
+import copy
+import json
+from collections.abc import Callable
+from functools import cache, lru_cache
 from typing import Any
 
 from pydantic.json_schema import models_json_schema
 
+from profile_app.executors.kinds import KindRegistry
 from profile_app.web.schemas import (
     USER_ID_PATTERN,
     Accepted,
@@ -67,8 +71,25 @@ VALIDATION_OR_KEY_REUSED = {
 LOCATION = {"Location": {"schema": {"type": "string"}, "description": "the task's URL"}}
 
 
+HttpKinds = tuple[tuple[str, str], ...]  # (name, its arguments' JSON schema as text), hashable
+
+
+@lru_cache(maxsize=16)
+def http_kinds(kinds: KindRegistry) -> HttpKinds:
+    """The kinds POST /tasks takes and their payloads' schemas (read once per registry)."""
+    return tuple((kind.name, _payload_schema(kind.arguments.json_schema)) for kind in kinds if kind.http)
+
+
+def _payload_schema(json_schema: Callable[[], dict[str, Any]]) -> str:
+    try:
+        return json.dumps(json_schema(), sort_keys=True)
+    except Exception:  # an annotation JSON Schema cannot express: document any object
+        return json.dumps({"type": "object"})
+
+
 @cache
-def document() -> dict[str, Any]:
+def document(submittable: HttpKinds = ()) -> dict[str, Any]:
+    """The document, with POST /tasks' body as one variant per kind in `submittable`."""
     _, definitions = models_json_schema(
         [(model, "validation" if model in REQUEST_BODIES else "serialization") for model in MODELS],
         ref_template="#/components/schemas/{model}",
@@ -244,5 +265,40 @@ def document() -> dict[str, Any]:
             "description": f"user_id pattern: {USER_ID_PATTERN}",
         },
         "paths": paths,
-        "components": {"schemas": definitions["$defs"]},
+        "components": {"schemas": _openapi_30(_with_task_kinds(definitions["$defs"], submittable))},
     }
+
+
+def _with_task_kinds(definitions: dict[str, Any], submittable: HttpKinds) -> dict[str, Any]:
+    """TaskIn as one variant per kind, its `kind` that name and its `payload` the schema of
+    the kind's arguments: a schema-valid body is one the kind's signature accepts."""
+    generic = definitions["TaskIn"]
+    variants = []
+    for name, text in submittable:
+        payload = json.loads(text)
+        if "$defs" in json.dumps(payload):  # nested models' references would not resolve here
+            payload = generic["properties"]["payload"]
+        variant = copy.deepcopy(generic)
+        variant["title"] = f"TaskIn ({name})"
+        variant["properties"]["kind"] = {"type": "string", "enum": [name]}
+        variant["properties"]["payload"] = payload
+        variant["required"] = ["kind", "payload"] if payload.get("required") else ["kind"]
+        variants.append(variant)
+    if variants:
+        definitions = {**definitions, "TaskIn": {"oneOf": variants, "description": generic["description"]}}
+    return definitions
+
+
+def _openapi_30(schema: Any) -> Any:
+    """JSON Schema's numeric `exclusiveMinimum: x` (pydantic's `gt=x`) in OpenAPI 3.0's
+    spelling: `minimum: x, exclusiveMinimum: true` (and the same for maxima)."""
+    if isinstance(schema, list):
+        return [_openapi_30(item) for item in schema]
+    if not isinstance(schema, dict):
+        return schema
+    converted = {key: _openapi_30(value) for key, value in schema.items()}
+    for bound in ("Minimum", "Maximum"):
+        value = converted.get(f"exclusive{bound}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            converted[bound.lower()], converted[f"exclusive{bound}"] = value, True
+    return converted

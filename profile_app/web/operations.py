@@ -70,4 +70,5 @@ async def metrics(request: Request) -> Response:
 
 
 async def openapi_schema(request: Request) -> Response:
-    return JSONResponse(openapi.document())
+    _settings, _db, executor = services(request)
+    return JSONResponse(openapi.document(openapi.http_kinds(executor.kinds)))

@@ -1,4 +1,5 @@
-// The dashboard: renders each snapshot from /dashboard/events; cancel buttons DELETE /tasks/{id}.
+// The dashboard: renders each snapshot from /dashboard/events; cancel buttons DELETE /tasks/{id},
+// retry buttons POST /tasks/{id}/retry.
 "use strict";
 
 (() => {
@@ -87,6 +88,7 @@
       (t) => String(t.attempts),
       (t) => ago(t.finished_at),
       errorText,
+      retryButton,
     ]);
   }
 
@@ -216,6 +218,40 @@
     }
     button.disabled = false;
     button.textContent = "Cancel";
+  }
+
+  function retryButton(task, row) {
+    let button = row.querySelector("button.retry");
+    if (!button) {
+      button = document.createElement("button");
+      button.type = "button";
+      button.className = "retry";
+      button.dataset.taskId = task.task_id;
+      button.textContent = "Retry";
+      button.addEventListener("click", () => retry(task.task_id, button, row));
+    }
+    return button;
+  }
+
+  async function retry(taskId, button, row) {
+    button.disabled = true;
+    button.textContent = "Retrying…";
+    try {
+      const url = "tasks/" + encodeURIComponent(taskId) + "/retry";
+      const response = await fetch(url, { method: "POST" });
+      if (response.ok) {
+        row.classList.add("retried");
+        button.textContent = "Queued";
+        showNotice(`Task ${taskId} queued again.`, "info");
+        return;
+      }
+      const body = await response.json().catch(() => ({}));
+      showNotice(`Could not retry task ${taskId}: ${body.detail || response.statusText}`, "error");
+    } catch (error) {
+      showNotice(`Could not retry task ${taskId}: ${error}`, "error");
+    }
+    button.disabled = false;
+    button.textContent = "Retry";
   }
 
   // A notice about the data (the database is down) lasts until a good snapshot arrives;
