@@ -15,6 +15,8 @@ from profile_app.db.profiles import ProfileStore
 from profile_app.db.records import (
     FINISHED,
     UNFINISHED,
+    AttemptOutcome,
+    AttemptRecord,
     ClaimRequest,
     IdempotencyConflict,
     IdempotencyInProgress,
@@ -24,12 +26,16 @@ from profile_app.db.records import (
     ProfileSubmission,
     QueueFull,
     QueueHistory,
+    RateLimit,
     StorageUnavailable,
     StoredResult,
+    SubmitOptions,
+    Submitted,
     TaskRecord,
     TaskStatus,
     request_hash,
 )
+from profile_app.db.scheduling import KindLimits, SchedulingStore, Waiting
 from profile_app.db.sql import (
     Claims,
     SuccessEffect,
@@ -46,23 +52,30 @@ __all__ = [
     "FINISHED",
     "MIGRATIONS",
     "UNFINISHED",
+    "AttemptOutcome",
+    "AttemptRecord",
     "ClaimRequest",
     "Claims",
     "Database",
     "IdempotencyConflict",
     "IdempotencyInProgress",
+    "KindLimits",
     "NewTask",
     "PlacementRecord",
     "ProfileRecord",
     "ProfileSubmission",
     "QueueFull",
     "QueueHistory",
+    "RateLimit",
     "StorageUnavailable",
     "StoredResult",
+    "SubmitOptions",
+    "Submitted",
     "SuccessEffect",
     "TaskRecord",
     "TaskStatus",
     "Transaction",
+    "Waiting",
     "connect_read_only",
     "lease_owner_id",
     "no_claims",
@@ -70,9 +83,9 @@ __all__ = [
 ]
 
 
-class Database(ProfileStore, TaskStore, StatsStore):
+class Database(ProfileStore, TaskStore, StatsStore, SchedulingStore):
     """The profile store and task queue of one server process: one object over one file.
 
-    Each store is a module of its own (profiles.py, tasks.py, stats.py) over the shared
+    Each store is a module of its own (profiles.py, tasks.py, stats.py, scheduling.py) over the shared
     connections and writer of core.py.
     """

@@ -117,7 +117,8 @@ class ProfileStore(DatabaseCore):
                     for number, item in enumerate(accepted, start=1)
                 ],
             )
-            conn.executemany(INSERT_TASK, [task_row(item.task, now) for item in accepted])
+            # A submission's match task has default options (priority 0): aging does not matter.
+            conn.executemany(INSERT_TASK, [task_row(item.task, now, 0.0) for item in accepted])
             keyed = [item for item in accepted if item.idempotency_key is not None]
             if keyed:  # (every statement is a round trip to the writer's thread)
                 conn.executemany(

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -17,6 +19,17 @@ class TaskStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class AttemptOutcome(StrEnum):
+    """How an attempt ended, in the attempt ledger."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIME_LIMIT = "time limit"
+    CANCELLED = "cancelled"
+    LOST = "lost"  # its server process died, or its lease ran out
+    RELEASED = "released"  # given back uncharged by a drain
 
 
 UNFINISHED = (TaskStatus.QUEUED, TaskStatus.RUNNING)
@@ -59,6 +72,14 @@ class TaskRecord:
     error: str | None
     progress: float | None
     result: Any
+    priority: int = 0
+    held_since: float | None = None  # when its retry backoff began; None unless it waits for one
+    rank: float = 0.0  # its place among due tasks: when due, minus priority x aging step
+
+    @property
+    def run_at(self) -> float:
+        """When the task is (or was) due: its held-until time, else when it was created."""
+        return self.run_after if self.run_after > 0 else self.created_at
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> TaskRecord:
@@ -109,13 +130,48 @@ class QueueHistory:
         return series
 
 
+RATE_LIMIT = re.compile(r"([1-9][0-9]{0,8})/(s|m|h)")
+RATE_PERIODS_S = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `starts` attempts of a kind start in any `per_s` seconds, service-wide."""
+
+    starts: int
+    per_s: float
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """`"10/s"`, `"600/m"` or `"1000/h"`; raises ValueError for anything else."""
+        match = RATE_LIMIT.fullmatch(text.strip()) if isinstance(text, str) else None
+        if match is None:
+            raise ValueError(f"rate_limit {text!r} is not a count per s, m or h, like '10/s' or '600/m'")
+        return cls(int(match[1]), RATE_PERIODS_S[match[2]], text.strip())
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimRequest:
-    """Up to `limit` due tasks of `kind`, to run on `executor`."""
+    """Up to `limit` due tasks of `kind`, to run on `executor`; `concurrency` and `rate`
+    are the kind's limits for the whole service, counted in the claiming statement."""
 
     kind: str
     executor: str
     limit: int
+    concurrency: int | None = None
+    rate: RateLimit | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOptions:
+    """When and how a task is queued: run_at / delay_s, priority, unique_key (+ unique_for_s)."""
+
+    run_at: datetime | None = None
+    delay_s: float | None = None
+    priority: int = 0
+    unique_key: str | None = None
+    unique_for_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -127,6 +183,29 @@ class NewTask:
     executor: str
     max_attempts: int
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    options: SubmitOptions = SubmitOptions()
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """What a submission stored: the new task's id, or the id of the unfinished (or recently
+    finished) task of the same kind and unique key, with `duplicate` set."""
+
+    task_id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One attempt in the ledger: where and when it ran, and how it ended (None: running)."""
+
+    attempt: int
+    executor: str
+    worker: str | None
+    started_at: float
+    finished_at: float | None
+    outcome: str | None
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)

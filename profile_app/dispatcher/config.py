@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 
+from profile_app.db.database import SubmitOptions
 from profile_app.executors.placement import PlacementPolicy
 from profile_app.executors.process import WorkerPriority
 from profile_app.executors.process_pool import RecyclePolicy
@@ -30,6 +33,48 @@ AttemptObserver = Callable[[str, str, float], None]
 
 class UnknownKind(LookupError):
     """Raised when submitting a task of a kind this app has not registered."""
+
+
+class InvalidOptions(ValueError):
+    """Raised when a submission's options are out of range (the message names the field)."""
+
+
+PRIORITY_RANGE = range(-100, 101)
+MAX_UNIQUE_KEY_CHARS = 255
+
+
+def checked_options(options: SubmitOptions) -> SubmitOptions:
+    """`options` if they are in range; raises InvalidOptions naming the first bad field."""
+
+    def bad(field: str, why: str) -> InvalidOptions:
+        return InvalidOptions(f"{field}: {why}")
+
+    if options.run_at is not None and options.delay_s is not None:
+        raise bad("run_at", "give run_at or delay_s, not both")
+    if options.run_at is not None:
+        if not isinstance(options.run_at, datetime):
+            raise bad("run_at", "must be a datetime")
+        if options.run_at.utcoffset() is None:
+            raise bad("run_at", "must carry a time zone (e.g. UTC)")
+    if options.delay_s is not None and not (
+        isinstance(options.delay_s, int | float) and math.isfinite(options.delay_s) and options.delay_s >= 0
+    ):
+        raise bad("delay_s", "must be a finite number >= 0")
+    if isinstance(options.priority, bool) or not isinstance(options.priority, int):
+        raise bad("priority", "must be an integer")
+    if options.priority not in PRIORITY_RANGE:
+        raise bad("priority", "must be from -100 to 100")
+    if options.unique_key is not None and not (
+        isinstance(options.unique_key, str) and 1 <= len(options.unique_key) <= MAX_UNIQUE_KEY_CHARS
+    ):
+        raise bad("unique_key", f"must be a string of 1 to {MAX_UNIQUE_KEY_CHARS} characters")
+    if options.unique_for_s is not None and not (
+        isinstance(options.unique_for_s, int | float)
+        and math.isfinite(options.unique_for_s)
+        and options.unique_for_s > 0
+    ):
+        raise bad("unique_for_s", "must be a finite number > 0")
+    return options
 
 
 @dataclass(frozen=True, slots=True)

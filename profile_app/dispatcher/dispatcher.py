@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Collection
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -25,6 +27,8 @@ from profile_app.db.database import (
     PlacementRecord,
     ProfileSubmission,
     StorageUnavailable,
+    SubmitOptions,
+    Submitted,
     TaskRecord,
 )
 from profile_app.dispatcher.attempt import Attempt, AttemptEnd, AttemptLifecycle, StopReason
@@ -35,6 +39,7 @@ from profile_app.dispatcher.config import (
     AttemptObserver,
     DispatcherConfig,
     UnknownKind,
+    checked_options,
 )
 from profile_app.dispatcher.housekeeping import Housekeeping
 from profile_app.executors.calls import Runner
@@ -92,21 +97,51 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
         """False once shutdown has begun: new work should be refused."""
         return self._accepting
 
-    def new_task(self, kind_name: str, payload: dict[str, Any]) -> NewTask:
+    def new_task(
+        self, kind_name: str, payload: dict[str, Any], options: SubmitOptions | None = None
+    ) -> NewTask:
         try:
             kind = self.kinds[kind_name]
         except KeyError:
             raise UnknownKind(kind_name) from None
-        return NewTask(kind.name, payload, self.placement_of(kind).value, kind.max_attempts)
+        options = checked_options(options or SubmitOptions())
+        return NewTask(kind.name, payload, self.placement_of(kind).value, kind.max_attempts, options=options)
 
-    async def submit(self, kind_name: str, payload: dict[str, Any]) -> str:
-        """Queue a task durably and return its id."""
-        task = self.new_task(kind_name, payload)
+    async def submit(
+        self,
+        kind_name: str,
+        payload: dict[str, Any],
+        *,
+        options: SubmitOptions | None = None,
+        run_at: datetime | None = None,
+        delay_s: float | None = None,
+        priority: int | None = None,
+    ) -> str:
+        """Queue a task durably and return its id (an existing task's, for a duplicate
+        unique key). `run_at` / `delay_s` / `priority` are shorthands for `options`' fields.
+        Raises InvalidOptions (a ValueError) for options out of range."""
+        shorthand = {
+            name: value
+            for name, value in (("run_at", run_at), ("delay_s", delay_s), ("priority", priority))
+            if value is not None
+        }
+        if shorthand:
+            options = replace(options or SubmitOptions(), **shorthand)
+        return (await self.submit_task(kind_name, payload, options=options)).task_id
+
+    async def submit_task(
+        self, kind_name: str, payload: dict[str, Any], *, options: SubmitOptions | None = None
+    ) -> Submitted:
+        """`submit`, telling a new task from a duplicate of a unique key's holder."""
+        task = self.new_task(kind_name, payload, options)
         # A free slot takes its task in the same transaction: one commit, no claim round.
-        claimed = await self.db.enqueue(task, claims=self._claim_requests, lease_s=self.config.lease_s)
+        submitted, claimed = await self.db.enqueue_task(
+            task, claims=self._claim_requests, lease_s=self.config.lease_s
+        )
         await self._start_claimed_now(claimed)
-        await self._stored(task)
-        return task.id
+        if not submitted.duplicate:
+            await self._stored(task)
+        return submitted
 
     async def submit_profile(
         self, submission: ProfileSubmission, *, max_unfinished: int, idempotency_ttl_s: float
@@ -305,7 +340,7 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
             in_processes = [attempt.kind for attempt in attempts if attempt.placement is Placement.PROCESS]
             per_slot = 2 if self._claims_ahead([kind, *in_processes]) else 1
             return min(
-                kind.concurrency_in(placement) * per_slot - running_of_kind,
+                (kind.concurrency or self.config.process_workers) * per_slot - running_of_kind,
                 self.config.process_workers * per_slot - len(in_processes),
             )
         free = kind.concurrency_in(placement) - running_of_kind
@@ -336,7 +371,7 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
         for kind in self.kinds:
             placement = self.placement_of(kind)
             free = self._free_slots(kind, placement, ending)
-            requests.append(ClaimRequest(kind.name, placement.value, free))
+            requests.append(ClaimRequest(kind.name, placement.value, free, kind.concurrency, kind.rate))
         return requests
 
     async def _claim_and_start(self, task_group: TaskGroup) -> int:

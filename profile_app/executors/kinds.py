@@ -33,7 +33,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
-from profile_app.db.database import SuccessEffect
+from profile_app.db.database import RateLimit, SuccessEffect
 
 logger = logging.getLogger("profile_app.executors")
 
@@ -63,12 +63,15 @@ class TaskKind:
     placement: Placement  # where it starts; an `auto` kind may move (see PlacementPolicy)
     time_limit_s: float
     max_attempts: int
-    concurrency: int | None  # None: the default of wherever it runs now
+    # Set: at most this many running at once in the whole service (every server process),
+    # and in one process. None: the default of wherever it runs now, per process.
+    concurrency: int | None
     retry_backoff_s: float
     on_success: SuccessEffect | None = None
     reason: str = ""
     auto: bool = False
     max_memory_mb: int | None = None  # per attempt, in a process; None: the server's default
+    rate: RateLimit | None = None  # attempts started per period, service-wide
 
     def concurrency_in(self, placement: Placement) -> int:
         return self.concurrency or DEFAULT_CONCURRENCY[placement]
@@ -107,6 +110,7 @@ class KindRegistry:
         retry_backoff_s: float = 1.0,
         on_success: SuccessEffect | None = None,
         max_memory_mb: int | None = None,
+        rate_limit: str | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated function as a task kind (named after it by default).
 
@@ -118,7 +122,12 @@ class KindRegistry:
         a MemoryError and its worker is replaced. `on_success(tx, task, result)` runs inside
         the transaction that stores the result, exactly once, on the database's writer
         thread: plain calls on `tx` (db.Transaction), nothing awaited, nothing slow.
+        `concurrency` holds for the whole service: running attempts of the kind, counted in
+        the claim across every server process on the database. `rate_limit` ("10/s",
+        "600/m", "1000/h") counts attempts started in any such period, service-wide; a bad
+        one raises ValueError here.
         """
+        rate = None if rate_limit is None else RateLimit.parse(rate_limit)
 
         def register(func: F) -> F:
             placement, reason, auto = _placement_for(func, runs_on)
@@ -145,6 +154,7 @@ class KindRegistry:
                     reason=reason,
                     auto=auto,
                     max_memory_mb=max_memory_mb,
+                    rate=rate,
                 )
             )
             return func

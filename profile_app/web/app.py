@@ -57,7 +57,11 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         configure_logging(settings.log_level, settings.log_format)
         app_metrics = Metrics()
         async with (
-            Database(settings.db, on_group_commit=app_metrics.group_committed) as db,
+            Database(
+                settings.db,
+                on_group_commit=app_metrics.group_committed,
+                priority_aging_s=settings.priority_aging_s,
+            ) as db,
             dask_backend.open_dask(
                 settings, db, on_attempt=app_metrics.dask_attempt, on_status=app_metrics.dask_cluster
             ) as dask_runner,  # None without a scheduler
