@@ -46,6 +46,9 @@ TASK_KEYS = {
     "finished_at",
     "error",
     "progress",
+    "run_at",
+    "priority",
+    "waiting",
 }
 TASK_STATUSES = {"queued", "running", "succeeded", "failed", "cancelled"}
 HOLD = "hold"

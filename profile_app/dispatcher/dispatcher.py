@@ -23,6 +23,7 @@ from profile_app.db.database import (
     FINISHED,
     ClaimRequest,
     Database,
+    KindLimits,
     NewTask,
     PlacementRecord,
     ProfileSubmission,
@@ -232,6 +233,14 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
         if attempt_end is not None:
             attempt_end.task = ended_as
             attempt_end.event.set()
+
+    def wake(self) -> None:
+        """Look for due tasks now, not at the next poll (e.g. a kind was resumed)."""
+        self._wakeup.set()
+
+    def kind_limits(self) -> KindLimits:
+        """Each kind's service-wide concurrency and rate limit, for Database.waiting_reasons."""
+        return {kind.name: (kind.concurrency, kind.rate) for kind in self.kinds}
 
     def running_count(self) -> int:
         return len(self._attempts)

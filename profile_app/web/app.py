@@ -35,10 +35,17 @@ from profile_app.tasks.builtin import builtin_kinds
 from profile_app.web import dashboard
 from profile_app.web.errors import http_exception, storage_unavailable, unexpected
 from profile_app.web.middleware import ExecutorMiddleware
-from profile_app.web.operations import health, list_kinds, metrics, openapi_schema
+from profile_app.web.operations import (
+    health,
+    list_kinds,
+    metrics,
+    openapi_schema,
+    pause_kind,
+    resume_kind,
+)
 from profile_app.web.profiles import get_profile, post_profile
 from profile_app.web.request_log import RequestLogMiddleware
-from profile_app.web.tasks import list_tasks, task_logs, task_resource
+from profile_app.web.tasks import list_tasks, task_attempts, task_logs, task_resource
 
 
 def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None = None) -> Starlette:
@@ -111,8 +118,11 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         Route("/tasks", list_tasks, methods=["GET"]),
         Route("/tasks/{task_id}", task_resource, methods=["GET", "DELETE"]),
         Route("/tasks/{task_id}/logs", task_logs, methods=["GET"]),
+        Route("/tasks/{task_id}/attempts", task_attempts, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/kinds", list_kinds, methods=["GET"]),
+        Route("/kinds/{name}/pause", pause_kind, methods=["POST"]),
+        Route("/kinds/{name}/resume", resume_kind, methods=["POST"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_schema, methods=["GET"], include_in_schema=False),
         *dashboard.routes(),

@@ -12,9 +12,12 @@ from profile_app.db.database import (
     StorageUnavailable,
     TaskStatus,
 )
+from profile_app.dispatcher.dispatcher import Dispatcher
 from profile_app.executors.dask.runner import DaskRunner
+from profile_app.executors.kinds import TaskKind
 from profile_app.observability.metrics import CONTENT_TYPE_LATEST, Metrics
 from profile_app.web import openapi
+from profile_app.web.http_io import error
 from profile_app.web.middleware import services
 
 HEALTH_TIMEOUT_S = 1.0
@@ -38,22 +41,44 @@ async def health(request: Request) -> Response:
     return JSONResponse(body)
 
 
+def kind_document(executor: Dispatcher, kind: TaskKind, paused: bool) -> dict[str, Any]:
+    return {
+        "name": kind.name,
+        **executor.placement_info(kind),
+        "time_limit_s": kind.time_limit_s,
+        "max_attempts": kind.max_attempts,
+        "concurrency": kind.concurrency_in(executor.placement_of(kind)),
+        "rate_limit": kind.rate.text if kind.rate else None,
+        "paused": paused,
+    }
+
+
 async def list_kinds(request: Request) -> Response:
-    _settings, _db, executor = services(request)
+    _settings, db, executor = services(request)
+    paused = await db.paused_kinds()
     return JSONResponse(
-        {
-            "kinds": [
-                {
-                    "name": kind.name,
-                    **executor.placement_info(kind),
-                    "time_limit_s": kind.time_limit_s,
-                    "max_attempts": kind.max_attempts,
-                    "concurrency": kind.concurrency_in(executor.placement_of(kind)),
-                }
-                for kind in executor.kinds
-            ]
-        }
+        {"kinds": [kind_document(executor, kind, kind.name in paused) for kind in executor.kinds]}
     )
+
+
+async def pause_kind(request: Request) -> Response:
+    return await _set_paused(request, paused=True)
+
+
+async def resume_kind(request: Request) -> Response:
+    return await _set_paused(request, paused=False)
+
+
+async def _set_paused(request: Request, *, paused: bool) -> Response:
+    """POST /kinds/{name}/pause|resume: stored in the database, for every server process."""
+    _settings, db, executor = services(request)
+    name = request.path_params["name"]
+    if name not in executor.kinds:
+        return error(404, f"no task kind named {name!r}")
+    await db.set_paused(name, paused)
+    if not paused:
+        executor.wake()  # its queued tasks may start now
+    return JSONResponse(kind_document(executor, executor.kinds[name], paused))
 
 
 async def metrics(request: Request) -> Response:
