@@ -36,12 +36,12 @@ def _limit(request: ClaimRequest, now: float) -> tuple[str, list[Any]]:
         caps.append("? - (SELECT COUNT(*) FROM tasks WHERE status = 'running' AND kind = ?)")
         params += [request.concurrency, request.kind]
     if request.rate is not None:
-        # Starts stamped after `now` (a clock stepped back) are not counted: a step back
-        # may let one period's worth start early, never hold the kind until the clock returns.
+        # Starts stamped more than a period after `now` (the clock stepped back) are not
+        # counted: a step back holds the kind for less than two periods, never for the step.
         caps.append(
             "? - (SELECT COUNT(*) FROM attempts WHERE kind = ? AND started_at > ? AND started_at <= ?)"
         )
-        params += [request.rate.starts, request.kind, now - request.rate.per_s, now]
+        params += [request.rate.starts, request.kind, now - request.rate.per_s, now + request.rate.per_s]
     cap = f"min({', '.join(caps)})" if len(caps) > 1 else caps[0]
     return f"CASE WHEN {PAUSED} THEN 0 ELSE max(0, {cap}) END", [request.kind, *params]
 

@@ -85,7 +85,7 @@ class SchedulingStore(DatabaseCore):
             if rate is not None:
                 ((started,),) = await self._read(
                     "SELECT COUNT(*) FROM attempts WHERE kind = ? AND started_at > ? AND started_at <= ?",
-                    (kind, now - rate.per_s, now),
+                    (kind, now - rate.per_s, now + rate.per_s),
                 )
                 if started >= rate.starts:
                     blocked[kind] = Waiting.RATE_LIMIT
