@@ -27,6 +27,7 @@ from profile_app.db.records import (
     QueueFull,
     QueueHistory,
     RateLimit,
+    ScheduleRecord,
     StorageUnavailable,
     StoredResult,
     SubmitOptions,
@@ -35,6 +36,7 @@ from profile_app.db.records import (
     TaskStatus,
     request_hash,
 )
+from profile_app.db.schedules import ScheduleStore
 from profile_app.db.scheduling import KindLimits, SchedulingStore, Waiting
 from profile_app.db.sql import (
     Claims,
@@ -67,6 +69,7 @@ __all__ = [
     "QueueFull",
     "QueueHistory",
     "RateLimit",
+    "ScheduleRecord",
     "StorageUnavailable",
     "StoredResult",
     "SubmitOptions",
@@ -83,9 +86,10 @@ __all__ = [
 ]
 
 
-class Database(ProfileStore, TaskStore, StatsStore, SchedulingStore):
+class Database(ProfileStore, TaskStore, StatsStore, SchedulingStore, ScheduleStore):
     """The profile store and task queue of one server process: one object over one file.
 
-    Each store is a module of its own (profiles.py, tasks.py, stats.py, scheduling.py) over the shared
+    Each store is a module of its own (profiles.py, tasks.py, stats.py, scheduling.py,
+    schedules.py) over the shared
     connections and writer of core.py.
     """

@@ -239,3 +239,18 @@ def request_hash(document: Any) -> str:
     """A stable hash of a JSON document, for comparing idempotent requests."""
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRecord:
+    """A schedule as the database keeps it: its definition and its next tick."""
+
+    name: str
+    kind: str
+    payload: dict[str, Any]
+    cron: str | None
+    every_s: float | None
+    next_run_at: float
+    last_run_at: float | None
+    last_task_id: str | None
+    missed: int  # ticks skipped because no server ran then (each such gap queues one task)

@@ -34,6 +34,7 @@ from enum import StrEnum
 from typing import Any, Literal, TypeVar
 
 from profile_app.db.database import RateLimit, SuccessEffect
+from profile_app.executors.schedules import Schedule, ScheduleError
 
 logger = logging.getLogger("profile_app.executors")
 
@@ -86,12 +87,36 @@ DEFAULT_CONCURRENCY = {
 
 
 class KindRegistry:
-    """The task kinds an app knows, by name."""
+    """The task kinds an app knows, by name, and the schedules that queue them."""
 
-    def __init__(self, kinds: Iterable[TaskKind] = ()) -> None:
+    def __init__(self, kinds: Iterable[TaskKind] = (), schedules: Iterable[Schedule] = ()) -> None:
         self._kinds: dict[str, TaskKind] = {}
+        self.schedules: dict[str, Schedule] = {}
         for kind in kinds:
             self.add(kind)
+        for schedule in schedules:
+            self.add_schedule(schedule)
+
+    def schedule(
+        self,
+        name: str,
+        *,
+        kind: str,
+        payload: dict[str, Any] | None = None,
+        cron: str | None = None,
+        every_s: float | None = None,
+    ) -> Schedule:
+        """Queue one task of `kind` with `payload` at each tick: a `cron` expression (five
+        fields, UTC) or every `every_s` seconds. Exactly one task per tick, however many
+        server processes run (docs/scheduling.md). Raises ScheduleError for a bad one; an
+        unknown kind is found when the app starts (`check_schedules`)."""
+        return self.add_schedule(Schedule.checked(name, kind, payload or {}, cron, every_s))
+
+    def add_schedule(self, schedule: Schedule) -> Schedule:
+        if schedule.name in self.schedules:
+            raise ScheduleError(f"schedule {schedule.name!r} is already registered")
+        self.schedules[schedule.name] = schedule
+        return schedule
 
     def add(self, kind: TaskKind) -> TaskKind:
         if kind.name in self._kinds:
@@ -162,7 +187,13 @@ class KindRegistry:
         return register
 
     def merged(self, other: KindRegistry) -> KindRegistry:
-        return KindRegistry([*self, *other])
+        return KindRegistry([*self, *other], [*self.schedules.values(), *other.schedules.values()])
+
+    def check_schedules(self) -> None:
+        """Raises ScheduleError (one line) for a schedule whose kind is not registered."""
+        for schedule in self.schedules.values():
+            if schedule.kind not in self._kinds:
+                raise ScheduleError(f"schedule {schedule.name!r}: no task kind named {schedule.kind!r}")
 
     def __getitem__(self, name: str) -> TaskKind:
         return self._kinds[name]

@@ -23,10 +23,12 @@ from profile_app.db.database import (
 )
 from profile_app.dispatcher.config import DispatcherConfig
 from profile_app.dispatcher.dispatcher import Dispatcher
+from profile_app.dispatcher.schedules import Scheduler
 from profile_app.executors.dask import backend as dask_backend
 from profile_app.executors.kinds import KindRegistry
 from profile_app.executors.process import WorkerPriority
 from profile_app.executors.process_pool import RecyclePolicy
+from profile_app.executors.schedules import ScheduleError
 from profile_app.observability.logs import configure_logging
 from profile_app.observability.loop_watchdog import LoopWatchdog
 from profile_app.observability.metrics import Metrics
@@ -38,6 +40,7 @@ from profile_app.web.middleware import ExecutorMiddleware
 from profile_app.web.operations import (
     health,
     list_kinds,
+    list_schedules,
     metrics,
     openapi_schema,
     pause_kind,
@@ -58,6 +61,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
     if kinds is not None:
         registry = registry.merged(kinds)
     dask_backend.check_kinds(registry, settings)
+    registry.check_schedules()  # a schedule of an unknown kind: ScheduleError, one line
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -96,6 +100,8 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
                 dask_runner=dask_runner,
             )
             await task_group.start(executor.run)
+            scheduler = Scheduler(executor, registry.schedules.values(), on_tick=app_metrics.schedule_ticked)
+            task_group.start_soon(scheduler.run)
             task_group.start_soon(app_metrics.sample_loop_lag)
             watchdog = LoopWatchdog(settings.blocking_threshold_ms / 1000, on_block=app_metrics.loop_blocked)
             task_group.start_soon(watchdog.heartbeat)
@@ -123,6 +129,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         Route("/kinds", list_kinds, methods=["GET"]),
         Route("/kinds/{name}/pause", pause_kind, methods=["POST"]),
         Route("/kinds/{name}/resume", resume_kind, methods=["POST"]),
+        Route("/schedules", list_schedules, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_schema, methods=["GET"], include_in_schema=False),
         *dashboard.routes(),
@@ -151,5 +158,5 @@ def app_from_environment() -> Starlette:
         settings = Settings.load()
         dask_backend.check_scheduler(settings)  # unreachable: one line, like a bad setting
         return create_app(settings)
-    except SettingsError as exc:
+    except (SettingsError, ScheduleError) as exc:
         raise SystemExit(f"profile_app: {exc}") from None

@@ -9,6 +9,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from profile_app.db.database import (
+    ScheduleRecord,
     StorageUnavailable,
     TaskStatus,
 )
@@ -17,7 +18,7 @@ from profile_app.executors.dask.runner import DaskRunner
 from profile_app.executors.kinds import TaskKind
 from profile_app.observability.metrics import CONTENT_TYPE_LATEST, Metrics
 from profile_app.web import openapi
-from profile_app.web.http_io import error
+from profile_app.web.http_io import error, iso_utc
 from profile_app.web.middleware import services
 
 HEALTH_TIMEOUT_S = 1.0
@@ -59,6 +60,30 @@ async def list_kinds(request: Request) -> Response:
     return JSONResponse(
         {"kinds": [kind_document(executor, kind, kind.name in paused) for kind in executor.kinds]}
     )
+
+
+async def list_schedules(request: Request) -> Response:
+    _settings, db, _executor = services(request)
+    paused = await db.paused_kinds()
+    return JSONResponse(
+        {"schedules": [schedule_document(row, row.kind in paused) for row in await db.schedules()]}
+    )
+
+
+def schedule_document(row: ScheduleRecord, paused: bool) -> dict[str, Any]:
+    """A schedule as GET /schedules shows it; `paused`: its kind is paused (its ticks are
+    still queued, and wait)."""
+    return {
+        "name": row.name,
+        "kind": row.kind,
+        "cron": row.cron,
+        "every_s": row.every_s,
+        "next_run_at": iso_utc(row.next_run_at),
+        "last_run_at": iso_utc(row.last_run_at),
+        "last_task_id": row.last_task_id,
+        "paused": paused,
+        "missed_ticks": row.missed,
+    }
 
 
 async def pause_kind(request: Request) -> Response:
