@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from conftest import submit, wait_for_task, wait_until
+from conftest import ROOT, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
 
 from profile_app.db.database import SubmitOptions
@@ -193,3 +195,28 @@ def test_a_bad_rate_limit_is_refused_at_registration() -> None:
     for bad in ("10", "10/d", "0/s", "-1/s", "ten/s", ""):
         with pytest.raises(ValueError, match="rate_limit"):
             registry.kind(rate_limit=bad)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "profile_app", *args], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_the_cli_pauses_kinds_lists_schedules_and_shows_attempts(client: TestClient, db_path: Path) -> None:
+    task_id = submit(client, "quick", {})
+    assert wait_for_task(client, task_id)["status"] == "succeeded"
+    paused = run_cli("kinds", "pause", "quick", "--db", str(db_path))
+    assert paused.returncode == 0 and "quick: paused" in paused.stdout, paused.stderr
+    held = submit(client, "quick", {})
+    assert task(client, held)["waiting"] == "paused"  # the running server sees it
+    assert run_cli("kinds", "resume", "quick", "--db", str(db_path)).returncode == 0
+    assert wait_for_task(client, held)["status"] == "succeeded"
+    unknown = run_cli("kinds", "pause", "nope", "--db", str(db_path))
+    assert unknown.returncode == 1 and unknown.stderr.count("\n") == 1 and "nope" in unknown.stderr
+
+    shown = run_cli("tasks", "show", task_id, "--db", str(db_path))
+    assert shown.returncode == 0, shown.stderr
+    assert "attempts:" in shown.stdout and "succeeded" in shown.stdout.split("attempts:")[1]
+    listed = run_cli("schedules", "list", "--db", str(db_path))
+    assert listed.returncode == 0 and listed.stdout.split()[:3] == ["name", "kind", "cron"]

@@ -41,6 +41,15 @@ class SchedulingStore(DatabaseCore):
             )
         )
 
+    async def kind_is_known(self, kind: str) -> bool:
+        """Whether the database has seen `kind`: a task or a schedule of it."""
+        rows = await self._read(
+            "SELECT EXISTS (SELECT 1 FROM tasks WHERE kind = ?)"
+            " OR EXISTS (SELECT 1 FROM schedules WHERE kind = ?)",
+            (kind, kind),
+        )
+        return bool(next(iter(rows))[0])
+
     async def paused_kinds(self) -> set[str]:
         return {kind for (kind,) in await self._read("SELECT kind FROM kind_controls WHERE paused = 1")}
 
