@@ -10,17 +10,31 @@ from pydantic.json_schema import models_json_schema
 from profile_app.web.schemas import (
     USER_ID_PATTERN,
     Accepted,
+    AttemptList,
     ErrorDetail,
     Health,
     KindList,
     ProfileIn,
     ProfileOut,
+    ScheduleList,
     TaskOut,
     TaskPage,
     ValidationErrors,
 )
 
-MODELS = (Accepted, ErrorDetail, Health, KindList, ProfileIn, ProfileOut, TaskOut, TaskPage, ValidationErrors)
+MODELS = (
+    Accepted,
+    AttemptList,
+    ErrorDetail,
+    Health,
+    KindList,
+    ProfileIn,
+    ProfileOut,
+    ScheduleList,
+    TaskOut,
+    TaskPage,
+    ValidationErrors,
+)
 
 
 def _ref(model: type) -> dict[str, str]:
@@ -42,6 +56,7 @@ UNAVAILABLE = _json(
     ErrorDetail, "the server is starting, shutting down, or its database is unavailable", RETRY_AFTER
 )
 TASK_ID = {"name": "task_id", "in": "path", "required": True, "schema": {"type": "string"}}
+KIND_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 @cache
@@ -165,6 +180,16 @@ def document() -> dict[str, Any]:
                 },
             }
         },
+        "/tasks/{task_id}/attempts": {
+            "get": {
+                "summary": "Every attempt that started: where it ran, when, and how it ended",
+                "parameters": [TASK_ID],
+                "responses": {
+                    "200": _json(AttemptList, "the attempts, oldest first"),
+                    "404": _json(ErrorDetail, "unknown task"),
+                },
+            }
+        },
         "/health": {
             "get": {
                 "summary": "Liveness, queue counts and the Dask cluster's state",
@@ -178,6 +203,34 @@ def document() -> dict[str, Any]:
             "get": {
                 "summary": "Registered task kinds and where they run",
                 "responses": {"200": _json(KindList, "the kinds")},
+            }
+        },
+        **{
+            f"/kinds/{{name}}/{verb}": {
+                "post": {
+                    "summary": summary,
+                    "parameters": [KIND_NAME],
+                    "responses": {
+                        "200": {
+                            "description": "the kind",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/KindOut"}}
+                            },
+                        },
+                        "404": _json(ErrorDetail, "unknown kind"),
+                        "503": UNAVAILABLE,
+                    },
+                }
+            }
+            for verb, summary in (
+                ("pause", "Pause a kind for every server process: its queued tasks stay queued"),
+                ("resume", "Resume a paused kind"),
+            )
+        },
+        "/schedules": {
+            "get": {
+                "summary": "The schedules, their next and last ticks",
+                "responses": {"200": _json(ScheduleList, "the schedules")},
             }
         },
         "/metrics": {
