@@ -220,3 +220,18 @@ def test_the_cli_pauses_kinds_lists_schedules_and_shows_attempts(client: TestCli
     assert "attempts:" in shown.stdout and "succeeded" in shown.stdout.split("attempts:")[1]
     listed = run_cli("schedules", "list", "--db", str(db_path))
     assert listed.returncode == 0 and listed.stdout.split()[:3] == ["name", "kind", "cron"]
+
+
+def test_the_dashboard_shows_why_queued_tasks_wait_the_kinds_and_their_pause(client: TestClient) -> None:
+    from profile_app.web.dashboard import snapshot
+
+    client.post("/kinds/quick/pause")
+    task_id = submit(client, "quick", {})
+    db, executor = client.app_state["db"], client.app_state["executor"]
+    shown = client.portal.call(snapshot, db, None, executor.kind_limits())  # type: ignore[union-attr]
+    assert [(item["task_id"], item["waiting"]) for item in shown["queued"]] == [(task_id, "paused")]
+    kinds_shown = {kind["name"]: kind for kind in shown["kinds"]}
+    assert kinds_shown["quick"]["paused"] is True and kinds_shown["hourly"]["rate_limit"] == "1/h"
+    assert kinds_shown["one_at_a_time"]["concurrency"] == 1 and shown["schedules"] == []
+    page = client.get("/dashboard").text
+    assert 'id="kinds"' in page and 'id="schedules"' in page

@@ -25,6 +25,7 @@ from starlette.staticfiles import StaticFiles
 from profile_app.db.database import Database, KindLimits, StorageUnavailable, TaskStatus
 from profile_app.dispatcher.dispatcher import Dispatcher
 from profile_app.web.http_io import iso_utc, task_document
+from profile_app.web.operations import schedule_document
 
 if TYPE_CHECKING:
     from profile_app.executors.dask.runner import DaskRunner
@@ -146,6 +147,23 @@ async def _snapshot_or_error(
         return {"at": iso_utc(db.clock()), "error": str(exc)}
 
 
+async def _flow_control(db: Database, limits: KindLimits) -> dict[str, Any]:
+    """The kinds (with their limits and pause) and the schedules, for their panels."""
+    paused = await db.paused_kinds()
+    return {
+        "kinds": [
+            {
+                "name": name,
+                "paused": name in paused,
+                "concurrency": concurrency,
+                "rate_limit": rate.text if rate else None,
+            }
+            for name, (concurrency, rate) in sorted(limits.items())
+        ],
+        "schedules": [schedule_document(row, row.kind in paused) for row in await db.schedules()],
+    }
+
+
 async def snapshot(
     db: Database, dask: DaskRunner | None = None, limits: KindLimits | None = None
 ) -> dict[str, Any]:
@@ -170,7 +188,7 @@ async def snapshot(
         "running": [task_document(task) for task in running],
         "queued": [task_document(task, waiting.get(task.id)) for task in queued],
         "failures": [task_document(task) for task in failures],
-        "paused_kinds": sorted(await db.paused_kinds()),
+        **await _flow_control(db, limits or {}),
     }
     if dask is not None:
         document["dask"] = dask.dashboard()
