@@ -9,8 +9,7 @@ was cancelled, takes back tasks whose server process died, and writes progress.
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from typing import Any
@@ -21,9 +20,7 @@ from anyio.abc import TaskGroup
 
 from profile_app.db.database import (
     FINISHED,
-    ClaimRequest,
     Database,
-    KindLimits,
     NewTask,
     PlacementRecord,
     ProfileSubmission,
@@ -34,15 +31,14 @@ from profile_app.db.database import (
 )
 from profile_app.dispatcher.attempt import Attempt, AttemptEnd, AttemptLifecycle, StopReason
 from profile_app.dispatcher.config import (
-    CLAIM_AHEAD_BELOW_S,
     CLAIM_ROUND_MAX_S,
-    DURATION_SMOOTHING,
     AttemptObserver,
     DispatcherConfig,
     UnknownKind,
     checked_options,
 )
 from profile_app.dispatcher.housekeeping import Housekeeping
+from profile_app.dispatcher.slots import Slots
 from profile_app.executors.calls import Runner
 from profile_app.executors.kinds import KindRegistry, Placement, TaskKind, checked_for_processes
 from profile_app.executors.runners import runners_for
@@ -50,7 +46,7 @@ from profile_app.executors.runners import runners_for
 logger = logging.getLogger("profile_app.dispatcher")
 
 
-class Dispatcher(AttemptLifecycle, Housekeeping):
+class Dispatcher(AttemptLifecycle, Housekeeping, Slots):
     """Runs the queue's tasks for one server process."""
 
     def __init__(
@@ -238,10 +234,6 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
         """Look for due tasks now, not at the next poll (e.g. a kind was resumed)."""
         self._wakeup.set()
 
-    def kind_limits(self) -> KindLimits:
-        """Each kind's service-wide concurrency and rate limit, for Database.waiting_reasons."""
-        return {kind.name: (kind.concurrency, kind.rate) for kind in self.kinds}
-
     def running_count(self) -> int:
         return len(self._attempts)
 
@@ -338,50 +330,6 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
             await self.db.recover_lost()
         except StorageUnavailable as exc:
             logger.warning("could not take back lost tasks: %s", exc)
-
-    def _free_slots(self, kind: TaskKind, placement: Placement, ending: Collection[str]) -> int:
-        """Room for more attempts of `kind`, counting the attempts of the tasks in `ending`
-        as gone: the transaction that asks stores their outcomes (a group commit may store
-        several, and its claims fill all their slots)."""
-        attempts = [attempt for task_id, attempt in self._attempts.items() if task_id not in ending]
-        running_of_kind = sum(1 for attempt in attempts if attempt.kind is kind)
-        if placement is Placement.PROCESS:
-            in_processes = [attempt.kind for attempt in attempts if attempt.placement is Placement.PROCESS]
-            per_slot = 2 if self._claims_ahead([kind, *in_processes]) else 1
-            return min(
-                (kind.concurrency or self.config.process_workers) * per_slot - running_of_kind,
-                self.config.process_workers * per_slot - len(in_processes),
-            )
-        free = kind.concurrency_in(placement) - running_of_kind
-        capacity = getattr(self._runners.get(placement), "capacity", None)
-        if capacity is not None:  # a runner whose room follows its backend (dask_runner.DaskRunner)
-            running_there = sum(1 for attempt in attempts if attempt.placement is placement)
-            free = min(free, capacity() - running_there)
-        return free
-
-    def _claims_ahead(self, kinds: list[TaskKind]) -> bool:
-        """Whether process slots may take a task ahead: every kind involved is known to be short."""
-        return self.config.claim_ahead and all(
-            self._typical_s.get(kind.name, math.inf) < CLAIM_AHEAD_BELOW_S for kind in kinds
-        )
-
-    def _note_duration(self, kind: TaskKind, seconds: float) -> None:
-        typical = self._typical_s.get(kind.name)
-        self._typical_s[kind.name] = (
-            seconds if typical is None else (1 - DURATION_SMOOTHING) * typical + DURATION_SMOOTHING * seconds
-        )
-
-    def _claim_requests(self, ending: Collection[str] = frozenset()) -> list[ClaimRequest]:
-        """What every kind has room for now (none while draining or inline); `ending`: the
-        tasks whose attempts the claiming transaction ends."""
-        if not self._accepting or self.config.inline or self._task_group is None:
-            return []
-        requests = []
-        for kind in self.kinds:
-            placement = self.placement_of(kind)
-            free = self._free_slots(kind, placement, ending)
-            requests.append(ClaimRequest(kind.name, placement.value, free, kind.concurrency, kind.rate))
-        return requests
 
     async def _claim_and_start(self, task_group: TaskGroup) -> int:
         """Claim what every kind has room for, in one transaction, and start it."""
