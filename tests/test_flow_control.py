@@ -12,6 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import anyio
 import pytest
 from conftest import ROOT, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
@@ -43,6 +44,11 @@ async def always_fails() -> None:
 @kinds.kind()
 async def quick() -> int:
     return 1
+
+
+@kinds.kind(time_limit_s=0.05, max_attempts=1)
+async def too_slow() -> None:
+    await anyio.sleep(30)
 
 
 @pytest.fixture
@@ -137,6 +143,10 @@ def test_the_attempt_ledger_says_where_and_how_each_attempt_ran(client: TestClie
     assert [(item["attempt"], item["outcome"]) for item in attempts] == [(1, "failed"), (2, "failed")]
     assert all("it never works" in item["error"] for item in attempts)
     assert client.get(f"/tasks/{'0' * 32}/attempts").status_code == 404
+    slow = submit(client, "too_slow", {})
+    assert wait_for_task(client, slow)["status"] == "failed"
+    [timed_out] = client.get(f"/tasks/{slow}/attempts").json()["attempts"]
+    assert timed_out["outcome"] == "time limit" and "time limit" in timed_out["error"]
 
 
 def test_a_cancelled_running_attempt_is_cancelled_in_the_ledger(client: TestClient, tmp_path: Path) -> None:

@@ -44,8 +44,8 @@ class StubDispatcher:
         self.submitted_kinds.append(kind)
 
 
-def scheduler(db: Database, *schedules: Schedule) -> Scheduler:
-    return Scheduler(StubDispatcher(db), schedules)  # type: ignore[arg-type]
+def scheduler(db: Database, *schedules: Schedule, on_tick: Any = None) -> Scheduler:
+    return Scheduler(StubDispatcher(db), schedules, on_tick=on_tick)  # type: ignore[arg-type]
 
 
 EVERY_MINUTE = Schedule.checked("minutely", "work", {"n": 1}, None, 60)
@@ -91,10 +91,12 @@ async def test_a_gap_while_no_server_ran_is_queued_once_and_counted(db_path: Pat
     async with Database(db_path, clock=clock) as db:
         await scheduler(db, EVERY_MINUTE).register()
     clock.now = T0 + 60 + 10 * 60 + 5  # down for ten minutes and more
+    ticks: list[tuple[str, int]] = []
     async with Database(db_path, clock=clock) as db:
-        loop = scheduler(db, EVERY_MINUTE)
+        loop = scheduler(db, EVERY_MINUTE, on_tick=lambda name, missed: ticks.append((name, missed)))
         await loop.register()  # keeps the stored next tick, T0 + 60
         assert await loop.run_due() == T0 + 12 * 60
+        assert ticks == [("minutely", 10)]  # the metric's queued and missed counts
         assert len(await scheduled_tasks(db)) == 1
         [row] = await db.schedules()
         assert (row.last_run_at, row.missed) == (T0 + 60, 10)

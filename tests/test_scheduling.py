@@ -200,3 +200,31 @@ async def test_concurrent_submissions_of_one_key_from_several_connections_store_
     assert sum(not result.duplicate for result in results) == 1
     with closing(sqlite3.connect(db_path)) as conn:
         assert conn.execute("SELECT COUNT(*) FROM tasks").fetchone() == (1,)
+
+
+async def ledger_outcomes(db: Database, task_id: str) -> list[tuple[int, str | None]]:
+    return [(attempt.attempt, attempt.outcome) for attempt in await db.attempts_of(task_id) or []]
+
+
+async def test_the_ledger_records_lost_and_released_attempts(db_path: Path) -> None:
+    clock = FakeClock()
+    async with Database(db_path, clock=clock) as dead, Database(db_path, clock=clock) as alive:
+        lost, released = task(1), task(2)
+        await dead.enqueue(lost)
+        await dead.enqueue(released)
+        claimed = {claimed.id: claimed for claimed in await dead.claim("work", "loop", 2, lease_s=10)}
+        assert await ledger_outcomes(alive, lost.id) == [(1, None)]  # running
+        assert await dead.release([claimed[released.id]]) == 1
+        clock.now = T0 + 11  # the lease of the other has run out: its process is gone
+        assert await alive.recover_lost() == 1
+        assert await ledger_outcomes(alive, lost.id) == [(1, "lost")]
+        assert await ledger_outcomes(alive, released.id) == [(1, "released")]
+        [again] = [
+            claimed for claimed in await alive.claim("work", "loop", 2, lease_s=10) if claimed.id == lost.id
+        ]
+        await alive.succeed(again, None, None)
+        attempts = await alive.attempts_of(lost.id)
+        assert [(a.attempt, a.outcome) for a in attempts or []] == [(1, "lost"), (2, "succeeded")]
+        assert attempts is not None and "was lost" in (attempts[0].error or "")
+        assert attempts[0].worker == attempts[1].worker  # one host and process here
+        assert await alive.attempts_of("0" * 32) is None
