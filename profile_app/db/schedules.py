@@ -9,7 +9,7 @@ from typing import Any
 
 from profile_app.db.core import DatabaseCore
 from profile_app.db.records import NewTask, ScheduleRecord
-from profile_app.db.sql import INSERT_TASK, task_row
+from profile_app.db.sql import INSERT_TASK_UNLESS_HELD, task_row
 
 SCHEDULE_COLUMNS = "name, kind, payload, cron, every_s, next_run_at, last_run_at, last_task_id, missed"
 
@@ -66,8 +66,7 @@ class ScheduleStore(DatabaseCore):
             if not moved:
                 return None
             inserted = conn.execute(
-                INSERT_TASK + " ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL DO NOTHING",
-                task_row(task, now, self.priority_aging_s),
+                INSERT_TASK_UNLESS_HELD, task_row(task, now, self.priority_aging_s)
             ).rowcount
             return task.id if inserted else None
 

@@ -80,6 +80,10 @@ INSERT_TASK = (
     "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after,"
     " rank, priority, unique_key, unique_for_s) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# INSERT_TASK that stores nothing when the task's unique key is held (tasks_unique).
+INSERT_TASK_UNLESS_HELD = (
+    INSERT_TASK + " ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL DO NOTHING"
+)
 # Ends the open attempt of a task in the ledger (the statement that ends it checked the lease).
 END_ATTEMPT = (
     "UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE task_id = ? AND finished_at IS NULL"

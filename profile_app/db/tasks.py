@@ -21,6 +21,7 @@ from profile_app.db.records import (
 from profile_app.db.sql import (
     APPEND_LOGS,
     INSERT_TASK,
+    INSERT_TASK_UNLESS_HELD,
     TASK_COLUMNS,
     Claimed,
     Claims,
@@ -67,9 +68,7 @@ class TaskStore(DatabaseCore):
                 " AND (unique_for_s IS NULL OR finished_at + unique_for_s <= ?)",
                 (task.kind, key, now),
             )
-            inserted = conn.execute(
-                INSERT_TASK + " ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL DO NOTHING", row
-            ).rowcount
+            inserted = conn.execute(INSERT_TASK_UNLESS_HELD, row).rowcount
             if inserted:
                 return Submitted(task.id)
             (holder,) = conn.execute(
