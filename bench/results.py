@@ -27,6 +27,7 @@ def keys(m: Measurements, config: Config) -> dict[str, float]:
         "rss_mb_100k_queued": m.memory[config.rss_queued].rss_mb,
         "auto_placement": m.placement["auto_placement"],
         "dask_scaling": m.dask["dask_scaling"],
+        **m.claim,  # claim_ms_1k, claim_ms_1m, claim_cost_ratio (+ the read before a claim)
     }
     extra = {
         "cpu_efficiency_ceiling": m.ceiling,

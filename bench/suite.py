@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import (
+    claim_cost,
     dask_scaling,
     datasets,
     health,
@@ -50,6 +51,7 @@ class Config:
     short_tasks: int = 2000  # short I/O tasks per system (bench/short_tasks.py)
     ingest_s: float = 5.0
     rss_queued: int = 100_000
+    claim_queue: int = 1_000_000  # queued tasks of the big claim measurement (bench/claim_cost.py)
 
     def quick(self) -> Config:
         """A smoke run (about half the time); its numbers are noisier."""
@@ -65,6 +67,7 @@ class Config:
             noop_warm_up=10,
             short_tasks=600,
             ingest_s=2.0,
+            claim_queue=100_000,
         )
 
 
@@ -81,6 +84,7 @@ class Measurements:
     memory: dict[int, memory.Memory]
     placement: dict[str, float]  # bench.placement.auto_placement_ratio: auto vs hand-chosen
     dask: dict[str, Any]  # bench.dask_scaling.measure: two Dask workers against one
+    claim: dict[str, float]  # bench.claim_cost.measure: the claim with 1k and 1M queued
 
 
 def step(text: str) -> None:
@@ -122,8 +126,12 @@ def measure_everything(tmp: Path, config: Config, sampler: HealthSampler) -> Mea
     auto = placement.auto_placement_ratio()
     step("Dask: match tasks/s with two workers against one, on a real local cluster (bench/dask_scaling.py)")
     dask = dask_scaling.measure(repeats=3)
+    step(
+        f"the claim with 1,000 and {config.claim_queue:,} queued tasks, 90 % due later (bench/claim_cost.py)"
+    )
+    claim = claim_cost.measure(tmp, config.claim_queue)
     return Measurements(
-        in_process, ceiling, runs, latency, throughput, noop, short, ingests, memories, auto, dask
+        in_process, ceiling, runs, latency, throughput, noop, short, ingests, memories, auto, dask, claim
     )
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import anyio
 
+from profile_app import cli_flow
 from profile_app.db.database import TaskStatus
 from profile_app.executors.errors import KindError
 from profile_app.settings import Settings, SettingsError
@@ -58,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument("--kinds", help=KINDS_HELP)
     for command in verbs.choices.values():
         command.add_argument("--db", type=Path, help="SQLite file (PROFILE_APP_DB, default profile_app.db)")
+    cli_flow.add_commands(commands, "SQLite file (PROFILE_APP_DB, default profile_app.db)")
     return parser
 
 
@@ -78,6 +80,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         settings = Settings.load(db=args.db, kinds=kinds)
         if args.command == "tasks":
             return anyio.run(task_command, settings, args)
+        if args.command == "kinds":
+            return anyio.run(cli_flow.kind_command, settings, args)
+        if args.command == "schedules":
+            return anyio.run(cli_flow.schedule_command, settings, args)
         if args.count < 0:
             raise SettingsError("invalid setting --count: must be 0 or more")
         return anyio.run(seed, settings, args.count, args.random_seed)
@@ -155,7 +161,8 @@ TASK_COLUMNS = ("task_id", "kind", "status", "executor", "attempts", "created_at
 async def task_command(settings: Settings, args: argparse.Namespace) -> int:
     """Read or change the queue in the database directly; a running server sees the change."""
     from profile_app.db.database import Database
-    from profile_app.web.http_io import task_document
+    from profile_app.tasks.builtin import builtin_kinds
+    from profile_app.web.http_io import attempt_document, task_document
 
     if args.verb == "submit":
         return await submit_task(settings, args.kind, args.payload, args.kinds)
@@ -176,9 +183,16 @@ async def task_command(settings: Settings, args: argparse.Namespace) -> int:
             why = "no such task" if existing is None else f"the task is {existing.status.value}"
             sys.stderr.write(f"profile_app: cannot {args.verb} {args.task_id}: {why}\n")
             return 1
-        document = task_document(task)
+        # The limits of the built-in kinds (a kind of --kinds shows as waiting for a worker).
+        limits = {kind.name: (kind.concurrency, kind.rate) for kind in builtin_kinds(settings)}
+        waiting = (await db.waiting_reasons([task], limits)).get(task.id)
+        document = task_document(task, waiting)
         width = max(map(len, document))
         sys.stdout.write("".join(f"{key:<{width}}  {_cell(value, 200)}\n" for key, value in document.items()))
+        attempts = [attempt_document(attempt) for attempt in await db.attempts_of(task.id) or []]
+        if attempts:
+            columns = ("attempt", "executor", "worker", "started_at", "finished_at", "outcome", "error")
+            sys.stdout.write("\nattempts:\n" + format_table(attempts, columns))
         return 0
 
 

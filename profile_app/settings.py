@@ -78,6 +78,8 @@ class Settings(BaseSettings):
     poll_interval_s: Annotated[float, Field(ge=0.01, le=3600)] = 0.5
     shutdown_grace_s: Annotated[float, Field(ge=0, le=DAY_S)] = 30.0
     idempotency_ttl_s: Annotated[float, Field(gt=0, le=YEAR_S)] = DAY_S
+    # Each this many seconds a task waits while due raise its effective priority by one.
+    priority_aging_s: Annotated[float, Field(gt=0, le=DAY_S)] = 10.0
 
     # Scale-out (optional, requirements-dask.txt): these kinds run on a Dask cluster.
     dask_scheduler: str | None = None  # tcp://host:port of a `dask scheduler`

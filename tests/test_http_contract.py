@@ -47,6 +47,9 @@ TASK_KEYS = {
     "error",
     "progress",
     "result",
+    "run_at",
+    "priority",
+    "waiting",
 }
 TASK_STATUSES = {"queued", "running", "succeeded", "failed", "cancelled"}
 HOLD = "hold"

@@ -12,6 +12,7 @@ from typing import Any, Self
 import aiosqlite
 import anyio
 
+from profile_app.db.claims import claim_statement
 from profile_app.db.group_commit import QueuedWrite, run_group
 from profile_app.db.migrations import MIGRATIONS
 from profile_app.db.records import (
@@ -21,7 +22,6 @@ from profile_app.db.records import (
     TaskRecord,
 )
 from profile_app.db.sql import (
-    TASK_COLUMNS,
     Claimed,
     Claims,
     Clock,
@@ -47,9 +47,12 @@ class DatabaseCore:
         busy_timeout_s: float = 5.0,
         clock: Clock = time.time,
         on_group_commit: Callable[[int], None] | None = None,
+        priority_aging_s: float = 10.0,
     ) -> None:
         self.path = path
         self.clock = clock
+        # Each this many seconds waited while due raise a task's effective priority by one.
+        self.priority_aging_s = priority_aging_s
         self.on_group_commit = on_group_commit  # called with how many writes each group commit held
         self.busy_timeout_s = busy_timeout_s
         self.owner = lease_owner_id()
@@ -188,7 +191,11 @@ class DatabaseCore:
         held = len(writes) + len(submissions)
         now = self.clock()
         if submissions:  # one write for them all: their inserts take a statement each
-            writes.append(QueuedWrite(lambda conn: self._apply_submissions(conn, submissions, now)))
+            writes.append(
+                QueuedWrite(
+                    lambda conn: self._apply_submissions(conn, submissions, now, self.priority_aging_s)
+                )
+            )
         requests = claims(frozenset(write.ends for write in writes if write.ends is not None))
         if not writes and not any(request.limit > 0 for request in requests):
             return {}
@@ -197,7 +204,9 @@ class DatabaseCore:
 
         def transaction(conn: sqlite3.Connection) -> Claimed:
             run_group(conn, writes)
-            return self._claim_in(conn, requests, lease_s, now)
+            # The time read under the write lock: claims of every process are stamped in
+            # the order they commit, which the rate limit's window relies on.
+            return self._claim_in(conn, requests, lease_s, self.clock())
 
         claimed: Claimed = {}
         try:
@@ -278,33 +287,6 @@ class DatabaseCore:
         self, conn: sqlite3.Connection, requests: Sequence[ClaimRequest], lease_s: float, now: float
     ) -> dict[str, list[TaskRecord]]:
         """Inside a write transaction, on the writer's thread: take the due tasks `requests`
-        ask for, oldest first."""
-        statement = self._claim_statement(requests, lease_s, now)
+        ask for, highest effective priority first."""
+        statement = claim_statement(self.owner, requests, lease_s, now)
         return by_kind(conn.execute(*statement).fetchall()) if statement else {}
-
-    def _claim_statement(
-        self, requests: Sequence[ClaimRequest], lease_s: float, now: float
-    ) -> tuple[str, tuple[Any, ...]] | None:
-        """One `UPDATE ... RETURNING` for every kind (a round trip to the writer's thread
-        costs more than the statement): each kind's due tasks come from its own LIMITed arm."""
-        requests = [request for request in requests if request.limit > 0]
-        if not requests:
-            return None
-        arms = " UNION ALL ".join(
-            "SELECT id FROM (SELECT id FROM tasks WHERE status = 'queued' AND kind = ?"
-            " AND run_after <= ? ORDER BY run_after, seq LIMIT ?)"
-            for _ in requests
-        )
-        executors = " ".join("WHEN ? THEN ?" for _ in requests)
-        return (
-            "UPDATE tasks SET status = 'running', attempts = attempts + 1, lease_owner = ?,"
-            f" lease_until = ?, started_at = ?, executor = CASE kind {executors} END, progress = NULL"
-            f" WHERE id IN ({arms}) RETURNING {TASK_COLUMNS}",
-            (
-                self.owner,
-                now + lease_s,
-                now,
-                *(value for request in requests for value in (request.kind, request.executor)),
-                *(value for request in requests for value in (request.kind, now, request.limit)),
-            ),
-        )

@@ -13,24 +13,33 @@ from __future__ import annotations
 from profile_app.db.migrations import MIGRATIONS
 from profile_app.db.profiles import ProfileStore
 from profile_app.db.records import (
+    DEFAULT_OPTIONS,
     FINISHED,
     UNFINISHED,
+    AttemptOutcome,
+    AttemptRecord,
     ClaimRequest,
     IdempotencyConflict,
     IdempotencyInProgress,
+    InvalidOptions,
     NewTask,
     PlacementRecord,
     ProfileRecord,
     ProfileSubmission,
     QueueFull,
     QueueHistory,
+    RateLimit,
+    ScheduleRecord,
     StorageUnavailable,
     StoredResult,
     SubmitOptions,
+    Submitted,
     TaskRecord,
     TaskStatus,
     request_hash,
 )
+from profile_app.db.schedules import ScheduleStore
+from profile_app.db.scheduling import KindLimits, SchedulingStore, Waiting
 from profile_app.db.sql import (
     Claims,
     SuccessEffect,
@@ -44,27 +53,36 @@ from profile_app.db.tasks import TaskStore
 
 # db is the persistence API: the records it reads and writes are importable from here too.
 __all__ = [
+    "DEFAULT_OPTIONS",
     "FINISHED",
     "MIGRATIONS",
     "UNFINISHED",
+    "AttemptOutcome",
+    "AttemptRecord",
     "ClaimRequest",
     "Claims",
     "Database",
     "IdempotencyConflict",
     "IdempotencyInProgress",
+    "InvalidOptions",
+    "KindLimits",
     "NewTask",
     "PlacementRecord",
     "ProfileRecord",
     "ProfileSubmission",
     "QueueFull",
     "QueueHistory",
+    "RateLimit",
+    "ScheduleRecord",
     "StorageUnavailable",
     "StoredResult",
     "SubmitOptions",
+    "Submitted",
     "SuccessEffect",
     "TaskRecord",
     "TaskStatus",
     "Transaction",
+    "Waiting",
     "connect_read_only",
     "lease_owner_id",
     "no_claims",
@@ -72,9 +90,10 @@ __all__ = [
 ]
 
 
-class Database(ProfileStore, TaskStore, StatsStore):
+class Database(ProfileStore, TaskStore, StatsStore, SchedulingStore, ScheduleStore):
     """The profile store and task queue of one server process: one object over one file.
 
-    Each store is a module of its own (profiles.py, tasks.py, stats.py) over the shared
+    Each store is a module of its own (profiles.py, tasks.py, stats.py, scheduling.py,
+    schedules.py) over the shared
     connections and writer of core.py.
     """

@@ -87,4 +87,67 @@ MIGRATIONS: tuple[str, ...] = (
         UPDATE task_counts SET n = n - 1 WHERE status = OLD.status;
     END;
     """,
+    # Scheduling (docs/scheduling.md). `run_after` is 0 for a task due now, whatever the wall
+    # clock does, else the wall-clock time it is held until (a run_at, or a retry's backoff,
+    # which began at `held_since`). `rank` orders due tasks: when the task became (or
+    # becomes) due minus priority x PROFILE_APP_PRIORITY_AGING_S, so that ORDER BY rank is
+    # "highest effective priority first, then first due" and aging needs no update. Due-now
+    # and held tasks have indexes of their own: a million tasks scheduled for later never
+    # lie in the way of the claim's scan. `unique_key` is held while the task is unfinished
+    # and for `unique_for_s` after; an expired key is cleared by the next insert of it.
+    # `kind_controls`: what operators set per kind (pause). `attempts`: the attempt ledger,
+    # one row per attempt started (by a trigger, in the claiming statement itself), ended by
+    # the statement that ends the attempt. `schedules`: each schedule's next tick.
+    """
+    ALTER TABLE tasks ADD COLUMN priority INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN rank REAL NOT NULL DEFAULT 0;
+    ALTER TABLE tasks ADD COLUMN held_since REAL;
+    ALTER TABLE tasks ADD COLUMN unique_key TEXT;
+    ALTER TABLE tasks ADD COLUMN unique_for_s REAL;
+    UPDATE tasks SET rank = run_after;
+    DROP INDEX tasks_claimable;
+    CREATE INDEX tasks_due ON tasks (kind, rank, seq) WHERE status = 'queued' AND run_after = 0;
+    CREATE INDEX tasks_held ON tasks (kind, run_after) WHERE status = 'queued' AND run_after > 0;
+    CREATE INDEX tasks_backoff ON tasks (held_since) WHERE status = 'queued' AND held_since IS NOT NULL;
+    CREATE INDEX tasks_running ON tasks (kind) WHERE status = 'running';
+    CREATE UNIQUE INDEX tasks_unique ON tasks (kind, unique_key) WHERE unique_key IS NOT NULL;
+    CREATE TABLE kind_controls (
+        kind TEXT PRIMARY KEY,
+        paused INTEGER NOT NULL DEFAULT 0,
+        updated_at REAL NOT NULL
+    ) WITHOUT ROWID;
+    CREATE TABLE attempts (
+        id INTEGER PRIMARY KEY,
+        task_id TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        attempt INTEGER NOT NULL,
+        executor TEXT NOT NULL,
+        worker TEXT,
+        started_at REAL NOT NULL,
+        finished_at REAL,
+        outcome TEXT,
+        error TEXT
+    );
+    CREATE INDEX attempts_task ON attempts (task_id, id);
+    CREATE INDEX attempts_started ON attempts (kind, started_at);
+    CREATE TRIGGER attempts_start AFTER UPDATE OF status ON tasks
+    WHEN NEW.status = 'running' AND OLD.status IS NOT 'running' BEGIN
+        INSERT INTO attempts (task_id, kind, attempt, executor, worker, started_at)
+            VALUES (NEW.id, NEW.kind, NEW.attempts, NEW.executor, NEW.lease_owner, NEW.started_at);
+    END;
+    CREATE TRIGGER attempts_forget AFTER DELETE ON tasks BEGIN
+        DELETE FROM attempts WHERE task_id = OLD.id;
+    END;
+    CREATE TABLE schedules (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        payload TEXT NOT NULL,
+        cron TEXT,
+        every_s REAL,
+        next_run_at REAL NOT NULL,
+        last_run_at REAL,
+        last_task_id TEXT,
+        missed INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID;
+    """,
 )

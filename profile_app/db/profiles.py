@@ -11,13 +11,14 @@ import anyio
 
 from profile_app.db.core import DatabaseCore
 from profile_app.db.records import (
+    DEFAULT_OPTIONS,
     IdempotencyConflict,
     IdempotencyInProgress,
     ProfileRecord,
     ProfileSubmission,
     QueueFull,
 )
-from profile_app.db.sql import INSERT_TASK, Claims, no_claims, task_row
+from profile_app.db.sql import INSERT_TASK, Claims, insert_task, no_claims, task_row
 
 
 class ProfileStore(DatabaseCore):
@@ -58,7 +59,7 @@ class ProfileStore(DatabaseCore):
 
     @staticmethod
     def _apply_submissions(
-        conn: sqlite3.Connection, batch: list[ProfileSubmission], now: float
+        conn: sqlite3.Connection, batch: list[ProfileSubmission], now: float, priority_aging_s: float
     ) -> list[dict[str, Any] | Exception]:
         """Decide each submission's outcome, then write every accepted one with a few statements."""
         unfinished, rev = conn.execute(
@@ -119,18 +120,22 @@ class ProfileStore(DatabaseCore):
                     if item.profile is not None
                 ],
             )
-        if accepted:
-            conn.executemany(INSERT_TASK, [task_row(item.task, now) for item in accepted])
-            keyed = [item for item in accepted if item.idempotency_key is not None]
-            if keyed:  # (every statement is a round trip to the writer's thread)
-                conn.executemany(
-                    "INSERT OR REPLACE INTO idempotency_keys (key, request_hash, response, created_at)"
-                    " VALUES (?, ?, ?, ?)",
-                    [
-                        (item.idempotency_key, item.request_hash, json.dumps(item.response), now)
-                        for item in keyed
-                    ],
-                )
+        plain = [item for item in accepted if item.task.options == DEFAULT_OPTIONS]
+        if plain:  # POST /profile's match tasks, and POST /tasks without options: one statement
+            conn.executemany(INSERT_TASK, [task_row(item.task, now, priority_aging_s) for item in plain])
+        for item in accepted:
+            if item.task.options != DEFAULT_OPTIONS:  # POST /tasks with a delay, priority or unique key
+                stored = insert_task(conn, item.task, now, priority_aging_s)
+                if stored.duplicate:  # the key's holder answers (and a repeat of the request)
+                    assert item.response is not None
+                    item.response.update(task_id=stored.task_id, duplicate=True)
+        keyed = [item for item in accepted if item.idempotency_key is not None]
+        if keyed:  # (every statement is a round trip to the writer's thread)
+            conn.executemany(
+                "INSERT OR REPLACE INTO idempotency_keys (key, request_hash, response, created_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(item.idempotency_key, item.request_hash, json.dumps(item.response), now) for item in keyed],
+            )
         return outcomes
 
     async def store_profiles(self, profiles: Iterable[dict[str, Any]]) -> int:

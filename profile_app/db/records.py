@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -18,6 +20,17 @@ class TaskStatus(StrEnum):
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class AttemptOutcome(StrEnum):
+    """How an attempt ended, in the attempt ledger."""
+
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    TIME_LIMIT = "time limit"
+    CANCELLED = "cancelled"
+    LOST = "lost"  # its server process died, or its lease ran out
+    RELEASED = "released"  # given back uncharged by a drain
 
 
 UNFINISHED = (TaskStatus.QUEUED, TaskStatus.RUNNING)
@@ -60,6 +73,14 @@ class TaskRecord:
     error: str | None
     progress: float | None
     result: Any
+    priority: int = 0
+    held_since: float | None = None  # when its retry backoff began; None unless it waits for one
+    rank: float = 0.0  # its place among due tasks: when due, minus priority x aging step
+
+    @property
+    def run_at(self) -> float:
+        """When the task is (or was) due: its held-until time, else when it was created."""
+        return self.run_after if self.run_after > 0 else self.created_at
 
     @classmethod
     def from_row(cls, row: Sequence[Any]) -> TaskRecord:
@@ -110,13 +131,45 @@ class QueueHistory:
         return series
 
 
+RATE_LIMIT = re.compile(r"([1-9][0-9]{0,8})/(s|m|h)")
+RATE_PERIODS_S = {"s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `starts` attempts of a kind start in any `per_s` seconds, service-wide."""
+
+    starts: int
+    per_s: float
+    text: str
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """`"10/s"`, `"600/m"` or `"1000/h"`; raises ValueError for anything else."""
+        match = RATE_LIMIT.fullmatch(text.strip()) if isinstance(text, str) else None
+        if match is None:
+            raise ValueError(f"rate_limit {text!r} is not a count per s, m or h, like '10/s' or '600/m'")
+        return cls(int(match[1]), RATE_PERIODS_S[match[2]], text.strip())
+
+
 @dataclass(frozen=True, slots=True)
 class ClaimRequest:
-    """Up to `limit` due tasks of `kind`, to run on `executor`."""
+    """Up to `limit` due tasks of `kind`, to run on `executor`; `concurrency` and `rate`
+    are the kind's limits for the whole service, counted in the claiming statement."""
 
     kind: str
     executor: str
     limit: int
+    concurrency: int | None = None
+    rate: RateLimit | None = None
+
+
+MIN_PRIORITY, MAX_PRIORITY = -100, 100
+MAX_UNIQUE_KEY_CHARS = 255
+
+
+class InvalidOptions(ValueError):
+    """Raised when a submission's options are out of range (the message names the field)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,18 +185,37 @@ class SubmitOptions:
     unique_for_s: float | None = None
 
     def __post_init__(self) -> None:
+        def bad(field: str, why: str) -> InvalidOptions:
+            return InvalidOptions(f"{field}: {why}")
+
         if self.run_at is not None and self.delay_s is not None:
-            raise ValueError("give run_at or delay_s, not both")
-        if self.run_at is not None and self.run_at.utcoffset() is None:
-            raise ValueError("run_at must carry a timezone")
-        if self.delay_s is not None and not 0 <= self.delay_s < float("inf"):
-            raise ValueError("delay_s must be a number >= 0")
-        if isinstance(self.priority, bool) or not -100 <= self.priority <= 100:
-            raise ValueError("priority must be an integer from -100 to 100")
-        if self.unique_key is not None and not 1 <= len(self.unique_key) <= 255:
-            raise ValueError("unique_key must be 1 to 255 characters")
-        if self.unique_for_s is not None and not 0 < self.unique_for_s < float("inf"):
-            raise ValueError("unique_for_s must be a number > 0")
+            raise bad("run_at", "give run_at or delay_s, not both")
+        if self.run_at is not None:
+            if not isinstance(self.run_at, datetime):
+                raise bad("run_at", "must be a datetime")
+            if self.run_at.utcoffset() is None:
+                raise bad("run_at", "must carry a time zone (e.g. UTC)")
+        if self.delay_s is not None and not (
+            isinstance(self.delay_s, int | float) and math.isfinite(self.delay_s) and self.delay_s >= 0
+        ):
+            raise bad("delay_s", "must be a finite number >= 0")
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise bad("priority", "must be an integer")
+        if not MIN_PRIORITY <= self.priority <= MAX_PRIORITY:
+            raise bad("priority", f"must be from {MIN_PRIORITY} to {MAX_PRIORITY}")
+        if self.unique_key is not None and not (
+            isinstance(self.unique_key, str) and 1 <= len(self.unique_key) <= MAX_UNIQUE_KEY_CHARS
+        ):
+            raise bad("unique_key", f"must be a string of 1 to {MAX_UNIQUE_KEY_CHARS} characters")
+        if self.unique_for_s is not None and not (
+            isinstance(self.unique_for_s, int | float)
+            and math.isfinite(self.unique_for_s)
+            and self.unique_for_s > 0
+        ):
+            raise bad("unique_for_s", "must be a finite number > 0")
+
+
+DEFAULT_OPTIONS = SubmitOptions()  # due now, priority 0, no unique key
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +227,29 @@ class NewTask:
     executor: str
     max_attempts: int
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    options: SubmitOptions = SubmitOptions()
+    options: SubmitOptions = DEFAULT_OPTIONS
+
+
+@dataclass(frozen=True, slots=True)
+class Submitted:
+    """What a submission stored: the new task's id, or the id of the unfinished (or recently
+    finished) task of the same kind and unique key, with `duplicate` set."""
+
+    task_id: str
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRecord:
+    """One attempt in the ledger: where and when it ran, and how it ended (None: running)."""
+
+    attempt: int
+    executor: str
+    worker: str | None
+    started_at: float
+    finished_at: float | None
+    outcome: str | None
+    error: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,3 +284,18 @@ def request_hash(document: Any) -> str:
     """A stable hash of a JSON document, for comparing idempotent requests."""
     canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ScheduleRecord:
+    """A schedule as the database keeps it: its definition and its next tick."""
+
+    name: str
+    kind: str
+    payload: dict[str, Any]
+    cron: str | None
+    every_s: float | None
+    next_run_at: float
+    last_run_at: float | None
+    last_task_id: str | None
+    missed: int  # ticks skipped because no server ran then (each such gap queues one task)

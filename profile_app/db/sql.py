@@ -16,6 +16,7 @@ from profile_app.db.records import (
     ClaimRequest,
     NewTask,
     StorageUnavailable,
+    Submitted,
     TaskRecord,
 )
 
@@ -49,7 +50,7 @@ def attempt_logs(attempt: int, logs: str) -> str:
 
 TASK_COLUMNS = (
     "seq, id, kind, payload, status, executor, attempts, max_attempts, created_at, run_after, "
-    "started_at, finished_at, lease_owner, error, progress, result"
+    "started_at, finished_at, lease_owner, error, progress, result, priority, held_since, rank"
 )
 
 
@@ -77,9 +78,22 @@ def owner_is_dead(owner: str) -> bool:
 
 
 INSERT_TASK = (
-    "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after)"
-    " VALUES (?, ?, ?, 'queued', ?, ?, ?, ?)"
+    "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after,"
+    " rank, priority, unique_key, unique_for_s) VALUES (?, ?, ?, 'queued', ?, ?, ?, ?, ?, ?, ?, ?)"
 )
+# INSERT_TASK that stores nothing when the task's unique key is held (tasks_unique).
+INSERT_TASK_UNLESS_HELD = (
+    INSERT_TASK + " ON CONFLICT (kind, unique_key) WHERE unique_key IS NOT NULL DO NOTHING"
+)
+# Ends the open attempt of a task in the ledger (the statement that ends it checked the lease).
+END_ATTEMPT = (
+    "UPDATE attempts SET finished_at = ?, outcome = ?, error = ? WHERE task_id = ? AND finished_at IS NULL"
+)
+
+
+def end_attempts(conn: sqlite3.Connection, rows: Iterable[tuple[str, str, str | None]], now: float) -> None:
+    """Record in the ledger how the open attempts of tasks ended: (task id, outcome, error)."""
+    conn.executemany(END_ATTEMPT, [(now, outcome, error, task_id) for task_id, outcome, error in rows])
 
 
 class Transaction:
@@ -89,13 +103,14 @@ class Transaction:
     and the COMMIT, so its methods are plain calls: the whole finish is one round trip.
     """
 
-    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
+    def __init__(self, conn: sqlite3.Connection, now: float, priority_aging_s: float) -> None:
         self._conn = conn
         self.now = now
+        self.priority_aging_s = priority_aging_s
         self.enqueued: list[NewTask] = []
 
     def enqueue(self, task: NewTask) -> None:
-        self._conn.execute(INSERT_TASK, task_row(task, self.now))
+        self._conn.execute(INSERT_TASK, task_row(task, self.now, self.priority_aging_s))
         self.enqueued.append(task)
 
     def set_matches(self, user_id: str, task_id: str, matches: list[dict[str, Any]]) -> bool:
@@ -111,8 +126,58 @@ SuccessEffect = Callable[[Transaction, TaskRecord, Any], None]
 """A kind's `on_success`: called with the finishing transaction, the task and its result."""
 
 
-def task_row(task: NewTask, now: float) -> tuple[Any, ...]:
-    return (task.id, task.kind, json.dumps(task.payload), task.executor, task.max_attempts, now, now)
+def task_row(task: NewTask, now: float, priority_aging_s: float) -> tuple[Any, ...]:
+    """The INSERT_TASK parameters of `task` queued at wall-clock time `now`.
+
+    A task due now gets run_after 0: it is due whatever the wall clock does next. One
+    with run_at / delay_s in the future is held until that wall-clock time.
+    """
+    options = task.options
+    held_until = 0.0
+    if options.run_at is not None:
+        held_until = options.run_at.timestamp()
+    elif options.delay_s:
+        held_until = now + options.delay_s
+    if held_until <= now:
+        held_until = 0.0
+    rank = (held_until or now) - options.priority * priority_aging_s
+    return (
+        task.id,
+        task.kind,
+        json.dumps(task.payload),
+        task.executor,
+        task.max_attempts,
+        now,
+        held_until,
+        rank,
+        options.priority,
+        options.unique_key,
+        options.unique_for_s,
+    )
+
+
+def insert_task(conn: sqlite3.Connection, task: NewTask, now: float, priority_aging_s: float) -> Submitted:
+    """Queue `task` inside a write transaction, unless its unique key is held by a task of its
+    kind that is unfinished or finished less than its unique_for_s ago: then that task's id,
+    as a duplicate. The partial unique index tasks_unique decides, so concurrent submissions
+    from any number of processes store one task."""
+    row = task_row(task, now, priority_aging_s)
+    key = task.options.unique_key
+    if key is None:
+        conn.execute(INSERT_TASK, row)
+        return Submitted(task.id)
+    conn.execute(  # a finished holder whose unique_for_s has passed lets the key go
+        "UPDATE tasks SET unique_key = NULL WHERE kind = ? AND unique_key = ?"
+        " AND status IN ('succeeded', 'failed', 'cancelled')"
+        " AND (unique_for_s IS NULL OR finished_at + unique_for_s <= ?)",
+        (task.kind, key, now),
+    )
+    if conn.execute(INSERT_TASK_UNLESS_HELD, row).rowcount:
+        return Submitted(task.id)
+    (holder,) = conn.execute(
+        "SELECT id FROM tasks WHERE kind = ? AND unique_key = ?", (task.kind, key)
+    ).fetchone()
+    return Submitted(holder, duplicate=True)
 
 
 def in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection], T]) -> T:
@@ -135,13 +200,13 @@ def connect_read_only(path: str | Path, timeout_s: float) -> sqlite3.Connection:
 
 
 def by_kind(rows: Iterable[Sequence[Any]]) -> dict[str, list[TaskRecord]]:
-    """Claimed rows as tasks by kind, each kind's oldest first."""
+    """Claimed rows as tasks by kind, each kind's first in the queue's order first."""
     claimed: dict[str, list[TaskRecord]] = {}
     for row in rows:
         task = TaskRecord.from_row(row)
         claimed.setdefault(task.kind, []).append(task)
     for tasks in claimed.values():
-        tasks.sort(key=lambda task: task.seq)
+        tasks.sort(key=lambda task: (task.rank, task.seq))
     return claimed
 
 

@@ -7,27 +7,30 @@ import sqlite3
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from profile_app.db.claims import due_kinds_query
 from profile_app.db.core import DatabaseCore
 from profile_app.db.records import (
+    AttemptOutcome,
     ClaimRequest,
     NewTask,
     StoredResult,
+    Submitted,
     TaskRecord,
     TaskStatus,
 )
 from profile_app.db.sql import (
     APPEND_LOGS,
-    INSERT_TASK,
     TASK_COLUMNS,
     Claimed,
     Claims,
     SuccessEffect,
     Transaction,
     attempt_logs,
+    end_attempts,
+    insert_task,
     logger,
     no_claims,
     owner_is_dead,
-    task_row,
 )
 
 
@@ -38,11 +41,21 @@ class TaskStore(DatabaseCore):
 
     async def enqueue(self, task: NewTask, *, claims: Claims = no_claims, lease_s: float = 0.0) -> Claimed:
         """Queue a task durably; with `claims`, take due tasks in the same transaction."""
-        now = self.clock()
-        _cursor, claimed = await self._write_and_claim(
-            lambda conn: conn.execute(INSERT_TASK, task_row(task, now)), claims, lease_s
-        )
+        _submitted, claimed = await self.enqueue_task(task, claims=claims, lease_s=lease_s)
         return claimed
+
+    async def enqueue_task(
+        self, task: NewTask, *, claims: Claims = no_claims, lease_s: float = 0.0
+    ) -> tuple[Submitted, Claimed]:
+        """Queue a task durably, unless its unique key is held by a task of its kind that is
+        unfinished or finished less than its unique_for_s ago: then that task's id, as a
+        duplicate. The partial unique index tasks_unique decides, so concurrent submissions
+        from any number of processes store one task. With `claims`, take due tasks in the
+        same transaction."""
+        now = self.clock()
+        return await self._write_and_claim(
+            lambda conn: insert_task(conn, task, now, self.priority_aging_s), claims, lease_s
+        )
 
     async def get_task(self, task_id: str) -> TaskRecord | None:
         rows = list(await self._read(f"SELECT {TASK_COLUMNS} FROM tasks WHERE id = ?", (task_id,)))
@@ -87,14 +100,7 @@ class TaskStore(DatabaseCore):
         wanted = [request.kind for request in claims(frozenset()) if request.limit > 0]
         if not wanted:
             return {}
-        due = {
-            kind
-            for (kind,) in await self._read(
-                "SELECT DISTINCT kind FROM tasks"
-                f" WHERE status = 'queued' AND kind IN ({','.join('?' * len(wanted))}) AND run_after <= ?",
-                (*wanted, self.clock()),
-            )
-        }
+        due = {kind for (kind,) in await self._read(*due_kinds_query(wanted, self.clock()))}
         if not due:
             return {}
         # A claim round always leads a group commit of its own (the writes queued meanwhile
@@ -191,8 +197,10 @@ class TaskStore(DatabaseCore):
                 stored = None if row is None else StoredResult([], TaskRecord.from_row(row))
             else:
                 stored = StoredResult([]) if cursor.rowcount == 1 else None
+            if stored is not None:
+                end_attempts(conn, [(task.id, AttemptOutcome.SUCCEEDED, None)], now)
             if stored is not None and effect is not None:
-                transaction = Transaction(conn, now)
+                transaction = Transaction(conn, now, self.priority_aging_s)
                 effect(transaction, task, result)
                 stored.follow_ups.extend(transaction.enqueued)
             return stored
@@ -201,10 +209,16 @@ class TaskStore(DatabaseCore):
         return await self._write_and_claim(store, claims, lease_s, ends=task.id)
 
     async def fail(
-        self, task: TaskRecord, error: str, retry_in_s: float | None, logs: str = ""
+        self,
+        task: TaskRecord,
+        error: str,
+        retry_in_s: float | None,
+        logs: str = "",
+        *,
+        timed_out: bool = False,
     ) -> TaskStatus | None:
         """End the attempt with `error`: queue a retry after `retry_in_s`, or fail the task."""
-        ended, _claimed = await self.fail_and_claim(task, error, retry_in_s, logs)
+        ended, _claimed = await self.fail_and_claim(task, error, retry_in_s, logs, timed_out=timed_out)
         return None if ended is None else ended.status
 
     async def fail_and_claim(
@@ -214,27 +228,37 @@ class TaskStore(DatabaseCore):
         retry_in_s: float | None,
         logs: str = "",
         *,
+        timed_out: bool = False,
         claims: Claims = no_claims,
         lease_s: float = 0.0,
     ) -> tuple[TaskRecord | None, Claimed]:
         """`fail`, and claim the next due tasks in the same transaction (one commit, not two).
 
         Returns the task's row as the transaction left it (queued for a retry, or failed),
-        None when this attempt no longer held the task, and the tasks claimed.
+        None when this attempt no longer held the task, and the tasks claimed. A retry's
+        backoff is held on the wall clock from `held_since`; should the clock step back
+        before that, the backoff ends at once (release_stepped_back_backoffs): it never
+        waits for the size of the step.
         """
         now = self.clock()
         retry = retry_in_s is not None and task.attempts < task.max_attempts
+        held_until = now + retry_in_s if retry and retry_in_s else 0.0
+        outcome = AttemptOutcome.TIME_LIMIT if timed_out else AttemptOutcome.FAILED
 
         def work(conn: sqlite3.Connection) -> TaskRecord | None:
             row = conn.execute(
-                "UPDATE tasks SET status = ?, error = ?, run_after = ?, finished_at = ?,"
+                "UPDATE tasks SET status = ?, error = ?, run_after = ?, held_since = ?,"
+                " rank = ? - priority * ?, finished_at = ?,"
                 f" lease_owner = NULL, lease_until = NULL, {APPEND_LOGS}"
                 " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?"
                 f" RETURNING {TASK_COLUMNS}",
                 (
                     TaskStatus.QUEUED if retry else TaskStatus.FAILED,
                     error,
-                    now + (retry_in_s or 0.0),
+                    held_until,
+                    now if held_until else None,
+                    held_until or now,
+                    self.priority_aging_s,
                     None if retry else now,
                     attempt_logs(task.attempts, logs),
                     task.id,
@@ -242,7 +266,10 @@ class TaskStore(DatabaseCore):
                     task.attempts,
                 ),
             ).fetchone()
-            return None if row is None else TaskRecord.from_row(row)
+            if row is None:
+                return None
+            end_attempts(conn, [(task.id, outcome, error)], now)
+            return TaskRecord.from_row(row)
 
         return await self._write_and_claim(work, claims, lease_s, ends=task.id)
 
@@ -254,38 +281,56 @@ class TaskStore(DatabaseCore):
         return await self._write(lambda conn: self._release_in(conn, tasks, now))
 
     def _release_in(self, conn: sqlite3.Connection, tasks: Iterable[TaskRecord], now: float) -> int:
-        return conn.executemany(
-            "UPDATE tasks SET status = 'queued', attempts = attempts - 1, run_after = ?,"
-            " lease_owner = NULL, lease_until = NULL, progress = NULL,"
-            " started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END"
-            " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
-            [(now, task.id, self.owner, task.attempts) for task in tasks],
-        ).rowcount
+        """Give the attempts back; each task keeps its place (rank) in the queue."""
+        released = []
+        for task in tasks:
+            cursor = conn.execute(
+                "UPDATE tasks SET status = 'queued', attempts = attempts - 1, run_after = 0,"
+                " lease_owner = NULL, lease_until = NULL, progress = NULL,"
+                " started_at = CASE WHEN attempts = 1 THEN NULL ELSE started_at END"
+                " WHERE id = ? AND status = 'running' AND lease_owner = ? AND attempts = ?",
+                (task.id, self.owner, task.attempts),
+            )
+            if cursor.rowcount:
+                released.append((task.id, AttemptOutcome.RELEASED, None))
+        end_attempts(conn, released, now)
+        return len(released)
 
     async def cancel(self, task_id: str) -> TaskRecord | None:
         """Cancel a queued or running task; None when it does not exist or already finished."""
+        now = self.clock()
         return await self._write_returning_task(
             "UPDATE tasks SET status = 'cancelled', finished_at = ?, lease_owner = NULL,"
             " lease_until = NULL WHERE id = ? AND status IN ('queued', 'running')"
             f" RETURNING {TASK_COLUMNS}",
-            (self.clock(), task_id),
+            (now, task_id),
+            ended=AttemptOutcome.CANCELLED,
         )
 
     async def retry(self, task_id: str) -> TaskRecord | None:
-        """Queue a finished task again with a fresh set of attempts."""
+        """Queue a finished task again with a fresh set of attempts, due now."""
         return await self._write_returning_task(
-            "UPDATE tasks SET status = 'queued', attempts = 0, run_after = ?, finished_at = NULL,"
-            " error = NULL, progress = NULL, result = NULL"
+            "UPDATE tasks SET status = 'queued', attempts = 0, run_after = 0, held_since = NULL,"
+            " rank = ? - priority * ?, finished_at = NULL, error = NULL, progress = NULL, result = NULL"
             f" WHERE id = ? AND status IN ('failed', 'cancelled') RETURNING {TASK_COLUMNS}",
-            (self.clock(), task_id),
+            (self.clock(), self.priority_aging_s, task_id),
         )
 
-    async def _write_returning_task(self, sql: str, params: tuple[Any, ...]) -> TaskRecord | None:
-        """A statement that changes at most one task and returns its row: the row, or None."""
+    async def _write_returning_task(
+        self, sql: str, params: tuple[Any, ...], *, ended: AttemptOutcome | None = None
+    ) -> TaskRecord | None:
+        """A statement that changes at most one task and returns its row: the row, or None.
+        `ended`: how the task's open attempt (if any) ended, for the ledger."""
+        now = self.clock()
 
         def work(conn: sqlite3.Connection) -> TaskRecord | None:
             row = conn.execute(sql, params).fetchone()
-            return None if row is None else TaskRecord.from_row(row)
+            if row is None:
+                return None
+            task = TaskRecord.from_row(row)
+            if ended is not None:
+                end_attempts(conn, [(task.id, ended, None)], now)
+            return task
 
         return await self._write(work)
 
@@ -295,20 +340,22 @@ class TaskStore(DatabaseCore):
         owners = await self._read("SELECT DISTINCT lease_owner FROM tasks WHERE status = 'running'")
         dead = [owner for (owner,) in owners if owner and owner != self.owner and owner_is_dead(owner)]
         marks = ",".join("?" * len(dead)) or "NULL"
-        recovered = await self._write(
-            lambda conn: len(
-                conn.execute(
-                    "UPDATE tasks SET"
-                    " status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,"
-                    " finished_at = CASE WHEN attempts >= max_attempts THEN ? ELSE NULL END,"
-                    " error = 'attempt ' || attempts || ' was lost: its server process stopped',"
-                    " run_after = ?, lease_owner = NULL, lease_until = NULL"
-                    f" WHERE status = 'running' AND (lease_until < ? OR lease_owner IN ({marks}))"
-                    " RETURNING id",
-                    (now, now, now, *dead),
-                ).fetchall()
-            )
-        )
+
+        def work(conn: sqlite3.Connection) -> int:
+            lost = conn.execute(
+                "UPDATE tasks SET"
+                " status = CASE WHEN attempts >= max_attempts THEN 'failed' ELSE 'queued' END,"
+                " finished_at = CASE WHEN attempts >= max_attempts THEN ? ELSE NULL END,"
+                " error = 'attempt ' || attempts || ' was lost: its server process stopped',"
+                " run_after = 0, lease_owner = NULL, lease_until = NULL"
+                f" WHERE status = 'running' AND (lease_until < ? OR lease_owner IN ({marks}))"
+                " RETURNING id, error",
+                (now, now, *dead),
+            ).fetchall()
+            end_attempts(conn, [(task_id, AttemptOutcome.LOST, error) for task_id, error in lost], now)
+            return len(lost)
+
+        recovered = await self._write(work)
         if recovered:
             logger.warning("took back %d task(s) from lost server processes", recovered)
         return recovered

@@ -41,6 +41,7 @@ class Attempt:
     refilled: bool = False  # its finishing transaction claimed work for every free slot
     ended_as: TaskRecord | None = None  # the task's row as the attempt's outcome left it
     running_since: float | None = None  # monotonic time it began to run (got its worker)
+    timed_out: bool = False  # stopped past its kind's time limit
 
     def stop(self, reason: StopReason) -> None:
         self.stop_reason = self.stop_reason or reason
@@ -105,6 +106,7 @@ class AttemptLifecycle:
                 if attempt.stop_reason is None:  # not stopped: the scope's deadline passed
                     error = f"time limit of {kind.time_limit_s:g} s exceeded: the attempt was stopped"
                     worker_lost = "time_limit"
+                    attempt.timed_out = True
                 elif attempt.running_since is not None:
                     worker_lost = "stopped"  # cancelled or drained mid-call: the pool killed the worker
             if attempt.running_since is not None:
@@ -171,6 +173,7 @@ class AttemptLifecycle:
             error,
             retry_in_s,
             attempt.logs,
+            timed_out=attempt.timed_out,
             claims=self._claims_after(attempt),
             lease_s=self.config.lease_s,
         )

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import contextvars
 import logging
-import math
-from collections.abc import Callable, Collection
+from collections.abc import Callable
+from dataclasses import replace
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -19,24 +20,24 @@ from anyio import CancelScope
 from anyio.abc import TaskGroup
 
 from profile_app.db.database import (
-    ClaimRequest,
+    DEFAULT_OPTIONS,
     Database,
     NewTask,
     PlacementRecord,
     ProfileSubmission,
     StorageUnavailable,
     SubmitOptions,
+    Submitted,
     TaskRecord,
 )
 from profile_app.dispatcher.attempt import Attempt, AttemptEnd, AttemptLifecycle, StopReason
 from profile_app.dispatcher.config import (
-    CLAIM_AHEAD_BELOW_S,
     CLAIM_ROUND_MAX_S,
-    DURATION_SMOOTHING,
     AttemptObserver,
     DispatcherConfig,
 )
 from profile_app.dispatcher.housekeeping import Housekeeping
+from profile_app.dispatcher.slots import Slots
 from profile_app.dispatcher.waiting import Waiting
 from profile_app.executors.calls import Runner
 from profile_app.executors.kinds import KindRegistry, Placement, TaskKind, checked_for_processes
@@ -45,10 +46,9 @@ from profile_app.executors.runners import runners_for
 logger = logging.getLogger("profile_app.dispatcher")
 
 INLINE = "inline"  # the `executor` of a task run in inline mode (PROFILE_APP_INLINE)
-DEFAULT_OPTIONS = SubmitOptions()
 
 
-class Dispatcher(AttemptLifecycle, Housekeeping, Waiting):
+class Dispatcher(AttemptLifecycle, Housekeeping, Waiting, Slots):
     """Runs the queue's tasks for one server process."""
 
     def __init__(
@@ -126,21 +126,49 @@ class Dispatcher(AttemptLifecycle, Housekeeping, Waiting):
         payload: dict[str, Any] | None = None,
         *,
         options: SubmitOptions | None = None,
+        run_at: datetime | None = None,
+        delay_s: float | None = None,
+        priority: int | None = None,
         **kwargs: Any,
     ) -> str:
-        """Queue a task durably and return its id.
+        """Queue a task durably and return its id (an existing task's, for a duplicate
+        unique key).
 
         `func_or_name` is a registered kind's function or its name; the arguments are a
         payload dict or keyword arguments (`submit(burn, ms=5)`, `submit("burn", {"ms": 5})`),
-        checked at once against the function's signature. Raises UnknownKind or
-        InvalidArguments, and then nothing is queued.
+        checked at once against the function's signature. `run_at` / `delay_s` / `priority`
+        are shorthands for `options`' fields (so a function with an argument of one of
+        those names takes its arguments as a payload dict). Raises UnknownKind,
+        InvalidArguments or InvalidOptions, and then nothing is queued.
         """
+        shorthand = {
+            name: value
+            for name, value in (("run_at", run_at), ("delay_s", delay_s), ("priority", priority))
+            if value is not None
+        }
+        if shorthand:
+            options = replace(options or DEFAULT_OPTIONS, **shorthand)
+        return (await self.submit_task(func_or_name, payload, options=options, **kwargs)).task_id
+
+    async def submit_task(
+        self,
+        func_or_name: Callable[..., Any] | str,
+        /,
+        payload: dict[str, Any] | None = None,
+        *,
+        options: SubmitOptions | None = None,
+        **kwargs: Any,
+    ) -> Submitted:
+        """`submit`, telling a new task from a duplicate of a unique key's holder."""
         task = self.new_task(func_or_name, payload, options=options, **kwargs)
         # A free slot takes its task in the same transaction: one commit, no claim round.
-        claimed = await self.db.enqueue(task, claims=self._claim_requests, lease_s=self.config.lease_s)
+        submitted, claimed = await self.db.enqueue_task(
+            task, claims=self._claim_requests, lease_s=self.config.lease_s
+        )
         await self._start_claimed_now(claimed)
-        await self._stored(task)
-        return task.id
+        if not submitted.duplicate:
+            await self._stored(task)
+        return submitted
 
     async def retry(self, task_id: str) -> TaskRecord | None:
         """Queue a failed or cancelled task again with a fresh attempt budget; None when it
@@ -203,6 +231,10 @@ class Dispatcher(AttemptLifecycle, Housekeeping, Waiting):
         elif task is not None:
             self._wake_waiters(task_id)  # it was queued: no attempt will end to say so
         return task
+
+    def wake(self) -> None:
+        """Look for due tasks now, not at the next poll (e.g. a kind was resumed)."""
+        self._wakeup.set()
 
     def running_count(self) -> int:
         return len(self._attempts)
@@ -304,50 +336,6 @@ class Dispatcher(AttemptLifecycle, Housekeeping, Waiting):
             await self.db.recover_lost()
         except StorageUnavailable as exc:
             logger.warning("could not take back lost tasks: %s", exc)
-
-    def _free_slots(self, kind: TaskKind, placement: Placement, ending: Collection[str]) -> int:
-        """Room for more attempts of `kind`, counting the attempts of the tasks in `ending`
-        as gone: the transaction that asks stores their outcomes (a group commit may store
-        several, and its claims fill all their slots)."""
-        attempts = [attempt for task_id, attempt in self._attempts.items() if task_id not in ending]
-        running_of_kind = sum(1 for attempt in attempts if attempt.kind is kind)
-        if placement is Placement.PROCESS:
-            in_processes = [attempt.kind for attempt in attempts if attempt.placement is Placement.PROCESS]
-            per_slot = 2 if self._claims_ahead([kind, *in_processes]) else 1
-            return min(
-                kind.concurrency_in(placement) * per_slot - running_of_kind,
-                self.config.process_workers * per_slot - len(in_processes),
-            )
-        free = kind.concurrency_in(placement) - running_of_kind
-        capacity = getattr(self._runners.get(placement), "capacity", None)
-        if capacity is not None:  # a runner whose room follows its backend (dask_runner.DaskRunner)
-            running_there = sum(1 for attempt in attempts if attempt.placement is placement)
-            free = min(free, capacity() - running_there)
-        return free
-
-    def _claims_ahead(self, kinds: list[TaskKind]) -> bool:
-        """Whether process slots may take a task ahead: every kind involved is known to be short."""
-        return self.config.claim_ahead and all(
-            self._typical_s.get(kind.name, math.inf) < CLAIM_AHEAD_BELOW_S for kind in kinds
-        )
-
-    def _note_duration(self, kind: TaskKind, seconds: float) -> None:
-        typical = self._typical_s.get(kind.name)
-        self._typical_s[kind.name] = (
-            seconds if typical is None else (1 - DURATION_SMOOTHING) * typical + DURATION_SMOOTHING * seconds
-        )
-
-    def _claim_requests(self, ending: Collection[str] = frozenset()) -> list[ClaimRequest]:
-        """What every kind has room for now (none while draining or inline); `ending`: the
-        tasks whose attempts the claiming transaction ends."""
-        if not self._accepting or self.config.inline or self._task_group is None:
-            return []
-        requests = []
-        for kind in self.kinds:
-            placement = self.placement_of(kind)
-            free = self._free_slots(kind, placement, ending)
-            requests.append(ClaimRequest(kind.name, placement.value, free))
-        return requests
 
     async def _claim_and_start(self, task_group: TaskGroup) -> int:
         """Claim what every kind has room for, in one transaction, and start it."""

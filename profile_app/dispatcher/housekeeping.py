@@ -33,6 +33,8 @@ class Housekeeping:
                     await self.db.renew_leases(list(self._attempts), self.config.lease_s)
                 if tick % recover_every == 0 and await self.db.recover_lost():
                     self._wakeup.set()
+                if tick % recover_every == 0 and await self.db.release_stepped_back_backoffs():
+                    self._wakeup.set()
                 if tick % renew_every == 0:  # other server processes may have moved a kind
                     self._placements = await self.db.placements()
                 if tick % gc_every == 0:

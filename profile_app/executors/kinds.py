@@ -34,9 +34,10 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
-from profile_app.db.database import SuccessEffect
+from profile_app.db.database import RateLimit, SuccessEffect
 from profile_app.executors.arguments import Arguments
 from profile_app.executors.errors import KindError, UnknownKind
+from profile_app.executors.schedules import Schedule, ScheduleError
 
 if TYPE_CHECKING:
     from profile_app.executors.dask.submission import DaskSubmissionFactory
@@ -69,7 +70,9 @@ class TaskKind:
     placement: Placement  # where it starts; an `auto` kind may move (see PlacementPolicy)
     time_limit_s: float
     max_attempts: int
-    concurrency: int | None  # None: the default of wherever it runs now
+    # Set: at most this many running at once in the whole service (every server process),
+    # and in one process. None: the default of wherever it runs now, per process.
+    concurrency: int | None
     retry_backoff_s: float
     on_success: SuccessEffect | None = None
     reason: str = ""
@@ -77,6 +80,7 @@ class TaskKind:
     max_memory_mb: int | None = None  # per attempt, in a process; None: the server's default
     dask_submission: DaskSubmissionFactory | None = None  # how attempts reach a Dask worker
     http: bool = False  # submittable with POST /tasks
+    rate: RateLimit | None = None  # attempts started per period, service-wide
     # The signature's checker, built once per kind (from `func` when not given).
     arguments: Arguments = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
 
@@ -97,12 +101,36 @@ DEFAULT_CONCURRENCY = {
 
 
 class KindRegistry:
-    """The task kinds an app knows, by name."""
+    """The task kinds an app knows, by name, and the schedules that queue them."""
 
-    def __init__(self, kinds: Iterable[TaskKind] = ()) -> None:
+    def __init__(self, kinds: Iterable[TaskKind] = (), schedules: Iterable[Schedule] = ()) -> None:
         self._kinds: dict[str, TaskKind] = {}
+        self.schedules: dict[str, Schedule] = {}
         for kind in kinds:
             self.add(kind)
+        for schedule in schedules:
+            self.add_schedule(schedule)
+
+    def schedule(
+        self,
+        name: str,
+        *,
+        kind: str,
+        payload: dict[str, Any] | None = None,
+        cron: str | None = None,
+        every_s: float | None = None,
+    ) -> Schedule:
+        """Queue one task of `kind` with `payload` at each tick: a `cron` expression (five
+        fields, UTC) or every `every_s` seconds. Exactly one task per tick, however many
+        server processes run (docs/scheduling.md). Raises ScheduleError for a bad one; an
+        unknown kind is found when the app starts (`check_schedules`)."""
+        return self.add_schedule(Schedule.checked(name, kind, payload or {}, cron, every_s))
+
+    def add_schedule(self, schedule: Schedule) -> Schedule:
+        if schedule.name in self.schedules:
+            raise ScheduleError(f"schedule {schedule.name!r} is already registered")
+        self.schedules[schedule.name] = schedule
+        return schedule
 
     def add(self, kind: TaskKind) -> TaskKind:
         if kind.name in self._kinds:
@@ -123,6 +151,7 @@ class KindRegistry:
         max_memory_mb: int | None = None,
         dask_submission: DaskSubmissionFactory | None = None,
         http: bool = False,
+        rate_limit: str | None = None,
     ) -> Callable[[F], F]:
         """Register the decorated function as a task kind (named after it by default).
 
@@ -141,7 +170,13 @@ class KindRegistry:
         The function's signature is read here, once: every submission's arguments are
         checked against it (profile_app.executors.arguments), and one that does not fit
         raises InvalidArguments instead of queueing a task that cannot be called.
+
+        `concurrency` holds for the whole service: running attempts of the kind, counted in
+        the claim across every server process on the database. `rate_limit` ("10/s",
+        "600/m", "1000/h") counts attempts started in any such period, service-wide; a bad
+        one raises ValueError here.
         """
+        rate = None if rate_limit is None else RateLimit.parse(rate_limit)
 
         def register(func: F) -> F:
             kind_name = name or func.__name__
@@ -171,6 +206,7 @@ class KindRegistry:
                     max_memory_mb=max_memory_mb,
                     dask_submission=dask_submission,
                     http=http,
+                    rate=rate,
                 )
             )
             return func
@@ -178,7 +214,13 @@ class KindRegistry:
         return register
 
     def merged(self, other: KindRegistry) -> KindRegistry:
-        return KindRegistry([*self, *other])
+        return KindRegistry([*self, *other], [*self.schedules.values(), *other.schedules.values()])
+
+    def check_schedules(self) -> None:
+        """Raises ScheduleError (one line) for a schedule whose kind is not registered."""
+        for schedule in self.schedules.values():
+            if schedule.kind not in self._kinds:
+                raise ScheduleError(f"schedule {schedule.name!r}: no task kind named {schedule.kind!r}")
 
     def for_function(self, func: Callable[..., Any]) -> TaskKind:
         """The kind registered with `func`; raises UnknownKind if there is not exactly one."""

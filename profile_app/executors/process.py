@@ -16,7 +16,7 @@ import anyio.to_thread
 
 from profile_app.executors.calls import AttemptError, Call, CallResult, call_in_task_context, error_line
 from profile_app.executors.context import SqliteProgress, TaskContext
-from profile_app.executors.kinds import Placement, TaskKind
+from profile_app.executors.kinds import TaskKind
 from profile_app.executors.process_pool import KEEP_WORKERS, ProcessPool, RecyclePolicy, Retirement
 from profile_app.executors.task_output import TaskOutput, install_for_worker_process
 
@@ -85,7 +85,7 @@ class ProcessRunner:
         """The kind's own limit; None where the pool's is as tight, so that a kind which
         may use every worker skips an acquire and a release per call."""
         if kind.name not in self._limiters:
-            concurrency = kind.concurrency_in(Placement.PROCESS)
+            concurrency = kind.concurrency or self.pool.size
             limited = concurrency < self.pool.size
             self._limiters[kind.name] = anyio.Semaphore(concurrency, fast_acquire=True) if limited else None
         return self._limiters[kind.name]

@@ -122,6 +122,20 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.schedule_ticks = Counter(
+            "profile_app_schedule_ticks",
+            "Schedule ticks by outcome: queued (a task was stored for the tick by this process),"
+            " missed (ticks that passed while no server ran; each such gap queues one task).",
+            ["schedule", "outcome"],
+            registry=self.registry,
+        )
+
+    def schedule_ticked(self, schedule: str, missed: int) -> None:
+        """A tick of `schedule` was queued, after `missed` ticks that passed while no server ran."""
+        self.schedule_ticks.labels(schedule, "queued").inc()
+        if missed:
+            self.schedule_ticks.labels(schedule, "missed").inc(missed)
+
     def set_placements(self, placements: dict[str, str]) -> None:
         """Where each task kind runs now: 1 for its placement, 0 for the others."""
         for kind, placement in placements.items():

@@ -50,7 +50,7 @@ def builtin_kinds(settings: Settings) -> KindRegistry:
         runs_on=Placement.PROCESS,
         time_limit_s=settings.match_time_limit_s,
         max_attempts=settings.max_attempts,
-        concurrency=settings.process_workers,
+        # No service-wide limit: each server process runs as many as it has process workers.
         retry_backoff_s=settings.retry_backoff_s,
         on_success=store_matches,
         dask_submission=MatchOnDask,

@@ -23,11 +23,13 @@ from profile_app.db.database import (
 )
 from profile_app.dispatcher.config import DispatcherConfig
 from profile_app.dispatcher.dispatcher import Dispatcher
+from profile_app.dispatcher.schedules import Scheduler
 from profile_app.executors.dask import backend as dask_backend
 from profile_app.executors.errors import KindError
 from profile_app.executors.kinds import KindRegistry
 from profile_app.executors.process import WorkerPriority
 from profile_app.executors.process_pool import RecyclePolicy
+from profile_app.executors.schedules import ScheduleError
 from profile_app.observability.logs import configure_logging
 from profile_app.observability.loop_watchdog import LoopWatchdog
 from profile_app.observability.metrics import Metrics
@@ -36,12 +38,20 @@ from profile_app.tasks.loading import check_placements, served_kinds
 from profile_app.web import dashboard
 from profile_app.web.errors import http_exception, storage_unavailable, unexpected
 from profile_app.web.middleware import ExecutorMiddleware
-from profile_app.web.operations import health, list_kinds, metrics, openapi_schema
+from profile_app.web.operations import (
+    health,
+    list_kinds,
+    list_schedules,
+    metrics,
+    openapi_schema,
+    pause_kind,
+    resume_kind,
+)
 from profile_app.web.profiles import get_profile, post_profile
 from profile_app.web.request_log import RequestLogMiddleware
 from profile_app.web.signals import exit_zero_after_graceful_stop
 from profile_app.web.submit import tasks_resource
-from profile_app.web.tasks import retry_task, task_logs, task_resource
+from profile_app.web.tasks import retry_task, task_attempts, task_logs, task_resource
 
 
 def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None = None) -> Starlette:
@@ -58,6 +68,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         registry = registry.merged(kinds)
         check_placements(kinds, settings)
     dask_backend.check_kinds(registry, settings)
+    registry.check_schedules()  # a schedule of an unknown kind: ScheduleError, one line
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -65,7 +76,11 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         exit_zero_after_graceful_stop()  # plain uvicorn: a SIGTERM stop exits 0, as under serve
         app_metrics = Metrics()
         async with (
-            Database(settings.db, on_group_commit=app_metrics.group_committed) as db,
+            Database(
+                settings.db,
+                on_group_commit=app_metrics.group_committed,
+                priority_aging_s=settings.priority_aging_s,
+            ) as db,
             dask_backend.open_dask(
                 settings, db, on_attempt=app_metrics.dask_attempt, on_status=app_metrics.dask_cluster
             ) as dask_runner,  # None without a scheduler
@@ -93,6 +108,8 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
                 dask_runner=dask_runner,
             )
             await task_group.start(executor.run)
+            scheduler = Scheduler(executor, registry.schedules.values(), on_tick=app_metrics.schedule_ticked)
+            task_group.start_soon(scheduler.run)
             task_group.start_soon(app_metrics.sample_loop_lag)
             watchdog = LoopWatchdog(settings.blocking_threshold_ms / 1000, on_block=app_metrics.loop_blocked)
             task_group.start_soon(watchdog.heartbeat)
@@ -116,8 +133,12 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         Route("/tasks/{task_id}", task_resource, methods=["GET", "DELETE"]),
         Route("/tasks/{task_id}/retry", retry_task, methods=["POST"]),
         Route("/tasks/{task_id}/logs", task_logs, methods=["GET"]),
+        Route("/tasks/{task_id}/attempts", task_attempts, methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/kinds", list_kinds, methods=["GET"]),
+        Route("/kinds/{name}/pause", pause_kind, methods=["POST"]),
+        Route("/kinds/{name}/resume", resume_kind, methods=["POST"]),
+        Route("/schedules", list_schedules, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_schema, methods=["GET"], include_in_schema=False),
         *dashboard.routes(),
@@ -149,5 +170,5 @@ def app_from_environment() -> Starlette:
         configure_logging(settings.log_level, settings.log_format)
         dask_backend.check_scheduler(settings)  # unreachable: one line, like a bad setting
         return create_app(settings)
-    except (SettingsError, KindError) as exc:
+    except (SettingsError, KindError, ScheduleError) as exc:
         raise SystemExit(f"profile_app: {exc}") from None

@@ -22,9 +22,10 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from profile_app.db.database import Database, StorageUnavailable, TaskStatus
+from profile_app.db.database import Database, KindLimits, StorageUnavailable, TaskStatus
 from profile_app.dispatcher.dispatcher import Dispatcher
 from profile_app.web.http_io import iso_utc, task_document
+from profile_app.web.operations import schedule_document
 
 if TYPE_CHECKING:
     from profile_app.executors.dask.runner import DaskRunner
@@ -80,11 +81,17 @@ class SharedSnapshot:
     """
 
     def __init__(
-        self, db: Database, max_age_s: float = SNAPSHOT_INTERVAL_S * 0.9, *, dask: DaskRunner | None = None
+        self,
+        db: Database,
+        max_age_s: float = SNAPSHOT_INTERVAL_S * 0.9,
+        *,
+        dask: DaskRunner | None = None,
+        limits: KindLimits | None = None,
     ) -> None:
         self.db = db
         self.max_age_s = max_age_s
         self.dask = dask
+        self.limits = limits or {}
         self._lock = anyio.Lock()
         self._data = ""
         self._taken_at = -math.inf
@@ -92,7 +99,7 @@ class SharedSnapshot:
     async def data(self) -> str:
         async with self._lock:
             if anyio.current_time() - self._taken_at >= self.max_age_s:
-                self._data = json.dumps(await snapshot_or_error(self.db, self.dask))
+                self._data = json.dumps(await snapshot_or_error(self.db, self.dask, self.limits))
                 self._taken_at = anyio.current_time()
             return self._data
 
@@ -103,7 +110,8 @@ def _snapshots(request: Request) -> SharedSnapshot:
     shared: SharedSnapshot | None = getattr(request.app.state, "dashboard_snapshot", None)
     if shared is None or shared.db is not db:
         dask = getattr(request.state, "dask", None)
-        shared = request.app.state.dashboard_snapshot = SharedSnapshot(db, dask=dask)
+        limits = request.state.executor.kind_limits()
+        shared = request.app.state.dashboard_snapshot = SharedSnapshot(db, dask=dask, limits=limits)
     return shared
 
 
@@ -130,21 +138,44 @@ def _server_exiting() -> bool:
     return getattr(getattr(handler, "__self__", None), "should_exit", False) is True
 
 
-async def snapshot_or_error(db: Database, dask: DaskRunner | None = None) -> dict[str, Any]:
+async def snapshot_or_error(
+    db: Database, dask: DaskRunner | None = None, limits: KindLimits | None = None
+) -> dict[str, Any]:
     try:
-        return await snapshot(db, dask)
+        return await snapshot(db, dask, limits)
     except StorageUnavailable as exc:
         return {"at": iso_utc(db.clock()), "error": str(exc)}
 
 
-async def snapshot(db: Database, dask: DaskRunner | None = None) -> dict[str, Any]:
-    """What the dashboard shows: queue depth, its history, throughput, running, queued, failures,
-    and with a Dask cluster its state and workers."""
+async def _flow_control(db: Database, limits: KindLimits) -> dict[str, Any]:
+    """The kinds (with their limits and pause) and the schedules, for their panels."""
+    paused = await db.paused_kinds()
+    return {
+        "kinds": [
+            {
+                "name": name,
+                "paused": name in paused,
+                "concurrency": concurrency,
+                "rate_limit": rate.text if rate else None,
+            }
+            for name, (concurrency, rate) in sorted(limits.items())
+        ],
+        "schedules": [schedule_document(row, row.kind in paused) for row in await db.schedules()],
+    }
+
+
+async def snapshot(
+    db: Database, dask: DaskRunner | None = None, limits: KindLimits | None = None
+) -> dict[str, Any]:
+    """What the dashboard shows: queue depth, its history, throughput, running, queued (with
+    why each waits; `limits` are the kinds' service-wide limits), failures, the paused
+    kinds, and with a Dask cluster its state and workers."""
     counts = await db.count_unfinished()
     history = await db.queue_history(buckets=HISTORY_BUCKETS, bucket_s=HISTORY_BUCKET_S)
     running = await db.list_tasks(status=TaskStatus.RUNNING, limit=RUNNING_SHOWN)
     queued = await db.oldest_queued(QUEUED_SHOWN)
     failures = await db.list_tasks(status=TaskStatus.FAILED, limit=FAILURES_SHOWN)
+    waiting = await db.waiting_reasons(queued, limits or {})
     document: dict[str, Any] = {
         "at": iso_utc(db.clock()),
         "queue": {"queued": counts[TaskStatus.QUEUED], "running": counts[TaskStatus.RUNNING]},
@@ -155,8 +186,9 @@ async def snapshot(db: Database, dask: DaskRunner | None = None) -> dict[str, An
             "finished": {status.value: series for status, series in history.finished.items()},
         },
         "running": [task_document(task) for task in running],
-        "queued": [task_document(task) for task in queued],
+        "queued": [task_document(task, waiting.get(task.id)) for task in queued],
         "failures": [task_document(task) for task in failures],
+        **await _flow_control(db, limits or {}),
     }
     if dask is not None:
         document["dask"] = dask.dashboard()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,7 +12,8 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from profile_app.db.database import TaskRecord, TaskStatus
+from profile_app.db.database import AttemptRecord, Database, TaskRecord, TaskStatus
+from profile_app.dispatcher.dispatcher import Dispatcher
 
 JSON_MEDIA_TYPE = "application/json"
 MAX_IDEMPOTENCY_KEY_CHARS = 255
@@ -80,8 +82,9 @@ async def read_json_object(request: Request, max_body_bytes: int, timeout_s: flo
     return document
 
 
-def task_document(task: TaskRecord) -> dict[str, Any]:
-    """A task as GET /tasks/{task_id} shows it (and the dashboard and the CLI)."""
+def task_document(task: TaskRecord, waiting: str | None = None) -> dict[str, Any]:
+    """A task as GET /tasks/{task_id} shows it (and the dashboard and the CLI); `waiting`:
+    why a queued task waits (db.Waiting, from Database.waiting_reasons)."""
     return {
         "task_id": task.id,
         "kind": task.kind,
@@ -96,4 +99,28 @@ def task_document(task: TaskRecord) -> dict[str, Any]:
         "progress": task.progress,
         # What the task returned, once it has succeeded (a retry clears it).
         "result": task.result if task.status is TaskStatus.SUCCEEDED else None,
+        "run_at": iso_utc(task.run_at),
+        "priority": task.priority,
+        "waiting": waiting if task.status is TaskStatus.QUEUED else None,
+    }
+
+
+async def task_documents(
+    db: Database, executor: Dispatcher, tasks: Sequence[TaskRecord]
+) -> list[dict[str, Any]]:
+    """`task_document` of each task, with why each queued one waits."""
+    reasons = await db.waiting_reasons(tasks, executor.kind_limits())
+    return [task_document(task, reasons.get(task.id)) for task in tasks]
+
+
+def attempt_document(attempt: AttemptRecord) -> dict[str, Any]:
+    """One attempt as GET /tasks/{task_id}/attempts shows it."""
+    return {
+        "attempt": attempt.attempt,
+        "executor": attempt.executor,
+        "worker": attempt.worker,
+        "started_at": iso_utc(attempt.started_at),
+        "finished_at": iso_utc(attempt.finished_at),
+        "outcome": attempt.outcome,
+        "error": attempt.error,
     }

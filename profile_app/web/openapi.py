@@ -14,11 +14,13 @@ from profile_app.executors.kinds import KindRegistry
 from profile_app.web.schemas import (
     USER_ID_PATTERN,
     Accepted,
+    AttemptList,
     ErrorDetail,
     Health,
     KindList,
     ProfileIn,
     ProfileOut,
+    ScheduleList,
     TaskIn,
     TaskOut,
     TaskPage,
@@ -27,12 +29,14 @@ from profile_app.web.schemas import (
 
 MODELS = (
     Accepted,
+    AttemptList,
     ErrorDetail,
     Health,
     KindList,
     ProfileIn,
     ProfileOut,
     TaskIn,
+    ScheduleList,
     TaskOut,
     TaskPage,
     ValidationErrors,
@@ -85,6 +89,9 @@ def _payload_schema(json_schema: Callable[[], dict[str, Any]]) -> str:
         return json.dumps(json_schema(), sort_keys=True)
     except Exception:  # an annotation JSON Schema cannot express: document any object
         return json.dumps({"type": "object"})
+
+
+KIND_NAME = {"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}
 
 
 @cache
@@ -230,6 +237,16 @@ def document(submittable: HttpKinds = ()) -> dict[str, Any]:
                 },
             }
         },
+        "/tasks/{task_id}/attempts": {
+            "get": {
+                "summary": "Every attempt that started: where it ran, when, and how it ended",
+                "parameters": [TASK_ID],
+                "responses": {
+                    "200": _json(AttemptList, "the attempts, oldest first"),
+                    "404": _json(ErrorDetail, "unknown task"),
+                },
+            }
+        },
         "/health": {
             "get": {
                 "summary": "Liveness, queue counts and the Dask cluster's state",
@@ -243,6 +260,34 @@ def document(submittable: HttpKinds = ()) -> dict[str, Any]:
             "get": {
                 "summary": "Registered task kinds and where they run",
                 "responses": {"200": _json(KindList, "the kinds")},
+            }
+        },
+        **{
+            f"/kinds/{{name}}/{verb}": {
+                "post": {
+                    "summary": summary,
+                    "parameters": [KIND_NAME],
+                    "responses": {
+                        "200": {
+                            "description": "the kind",
+                            "content": {
+                                "application/json": {"schema": {"$ref": "#/components/schemas/KindOut"}}
+                            },
+                        },
+                        "404": _json(ErrorDetail, "unknown kind"),
+                        "503": UNAVAILABLE,
+                    },
+                }
+            }
+            for verb, summary in (
+                ("pause", "Pause a kind for every server process: its queued tasks stay queued"),
+                ("resume", "Resume a paused kind"),
+            )
+        },
+        "/schedules": {
+            "get": {
+                "summary": "The schedules, their next and last ticks",
+                "responses": {"200": _json(ScheduleList, "the schedules")},
             }
         },
         "/metrics": {

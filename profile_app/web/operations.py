@@ -9,12 +9,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from profile_app.db.database import (
+    ScheduleRecord,
     StorageUnavailable,
     TaskStatus,
 )
+from profile_app.dispatcher.dispatcher import Dispatcher
 from profile_app.executors.dask.runner import DaskRunner
+from profile_app.executors.kinds import TaskKind
 from profile_app.observability.metrics import CONTENT_TYPE_LATEST, Metrics
 from profile_app.web import openapi
+from profile_app.web.http_io import error, iso_utc
 from profile_app.web.middleware import services
 
 HEALTH_TIMEOUT_S = 1.0
@@ -38,22 +42,68 @@ async def health(request: Request) -> Response:
     return JSONResponse(body)
 
 
+def kind_document(executor: Dispatcher, kind: TaskKind, paused: bool) -> dict[str, Any]:
+    return {
+        "name": kind.name,
+        **executor.placement_info(kind),
+        "time_limit_s": kind.time_limit_s,
+        "max_attempts": kind.max_attempts,
+        "concurrency": kind.concurrency_in(executor.placement_of(kind)),
+        "rate_limit": kind.rate.text if kind.rate else None,
+        "paused": paused,
+    }
+
+
 async def list_kinds(request: Request) -> Response:
-    _settings, _db, executor = services(request)
+    _settings, db, executor = services(request)
+    paused = await db.paused_kinds()
     return JSONResponse(
-        {
-            "kinds": [
-                {
-                    "name": kind.name,
-                    **executor.placement_info(kind),
-                    "time_limit_s": kind.time_limit_s,
-                    "max_attempts": kind.max_attempts,
-                    "concurrency": kind.concurrency_in(executor.placement_of(kind)),
-                }
-                for kind in executor.kinds
-            ]
-        }
+        {"kinds": [kind_document(executor, kind, kind.name in paused) for kind in executor.kinds]}
     )
+
+
+async def list_schedules(request: Request) -> Response:
+    _settings, db, _executor = services(request)
+    paused = await db.paused_kinds()
+    return JSONResponse(
+        {"schedules": [schedule_document(row, row.kind in paused) for row in await db.schedules()]}
+    )
+
+
+def schedule_document(row: ScheduleRecord, paused: bool) -> dict[str, Any]:
+    """A schedule as GET /schedules shows it; `paused`: its kind is paused (its ticks are
+    still queued, and wait)."""
+    return {
+        "name": row.name,
+        "kind": row.kind,
+        "cron": row.cron,
+        "every_s": row.every_s,
+        "next_run_at": iso_utc(row.next_run_at),
+        "last_run_at": iso_utc(row.last_run_at),
+        "last_task_id": row.last_task_id,
+        "paused": paused,
+        "missed_ticks": row.missed,
+    }
+
+
+async def pause_kind(request: Request) -> Response:
+    return await _set_paused(request, paused=True)
+
+
+async def resume_kind(request: Request) -> Response:
+    return await _set_paused(request, paused=False)
+
+
+async def _set_paused(request: Request, *, paused: bool) -> Response:
+    """POST /kinds/{name}/pause|resume: stored in the database, for every server process."""
+    _settings, db, executor = services(request)
+    name = request.path_params["name"]
+    if name not in executor.kinds:
+        return error(404, f"no task kind named {name!r}")
+    await db.set_paused(name, paused)
+    if not paused:
+        executor.wake()  # its queued tasks may start now
+    return JSONResponse(kind_document(executor, executor.kinds[name], paused))
 
 
 async def metrics(request: Request) -> Response:

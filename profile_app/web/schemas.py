@@ -34,6 +34,9 @@ Text = Annotated[str, AfterValidator(_encodable)]
 UserId = Annotated[str, StringConstraints(pattern=USER_ID_PATTERN)]
 Interest = Annotated[Text, StringConstraints(min_length=1, max_length=50)]
 TaskStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+WaitingReason = Literal[
+    "scheduled", "retry backoff", "paused", "concurrency limit", "rate limit", "waiting for a worker"
+]
 # A character str.strip() keeps (not str.isspace()), so the documented schema of `name` says
 # what ProfileIn._name_not_blank checks. The same pattern reads alike in Python and ECMA-262.
 NOT_ONLY_WHITESPACE = r"[^\t-\r\x1c-\x20\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
@@ -104,6 +107,9 @@ class TaskOut(BaseModel):
     error: str | None
     progress: Annotated[float, Field(ge=0, le=1)] | None
     result: Any = Field(description="What the task returned, once it has succeeded; else null.")
+    run_at: str
+    priority: Annotated[int, Field(ge=-100, le=100)]
+    waiting: WaitingReason | None
 
 
 def _iso_text(value: Any) -> Any:
@@ -190,6 +196,9 @@ class KindOut(BaseModel):
     placement: str
     auto: bool
     reason: str
+    paused: bool
+    concurrency: int
+    rate_limit: str | None
 
 
 class KindList(BaseModel):
@@ -208,3 +217,35 @@ class ValidationErrorItem(BaseModel):
 
 class ValidationErrors(BaseModel):
     detail: list[ValidationErrorItem]
+
+
+class AttemptOut(BaseModel):
+    attempt: int
+    executor: str
+    worker: str | None
+    started_at: str
+    finished_at: str | None
+    outcome: Literal["succeeded", "failed", "time limit", "cancelled", "lost", "released"] | None
+    error: str | None
+
+
+class AttemptList(BaseModel):
+    attempts: list[AttemptOut]
+
+
+class ScheduleOut(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    kind: str
+    cron: str | None
+    every_s: float | None
+    next_run_at: str
+    last_run_at: str | None
+    last_task_id: str | None
+    paused: bool
+    missed_ticks: int
+
+
+class ScheduleList(BaseModel):
+    schedules: list[ScheduleOut]

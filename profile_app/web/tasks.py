@@ -9,7 +9,7 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response
 from profile_app.db.database import (
     TaskStatus,
 )
-from profile_app.web.http_io import error, task_document
+from profile_app.web.http_io import attempt_document, error, task_document, task_documents
 from profile_app.web.middleware import services
 from profile_app.web.schemas import TaskQuery, validation_detail
 
@@ -22,16 +22,26 @@ def _task_id(request: Request) -> str | None:
 
 
 async def get_task(request: Request) -> Response:
-    _settings, db, _executor = services(request)
+    _settings, db, executor = services(request)
     task_id = _task_id(request)
     task = await db.get_task(task_id) if task_id else None
     if task is None:
         return error(404, "no such task")
-    return JSONResponse(task_document(task))
+    [document] = await task_documents(db, executor, [task])
+    return JSONResponse(document)
+
+
+async def task_attempts(request: Request) -> Response:
+    _settings, db, _executor = services(request)
+    task_id = _task_id(request)
+    attempts = await db.attempts_of(task_id) if task_id else None
+    if attempts is None:
+        return error(404, "no such task")
+    return JSONResponse({"attempts": [attempt_document(attempt) for attempt in attempts]})
 
 
 async def list_tasks(request: Request) -> Response:
-    _settings, db, _executor = services(request)
+    _settings, db, executor = services(request)
     try:
         query = TaskQuery.model_validate(dict(request.query_params))
     except ValidationError as exc:
@@ -44,7 +54,7 @@ async def list_tasks(request: Request) -> Response:
     )
     page, more = tasks[: query.limit], len(tasks) > query.limit
     return JSONResponse(
-        {"tasks": [task_document(task) for task in page], "next": str(page[-1].seq) if more else None}
+        {"tasks": await task_documents(db, executor, page), "next": str(page[-1].seq) if more else None}
     )
 
 

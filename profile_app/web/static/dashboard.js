@@ -77,6 +77,9 @@
     syncTable("queued", snapshot.queued, [
       taskLink,
       (t) => t.kind,
+      (t) => String(t.priority),
+      (t) => ({ text: t.waiting || "", className: "waiting" }),
+      (t) => (t.waiting === "scheduled" || t.waiting === "retry backoff" ? until(t.run_at) : ""),
       attempt,
       (t) => ago(t.created_at),
       errorText,
@@ -85,11 +88,100 @@
     syncTable("failures", snapshot.failures, [
       taskLink,
       (t) => t.kind,
-      (t) => String(t.attempts),
+      attemptsLink,
       (t) => ago(t.finished_at),
       errorText,
       retryButton,
     ]);
+    syncRows("kinds", snapshot.kinds || [], (k) => k.name, [
+      (k) => k.name,
+      (k) => (k.concurrency === null ? "per process" : String(k.concurrency)),
+      (k) => k.rate_limit || "",
+      (k) => ({ text: k.paused ? "paused" : "running", className: k.paused ? "paused" : "" }),
+      pauseButton,
+    ]);
+    syncRows("schedules", snapshot.schedules || [], (s) => s.name, [
+      (s) => s.name,
+      (s) => s.kind,
+      (s) => s.cron || `${s.every_s} s`,
+      (s) => until(s.next_run_at),
+      (s) => (s.last_run_at ? ago(s.last_run_at) : "never"),
+      (s) => String(s.missed_ticks),
+    ]);
+  }
+
+  // Rows keyed by any field (kinds, schedules), like syncTable's rows by task id.
+  function syncRows(id, items, keyOf, columns) {
+    const table = $(id);
+    const body = table.tBodies[0];
+    const rows = new Map([...body.rows].map((row) => [row.dataset.key, row]));
+    items.forEach((item, index) => {
+      let row = rows.get(keyOf(item));
+      rows.delete(keyOf(item));
+      if (!row) {
+        row = document.createElement("tr");
+        row.dataset.key = keyOf(item);
+        columns.forEach(() => row.insertCell());
+      }
+      columns.forEach((column, i) => fill(row.cells[i], column(item, row)));
+      if (body.rows[index] !== row) body.insertBefore(row, body.rows[index] || null);
+    });
+    rows.forEach((row) => row.remove());
+    table.hidden = items.length === 0;
+    const empty = document.querySelector(`.empty[data-for="${id}"]`);
+    if (empty) empty.hidden = items.length > 0;
+  }
+
+  function pauseButton(kind, row) {
+    let button = row.querySelector("button.pause");
+    if (!button) {
+      button = document.createElement("button");
+      button.type = "button";
+      button.className = "pause";
+      button.addEventListener("click", () => setPaused(kind.name, button.dataset.verb, button));
+    }
+    if (!button.disabled) {
+      button.dataset.verb = kind.paused ? "resume" : "pause";
+      button.textContent = kind.paused ? "Resume" : "Pause";
+    }
+    return button;
+  }
+
+  async function setPaused(name, verb, button) {
+    button.disabled = true;
+    try {
+      const response = await fetch(`kinds/${encodeURIComponent(name)}/${verb}`, { method: "POST" });
+      const body = await response.json().catch(() => ({}));
+      if (response.ok) {
+        showNotice(`Kind ${name} ${body.paused ? "paused" : "resumed"}.`, "info");
+      } else {
+        showNotice(`Could not ${verb} kind ${name}: ${body.detail || response.statusText}`, "error");
+      }
+    } catch (error) {
+      showNotice(`Could not ${verb} kind ${name}: ${error}`, "error");
+    }
+    button.disabled = false;
+  }
+
+  function attemptsLink(task, row) {
+    let link = row.querySelector("a.attempts");
+    if (!link) {
+      link = document.createElement("a");
+      link.className = "attempts";
+      link.href = `tasks/${encodeURIComponent(task.task_id)}/attempts`;
+      link.title = "every attempt: where it ran, when, how it ended";
+    }
+    link.textContent = String(task.attempts);
+    return link;
+  }
+
+  function until(iso) {
+    if (!iso) return "";
+    const seconds = Math.round((Date.parse(iso) - serverNow) / 1000);
+    if (seconds <= 0) return "now";
+    if (seconds < 120) return `in ${seconds} s`;
+    if (seconds < 7200) return `in ${Math.round(seconds / 60)} min`;
+    return `in ${Math.round(seconds / 3600)} h`;
   }
 
   // The Dask cluster (only with a scheduler configured): its state and a row per worker.
