@@ -18,7 +18,7 @@ from conftest import ROOT, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
 
 from profile_app.db.database import SubmitOptions
-from profile_app.dispatcher.config import InvalidOptions
+from profile_app.db.records import InvalidOptions
 from profile_app.executors.kinds import KindRegistry
 
 kinds = KindRegistry()
