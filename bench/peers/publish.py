@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import report
-from bench.peers.specs import PEERS, Workload
+from bench.peers.specs import LOW_PRIORITY_SUFFIX, PEERS, Workload
 from bench.report import fmt
 from bench.servers import ROOT
 
@@ -42,7 +42,7 @@ def details(m: PeersMeasured, config: dict[str, Any]) -> dict[str, Any]:
     setups = {peer.name: peer for peer in PEERS}
     systems: dict[str, Any] = {}
     for name, s in m.systems.items():
-        entry: dict[str, Any] = {"problems": s.problems}
+        entry: dict[str, Any] = {"problems": s.problems, "load_average_at_match": s.load_average}
         if name in setups:
             peer = setups[name]
             entry["durability"] = peer.durability
@@ -95,6 +95,7 @@ def table(m: PeersMeasured) -> str:
         row("match tasks/s, 10k, 2 workers", lambda s: s.cpu.tasks_per_s if s.cpu else None, 1),
         row("cpu_efficiency (10k)", lambda s: s.cpu.cpu_efficiency if s.cpu else None),
         row("  CPU busy under load, % of cores", lambda s: 100 * s.cpu.cpu_busy if s.cpu else None, 0),
+        row("  host load average (1 min) at the start", lambda s: s.load_average, 1),
         row("/health p99 idle, ms", lambda s: s.cpu.p99_idle_ms if s.cpu else None, 1),
         row("/health p99 loaded, ms", lambda s: s.cpu.p99_loaded_ms if s.cpu else None, 1),
         row("/health p99 loaded/idle", lambda s: s.cpu.ratio if s.cpu else None, 1),
@@ -115,6 +116,12 @@ def notes(m: PeersMeasured) -> list[str]:
         setup = "; ".join(f"{workload.value}: {peer.setup[workload]}" for workload in Workload)
         lines.append(f"- `{peer.name}`: {peer.durability}; {setup}.")
     for name, s in m.systems.items():
+        if name.endswith(LOW_PRIORITY_SUFFIX):
+            peer = name.removesuffix(LOW_PRIORITY_SUFFIX)
+            lines.append(
+                f"- `{name}`: {peer}'s match tasks again, its workers at nice 10 and SCHED_IDLE,"
+                " the priority profile_app gives its process workers (`executors.BELOW_THE_SERVER`)."
+            )
         lines.extend(f"- {name}: {problem}" for problem in s.problems)
     lines.append(
         f"- cpu_efficiency references: the seed's task (read every row, build an index, match)"

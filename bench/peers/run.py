@@ -12,6 +12,7 @@ Run from the repository root: `.venv/bin/python -m bench.peers.run [--quick] [--
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -25,7 +26,7 @@ from bench.httpclient import Connection, HTTPError
 from bench.load import HealthSampler, round_trips
 from bench.peers import env as peer_env
 from bench.peers import publish, servers, workloads
-from bench.peers.specs import PEERS, Needs, Peer, Workload
+from bench.peers.specs import LOW_PRIORITY_SUFFIX, PEERS, Needs, Peer, Workload
 from bench.roundtrip import RoundTrips
 from bench.servers import ROOT, ServerFailed, free_port, profile_app_command, running, uvicorn_command
 from bench.short_tasks import ShortTasks
@@ -42,6 +43,9 @@ class PeersConfig:
     idle_s: float = 4.0
     loaded_s: float = 5.0
     interval_s: float = 0.01
+    # Peers whose match tasks run a second time with their workers at profile_app's
+    # priority (nice 10, SCHED_IDLE): what a peer's /health ratio owes to priority alone.
+    low_priority: tuple[str, ...] = ("celery",)
     backlog: int = 100  # peers: match tasks POSTed at the window's start (about 15 s of work for 2 cores)
     profile_app_backlog: int = 3000  # as bench/suite.py's Config.backlog
 
@@ -58,6 +62,7 @@ class SystemResult:
     short: ShortTasks | None = None
     cpu: health.HealthRun | None = None
     problems: list[str] = field(default_factory=list)
+    load_average: float | None = None  # the host's, right before the match tasks: how noisy they ran
 
 
 @dataclass
@@ -103,6 +108,11 @@ def measure(
                 peer_env.REDIS_URL if peer.needs is Needs.REDIS else peer_env.PG_CONNINFO: urls[peer.needs]
             }
             systems[peer.name] = _measure_peer(peer, env, urls, tmp, config, sampler, db, users, in_process)
+            if peer.name in config.low_priority and workloads.low_priority_available():
+                name = f"{peer.name}{LOW_PRIORITY_SUFFIX}"
+                systems[name] = _measure_match(
+                    peer, name, env, urls, tmp, config, sampler, db, users, in_process
+                )
     if profile_app is None and (only is None or "profile_app" in only):
         profile_app = _measure_profile_app(tmp, config, sampler, db, users, in_process.task_cpu_s)
     if profile_app is not None:
@@ -163,13 +173,36 @@ def _measure_peer(
         _reset(peer, urls)
         with workloads.started(peer, Workload.IO, env, tmp) as system:
             result.short = workloads.peer_short_tasks(peer.name, system.app.port, config.short_tasks)
-    step(f"{peer.name}: match tasks and /health ({peer.setup[Workload.CPU]})")
+    cpu = _measure_match(peer, peer.name, env, urls, tmp, config, sampler, db, users, in_process)
+    result.cpu, result.load_average = cpu.cpu, cpu.load_average
+    result.problems += cpu.problems
+    return result
+
+
+def _measure_match(
+    peer: Peer,
+    name: str,
+    env: dict[str, str],
+    urls: dict[Needs, str],
+    tmp: Path,
+    config: PeersConfig,
+    sampler: HealthSampler,
+    db: Path,
+    users: list[str],
+    in_process: inprocess.InProcess,
+) -> SystemResult:
+    result = SystemResult(name)
+    low = name != peer.name
+    priority = ", nice 10, SCHED_IDLE" if low else ""
+    step(f"{name}: match tasks and /health ({peer.setup[Workload.CPU]}{priority})")
+    result.load_average = os.getloadavg()[0]
     with _attempt(result, "match tasks"):
         _reset(peer, urls)
-        copy = datasets.copy_database(db, tmp / f"peers_{peer.name}.db")
-        with workloads.started(peer, Workload.CPU, {**env, peer_env.MATCH_DB: str(copy)}, tmp) as system:
+        copy = datasets.copy_database(db, tmp / f"peers_{name}.db")
+        match_env = {**env, peer_env.MATCH_DB: str(copy)}
+        with workloads.started(peer, Workload.CPU, match_env, tmp, low_priority=low) as system:
             result.cpu = workloads.peer_match_and_health(
-                peer.name,
+                name,
                 system,
                 sampler,
                 copy,
@@ -217,6 +250,7 @@ def _measure_profile_app(
         result.short = workloads.short_tasks("profile_app", port, "/bench/io", config.short_tasks, _idle)
     copy = datasets.copy_database(db, tmp / "peers_profile_app.db")
     port = free_port()
+    result.load_average = os.getloadavg()[0]
     with running("peers_profile_app", profile_app_command(port, copy), port, tmp) as server:
         health.warm_up(server, datasets.profile_bodies(2, "peers"))
         result.cpu = health.measure(

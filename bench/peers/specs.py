@@ -16,6 +16,8 @@ from enum import Enum
 
 from bench.servers import python_command
 
+LOW_PRIORITY_SUFFIX = "_low_priority"  # a peer's match run with its workers at profile_app's priority
+
 
 class Workload(Enum):
     NOOP = "noop"

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -45,15 +46,29 @@ class Running:
         return self.app.cpu_seconds() + sum(worker.cpu_seconds() for worker in self.workers)
 
 
+LOW_PRIORITY = ("chrt", "--idle", "0", "nice", "-n", "10")  # executors.BELOW_THE_SERVER's priority
+
+
+def low_priority_available() -> bool:
+    return all(shutil.which(tool) for tool in ("chrt", "nice"))
+
+
 @contextmanager
-def started(peer: Peer, workload: Workload, env: dict[str, str], log_dir: Path) -> Iterator[Running]:
-    """Start the peer's workers for `workload`, then its app; stop them all at the end."""
+def started(
+    peer: Peer, workload: Workload, env: dict[str, str], log_dir: Path, low_priority: bool = False
+) -> Iterator[Running]:
+    """Start the peer's workers for `workload`, then its app; stop them all at the end.
+
+    `low_priority` runs the workers as profile_app runs its process workers (nice 10 and
+    SCHED_IDLE), so that the app's loop wins every contended core.
+    """
+    prefix = list(LOW_PRIORITY) if low_priority else []
     with ExitStack() as stack:
         workers = [
             stack.enter_context(
                 running(
                     f"{peer.name}_{workload.value}_worker{number}",
-                    command,
+                    [*prefix, *command],
                     0,
                     log_dir,
                     env,
