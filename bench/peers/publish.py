@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import statistics
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,18 @@ END = "<!-- bench:peers:end -->"
 PLOT = "peers.png"
 
 
+METRICS = (
+    "noop_roundtrip_ms",
+    "short_tasks_per_s",
+    "cpu_tasks_per_s",
+    "cpu_efficiency",
+    "health_p99_ratio",
+    "health_p99_idle_ms",
+    "health_p99_loaded_ms",
+)
+SYSTEMS = ("profile_app", *(p.name for p in PEERS), *(p.name + LOW_PRIORITY_SUFFIX for p in PEERS))
+
+
 def keys(m: PeersMeasured) -> dict[str, float]:
     found: dict[str, float] = {}
     for name, s in m.systems.items():
@@ -35,6 +48,7 @@ def keys(m: PeersMeasured) -> dict[str, float]:
             found[f"health_p99_ratio_{name}"] = s.cpu.ratio
             found[f"health_p99_idle_ms_{name}"] = s.cpu.p99_idle_ms
             found[f"health_p99_loaded_ms_{name}"] = s.cpu.p99_loaded_ms
+    assert set(found) <= {f"{metric}_{name}" for metric in METRICS for name in SYSTEMS}
     return {key: round(value, 6) for key, value in found.items() if math.isfinite(value)}
 
 
@@ -49,6 +63,8 @@ def details(m: PeersMeasured, config: dict[str, Any]) -> dict[str, Any]:
             entry["setup"] = {workload.value: text for workload, text in peer.setup.items()}
         if s.noop is not None:
             entry["noop_p90_ms"] = s.noop.p90_ms
+            entry["noop_mean_ms"] = 1e3 * statistics.mean(s.noop.seconds)
+            entry["noop_max_ms"] = 1e3 * max(s.noop.seconds)
         if s.short is not None:
             entry["short_tasks"] = {
                 "count": s.short.count,
@@ -91,6 +107,8 @@ def table(m: PeersMeasured) -> str:
         ["durable (fsync per commit)", *["yes"] * len(columns)],
         row("no-op round trip, median ms", lambda s: s.noop.median_ms if s.noop else None),
         row("  p90 ms", lambda s: s.noop.p90_ms if s.noop else None),
+        row("  mean ms", lambda s: 1e3 * statistics.mean(s.noop.seconds) if s.noop else None),
+        row("  max ms", lambda s: 1e3 * max(s.noop.seconds) if s.noop else None, 0),
         row("short I/O tasks/s, 64 at a time", lambda s: s.short.per_s if s.short else None, 0),
         row("match tasks/s, 10k, 2 workers", lambda s: s.cpu.tasks_per_s if s.cpu else None, 1),
         row("cpu_efficiency (10k)", lambda s: s.cpu.cpu_efficiency if s.cpu else None),
@@ -188,6 +206,9 @@ def document_part(m: PeersMeasured, config: dict[str, Any]) -> dict[str, Any]:
 def update_json(path: Path, part: dict[str, Any]) -> None:
     """Merge into an existing latest.json (a standalone run keeps the main run's keys)."""
     document = json.loads(path.read_text()) if path.exists() else {}
+    # A peer skipped this time must not keep the previous run's numbers.
+    for stale in {f"{metric}_{name}" for metric in METRICS for name in SYSTEMS}:
+        document.pop(stale, None)
     document.update(part)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(document, indent=2, allow_nan=False) + "\n")
