@@ -155,39 +155,29 @@ def plot(m: PeersMeasured, directory: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels: list[tuple[str, Callable[[SystemResult], float | None], bool]] = [
-        (
-            "no-op round trip, median ms (lower is better)",
-            lambda s: s.noop.median_ms if s.noop else None,
-            True,
-        ),
-        ("short I/O tasks/s (higher is better)", lambda s: s.short.per_s if s.short else None, False),
+    panels: list[tuple[str, Callable[[SystemResult], float | None]]] = [
+        ("no-op round trip, median ms (lower is better)", lambda s: s.noop.median_ms if s.noop else None),
+        ("short I/O tasks/s (higher is better)", lambda s: s.short.per_s if s.short else None),
         (
             "cpu_efficiency, match tasks at 10k (higher is better)",
             lambda s: s.cpu.cpu_efficiency if s.cpu else None,
-            False,
         ),
-        ("/health p99 loaded/idle (lower is better)", lambda s: s.cpu.ratio if s.cpu else None, True),
+        ("/health p99 loaded/idle (lower is better)", lambda s: s.cpu.ratio if s.cpu else None),
     ]
     fig, axes = plt.subplots(2, 2, figsize=(12, 7))
     names = list(m.systems)
-    for axis, (title, value, log) in zip(axes.flat, panels, strict=True):
+    labels = [name.replace(LOW_PRIORITY_SUFFIX, "\n(nice 10, idle)") for name in names]
+    for axis, (title, value) in zip(axes.flat, panels, strict=True):
         values = [value(m.systems[name]) for name in names]
         heights = [v if v is not None else 0.0 for v in values]
         colors = ["tab:green" if name == "profile_app" else "tab:gray" for name in names]
-        bars = axis.bar(names, heights, color=colors)
+        bars = axis.bar(labels, heights, color=colors)
         for bar, found in zip(bars, values, strict=True):
             label = "n/a" if found is None else fmt(found, 2)
-            axis.annotate(
-                label,
-                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                ha="center",
-                va="bottom",
-                fontsize=8,
-            )
-        if log and all(v is not None and v > 0 for v in values):
-            axis.set_yscale("log")
+            position = (bar.get_x() + bar.get_width() / 2, bar.get_height())
+            axis.annotate(label, position, ha="center", va="bottom", fontsize=8)
         axis.set_title(title, fontsize=10)
+        axis.tick_params(axis="x", labelsize=8)
         axis.grid(True, axis="y", alpha=0.3)
     fig.suptitle(f"profile_app against the peers, same client and machine ({report.today_utc()})")
     fig.tight_layout()
