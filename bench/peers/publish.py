@@ -103,8 +103,11 @@ def table(m: PeersMeasured) -> str:
             cells.append("-" if found is None else fmt(found, digits))
         return [metric, *cells]
 
+    def row_text(metric: str, value: Callable[[SystemResult], str]) -> list[str]:
+        return [metric, *(value(m.systems[name]) for name in columns)]
+
     body = [
-        ["durable (fsync per commit)", *["yes"] * len(columns)],
+        row_text("durable (fsync per commit)", lambda s: "yes" if s.noop or s.short or s.cpu else "-"),
         row("no-op round trip, median ms", lambda s: s.noop.median_ms if s.noop else None),
         row("  p90 ms", lambda s: s.noop.p90_ms if s.noop else None),
         row("  mean ms", lambda s: 1e3 * statistics.mean(s.noop.seconds) if s.noop else None),

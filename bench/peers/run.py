@@ -131,11 +131,11 @@ def _start_servers(stack: ExitStack, tmp: Path) -> dict[Needs, str]:
     if Needs.REDIS in urls:
         urls[Needs.REDIS] = urls[Needs.REDIS].rsplit("/", 1)[0]  # each peer picks its databases
     if Needs.POSTGRES in urls:
-        publish_schema(urls[Needs.POSTGRES])
+        create_procrastinate_schema(urls[Needs.POSTGRES])
     return urls
 
 
-def publish_schema(conninfo: str) -> None:
+def create_procrastinate_schema(conninfo: str) -> None:
     """procrastinate's tables, made once per cluster, as `procrastinate schema --apply` would."""
     import psycopg
     from procrastinate.schema import SchemaManager
