@@ -46,7 +46,7 @@ class PeersConfig:
     # Peers whose match tasks run a second time with their workers at profile_app's
     # priority (nice 10, SCHED_IDLE): what a peer's /health ratio owes to priority alone.
     low_priority: tuple[str, ...] = ("celery",)
-    backlog: int = 100  # peers: match tasks POSTed at the window's start (about 15 s of work for 2 cores)
+    backlog: int = 100  # peers: match tasks POSTed at the window's start, more than 2 workers finish in it
     profile_app_backlog: int = 3000  # as bench/suite.py's Config.backlog
 
     def quick(self) -> PeersConfig:
