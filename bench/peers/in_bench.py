@@ -7,6 +7,7 @@ when the peers' Python packages are not installed.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -58,7 +59,7 @@ def document_part(measured: PeersMeasured | None, config: Config) -> dict[str, A
         return {}
     from bench.peers import publish
 
-    return publish.document_part(measured, {"from_make_bench": True, **_config(config).__dict__})
+    return publish.document_part(measured, {"from_make_bench": True, **asdict(_config(config))})
 
 
 def publish(measured: PeersMeasured | None, out: Path, update_doc: bool) -> list[Path]:

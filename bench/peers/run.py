@@ -6,20 +6,24 @@ Starts its own durable Redis and PostgreSQL (bench/peers/servers.py), then runs 
 Standalone, it measures profile_app too; inside `make bench` (bench/run.py) it reuses the
 numbers the main run measured for profile_app minutes before.
 
-Run from the repository root: `.venv/bin/python -m bench.peers.run [--quick] [--out DIR] [--no-doc]`
+Run from the repository root:
+`.venv/bin/python -m bench.peers.run [--quick] [--out DIR] [--no-doc] [--only celery,profile_app]`
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
+
+import psycopg
 
 from bench import datasets, health, inprocess, report
 from bench.httpclient import Connection, HTTPError
@@ -128,8 +132,8 @@ def _start_servers(stack: ExitStack, tmp: Path) -> dict[Needs, str]:
             urls[needs] = stack.enter_context(start(tmp))
         except servers.MissingServer as missing:
             report.out(str(missing))
-    if Needs.REDIS in urls:
-        urls[Needs.REDIS] = urls[Needs.REDIS].rsplit("/", 1)[0]  # each peer picks its databases
+        except (RuntimeError, OSError, subprocess.CalledProcessError) as error:
+            report.out(f"peers: {needs.value} did not start ({error}): skipping its peers")
     if Needs.POSTGRES in urls:
         create_procrastinate_schema(urls[Needs.POSTGRES])
     return urls
@@ -137,8 +141,7 @@ def _start_servers(stack: ExitStack, tmp: Path) -> dict[Needs, str]:
 
 def create_procrastinate_schema(conninfo: str) -> None:
     """procrastinate's tables, made once per cluster, as `procrastinate schema --apply` would."""
-    import psycopg
-    from procrastinate.schema import SchemaManager
+    from procrastinate.schema import SchemaManager  # imported here: only the peers part needs it
 
     with psycopg.connect(conninfo, autocommit=True) as conn:
         conn.execute(SchemaManager.get_schema())
@@ -147,7 +150,7 @@ def create_procrastinate_schema(conninfo: str) -> None:
 def _reset(peer: Peer, urls: dict[Needs, str]) -> None:
     """Nothing left from the previous workload: no queued message, no stored result."""
     if peer.needs is Needs.REDIS:
-        servers.flush_redis(urls[Needs.REDIS] + "/0")
+        servers.flush_redis(urls[Needs.REDIS])
 
 
 def _measure_peer(
@@ -294,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def config_dict(config: PeersConfig, quick: bool) -> dict[str, Any]:
-    return {"quick": quick, **config.__dict__}
+    return {"quick": quick, **asdict(config)}
 
 
 if __name__ == "__main__":

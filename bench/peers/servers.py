@@ -61,7 +61,7 @@ def _major_version(path: str) -> int:
 
 @contextmanager
 def redis_server(log_dir: Path) -> Iterator[str]:
-    """A durable Redis; yields its URL (database 0)."""
+    """A durable Redis; yields its URL without a database number (each peer picks its own)."""
     binary = redis_binary()
     port = free_port()
     data = Path(tempfile.mkdtemp(prefix="bench_redis_"))
@@ -76,7 +76,7 @@ def redis_server(log_dir: Path) -> Iterator[str]:
         "--protected-mode", "no",
         "--daemonize", "no",
     ]  # fmt: skip
-    url = f"redis://{HOST}:{port}/0"
+    url = f"redis://{HOST}:{port}"
     with (log_dir / f"redis.{port}.log").open("wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
