@@ -23,6 +23,7 @@ from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
 
+import psutil
 import psycopg
 
 from bench import datasets, health, inprocess, report
@@ -77,7 +78,7 @@ class PeersMeasured:
     seconds: float
 
 
-FAILURES = (ServerFailed, RuntimeError, TimeoutError, OSError, HTTPError)
+FAILURES = (ServerFailed, RuntimeError, TimeoutError, OSError, HTTPError, psutil.Error)
 
 
 def step(text: str) -> None:
