@@ -2,7 +2,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check soak lint format bench clean binary browser
+.PHONY: run test check soak lint format bench bench-peers clean binary browser
 
 run: $(VENV)/.installed
 	$(VENV)/bin/profile-app serve
@@ -36,8 +36,18 @@ lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/lint-imports
 
-bench: $(VENV)/.bench-installed
+# `make bench` includes the peers part (bench/peers: arq, Celery, Dramatiq, procrastinate); it
+# needs redis-server and postgresql from apt (`apt-get install -y redis-server postgresql`)
+# and skips a peer whose server is missing. `make bench-peers` runs that part alone.
+bench: $(VENV)/.peers-installed
 	$(PY) -m bench.run
+
+bench-peers: $(VENV)/.peers-installed
+	$(PY) -m bench.peers.run
+
+$(VENV)/.peers-installed: requirements-peers.txt $(VENV)/.bench-installed
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-peers.txt
+	touch $@
 
 format: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff format .

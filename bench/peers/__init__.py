@@ -1,0 +1,1 @@
+"""The peers part of `make bench` (issue 20): arq, Celery, Dramatiq and procrastinate."""
