@@ -14,12 +14,17 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
+import types
 from types import FrameType
 from typing import Any
 
 
 def exit_zero_after_graceful_stop() -> None:
-    """Wrap uvicorn's SIGTERM handler (in the main thread, under uvicorn; else nothing)."""
+    """Wrap uvicorn's SIGTERM handler (in the main thread, under uvicorn; else nothing).
+
+    The wrapper stays a method of uvicorn's Server, as the handler it wraps is: the
+    dashboard reads `should_exit` through it (dashboard.server_stopping).
+    """
     if threading.current_thread() is not threading.main_thread():
         return  # signals are the main thread's: a TestClient or an embedding owns them
     handler = signal.getsignal(signal.SIGTERM)
@@ -27,10 +32,13 @@ def exit_zero_after_graceful_stop() -> None:
     captured = getattr(server, "_captured_signals", None)  # uvicorn.Server's, read on exit
     if not callable(handler) or not isinstance(captured, list):
         return  # not uvicorn's handler (serve's no-op, or another server): leave it
+    if getattr(handler, "__func__", None) is _graceful:
+        return  # wrapped already
+    server._profile_app_uvicorn_handler = handler
+    signal.signal(signal.SIGTERM, types.MethodType(_graceful, server))
 
-    def graceful(signum: int, frame: FrameType | None) -> None:
-        handler(signum, frame)  # type: ignore[operator]  # uvicorn: should_exit
-        with contextlib.suppress(ValueError):
-            captured.remove(signum)  # stopped gracefully: nothing to raise again
 
-    signal.signal(signal.SIGTERM, graceful)
+def _graceful(server: Any, signum: int, frame: FrameType | None) -> None:
+    server._profile_app_uvicorn_handler(signum, frame)  # uvicorn's: should_exit
+    with contextlib.suppress(ValueError):
+        server._captured_signals.remove(signum)  # stopped gracefully: nothing to raise again
