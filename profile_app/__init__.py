@@ -3,10 +3,12 @@
 The public API is what this module exports (`__all__`)::
 
     from profile_app import KindRegistry, Placement, report_progress, create_app
+    from profile_app import TaskQueue  # the queue embedded in your own app (docs/embedding.md)
 
 `profile_app.app` is the service built from the environment, for
 `uvicorn profile_app:app`. The web layer is imported only when asked for, so a worker
-process that unpickles a task function does not load Starlette.
+process that unpickles a task function does not load Starlette (`TaskQueue` and
+`create_app` are imported when first asked for).
 """
 
 from __future__ import annotations
@@ -14,11 +16,22 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from profile_app.executors import KindRegistry, Placement, current_task, report_progress
+from profile_app.executors.direct_calls import CallTimedOut, WorkerCrashed
 
 if TYPE_CHECKING:
     from profile_app.web.app import create_app
+    from profile_app.web.queue import TaskQueue
 
-__all__ = ["KindRegistry", "Placement", "create_app", "current_task", "report_progress"]
+__all__ = [
+    "CallTimedOut",
+    "KindRegistry",
+    "Placement",
+    "TaskQueue",
+    "WorkerCrashed",
+    "create_app",
+    "current_task",
+    "report_progress",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -26,6 +39,10 @@ def __getattr__(name: str) -> Any:
         from profile_app.web.app import create_app
 
         return create_app
+    if name == "TaskQueue":
+        from profile_app.web.queue import TaskQueue
+
+        return TaskQueue
     if name == "app":
         from profile_app.web.app import app_from_environment
 

@@ -198,6 +198,10 @@ class Dispatcher(AttemptLifecycle, Housekeeping):
             attempt_end.task = ended_as
             attempt_end.event.set()
 
+    def runner(self, placement: Placement) -> Runner | None:
+        """The runner of `placement` (TaskQueue.run_in_process calls the process runner's pool)."""
+        return self._runners.get(placement)
+
     def running_count(self) -> int:
         return len(self._attempts)
 
