@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from profile_app.db.database import Database, StorageUnavailable
+from profile_app.db.database import Database, StorageUnavailable, TaskRecord
 from profile_app.dispatcher.config import DispatcherConfig, UnknownKind
 from profile_app.dispatcher.dispatcher import Dispatcher
 from profile_app.executors import direct_calls
@@ -173,14 +173,14 @@ class TaskQueue:
         """The task as GET /tasks/{task_id} shows it, once it has finished (succeeded, failed
         or cancelled). Raises TimeoutError after `timeout_s`, LookupError for an unknown id."""
         executor: Dispatcher = self.state["executor"]
-        return task_document(await executor.wait(task_id, timeout_s))
+        return _document(await executor.wait(task_id, timeout_s))
 
     async def cancel(self, task_id: str) -> dict[str, Any] | None:
         """Cancel a queued or running task (a process attempt is killed at once): the task,
         now cancelled, or None if it had already finished or does not exist."""
         executor: Dispatcher = self.state["executor"]
         task = await executor.cancel(task_id)
-        return None if task is None else task_document(task)
+        return None if task is None else _document(task)
 
     # -- one call, nothing stored ----------------------------------------------------------
 
@@ -254,6 +254,13 @@ class _QueueState:
             # A copy: the host app's own request.state stays as it was.
             scope = {**scope, "state": {**scope.get("state", {}), **services}}
         await self.app(scope, receive, send)
+
+
+def _document(task: TaskRecord) -> dict[str, Any]:
+    """The task as GET /tasks/{task_id} shows it, with its result (the value the caller waits for)."""
+    document = task_document(task)
+    document.setdefault("result", task.result)
+    return document
 
 
 def _dispatcher_config(settings: Settings) -> DispatcherConfig:
