@@ -183,6 +183,21 @@ def test_a_durable_task_survives_kill_9_of_the_embedding_app(
     assert len(marker.read_text().split()) >= 2  # it ran again after the crash
 
 
+def test_sigterm_lets_a_running_task_finish_before_the_app_exits(
+    embedded: Callable[..., Server], tmp_path: Path
+) -> None:
+    server = embedded(PROFILE_APP_SHUTDOWN_GRACE_S="60")
+    marker = tmp_path / "attempts.txt"
+    task_id = server.post("/submit", params={"ms": 2000, "marker": str(marker)}).json()["task_id"]
+    wait_until(lambda: marker.exists(), 30, "the attempt started")
+    server.terminate(timeout_s=90)  # uvicorn stops, then the lifespan's exit drains the queue
+
+    restarted = embedded()
+    task = restarted.get(f"/queue/tasks/{task_id}").json()
+    assert (task["status"], task["attempts"]) == ("succeeded", 1), task
+    assert len(marker.read_text().split()) == 1
+
+
 # -- the mounted API -------------------------------------------------------------------------
 
 
