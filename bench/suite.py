@@ -32,6 +32,7 @@ COMPARISON_APPS = {
     "naive": "bench.naive_app:app",
     "threads": "bench.threads_app:app",
     "processpool": "bench.processpool_app:app",
+    "fastapi_queue": "bench.fastapi_queue_app:app",  # the seed's FastAPI app with queue.run_in_process
 }
 USERS_PER_SIZE = 1000
 

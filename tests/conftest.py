@@ -106,6 +106,9 @@ class Server:
     port: int = field(default_factory=free_port)
     args: list[str] = field(default_factory=list)  # more `serve` flags, e.g. ["--workers", "3"]
     process: subprocess.Popen | None = None
+    # Another server instead of `serve` (an app that embeds the queue), and where it runs.
+    command: list[str] | None = None
+    cwd: Path = ROOT
     log: Path | None = None
     cwd: Path = ROOT  # where it runs: `--kinds MODULE:NAME` imports MODULE from there
 
@@ -118,7 +121,8 @@ class Server:
         self.log = self.db.with_suffix(f".{self.port}.log")
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [
+                self.command
+                or [
                     sys.executable,
                     "-m",
                     "profile_app",

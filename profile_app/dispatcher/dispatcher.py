@@ -236,6 +236,10 @@ class Dispatcher(AttemptLifecycle, Housekeeping, Waiting, Slots):
         """Look for due tasks now, not at the next poll (e.g. a kind was resumed)."""
         self._wakeup.set()
 
+    def runner(self, placement: Placement) -> Runner | None:
+        """The runner of `placement` (TaskQueue.run_in_process calls the process runner's pool)."""
+        return self._runners.get(placement)
+
     def running_count(self) -> int:
         return len(self._attempts)
 
@@ -268,10 +272,6 @@ class Dispatcher(AttemptLifecycle, Housekeeping, Waiting, Slots):
         finally:
             with CancelScope(shield=True):
                 await self._close_runners()
-
-    def runner(self, placement: Placement) -> Runner:
-        """The runner of `placement` (e.g. to look at the process runner's worker pool)."""
-        return self._runners[placement]
 
     async def _close_runners(self) -> None:
         """Stop the runners that own resources (the process pool's workers); the Dask

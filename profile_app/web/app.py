@@ -1,8 +1,8 @@
-"""profile_app: a Starlette service that stores profiles and matches them off the event loop.
+"""The standalone service: the profile routes plus the queue's HTTP API, over one TaskQueue.
 
 `create_app(settings)` builds the app; nothing is opened or started until its lifespan
-runs. `uvicorn profile_app:app` builds it from the environment; `python profile_app.py
-serve|seed` is the command line (see cli.py).
+runs. `uvicorn profile_app:app` builds it from the environment (`app_from_environment`);
+`profile-app serve` is the command line (cli.py).
 """
 
 from __future__ import annotations
@@ -11,47 +11,24 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import anyio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.routing import Route
 
-from profile_app.db.database import (
-    Database,
-    StorageUnavailable,
-)
-from profile_app.dispatcher.config import DispatcherConfig
-from profile_app.dispatcher.dispatcher import Dispatcher
-from profile_app.dispatcher.schedules import Scheduler
+from profile_app.db.database import StorageUnavailable
 from profile_app.executors.dask import backend as dask_backend
 from profile_app.executors.errors import KindError
 from profile_app.executors.kinds import KindRegistry
-from profile_app.executors.process import WorkerPriority
-from profile_app.executors.process_pool import RecyclePolicy
 from profile_app.executors.schedules import ScheduleError
 from profile_app.observability.logs import configure_logging
-from profile_app.observability.loop_watchdog import LoopWatchdog
-from profile_app.observability.metrics import Metrics
 from profile_app.settings import Settings, SettingsError
-from profile_app.tasks.loading import check_placements, served_kinds
-from profile_app.web import dashboard
+from profile_app.tasks.loading import served_kinds
 from profile_app.web.errors import http_exception, storage_unavailable, unexpected
 from profile_app.web.middleware import ExecutorMiddleware
-from profile_app.web.operations import (
-    health,
-    list_kinds,
-    list_schedules,
-    metrics,
-    openapi_schema,
-    pause_kind,
-    resume_kind,
-)
-from profile_app.web.profiles import get_profile, post_profile
+from profile_app.web.queue import TaskQueue
 from profile_app.web.request_log import RequestLogMiddleware
+from profile_app.web.routes import service_routes
 from profile_app.web.signals import exit_zero_after_graceful_stop
-from profile_app.web.submit import tasks_resource
-from profile_app.web.tasks import retry_task, task_attempts, task_logs, task_resource
 
 
 def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None = None) -> Starlette:
@@ -66,83 +43,20 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
     registry = served_kinds(settings)  # the built-in kinds and PROFILE_APP_KINDS'
     if kinds is not None:
         registry = registry.merged(kinds)
-        check_placements(kinds, settings)
-    dask_backend.check_kinds(registry, settings)
-    registry.check_schedules()  # a schedule of an unknown kind: ScheduleError, one line
+    # Checks every kind's placement (a process kind that cannot be pickled: KindError) and
+    # schedule (of an unknown kind: ScheduleError) before anything starts.
+    queue = TaskQueue(registry, settings=settings)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         configure_logging(settings.log_level, settings.log_format)
         exit_zero_after_graceful_stop()  # plain uvicorn: a SIGTERM stop exits 0, as under serve
-        app_metrics = Metrics()
-        async with (
-            Database(
-                settings.db,
-                on_group_commit=app_metrics.group_committed,
-                priority_aging_s=settings.priority_aging_s,
-            ) as db,
-            dask_backend.open_dask(
-                settings, db, on_attempt=app_metrics.dask_attempt, on_status=app_metrics.dask_cluster
-            ) as dask_runner,  # None without a scheduler
-            anyio.create_task_group() as task_group,
-        ):
-            config = DispatcherConfig(
-                lease_s=settings.lease_s,
-                poll_interval_s=settings.poll_interval_s,
-                process_workers=settings.process_workers,
-                process_priority=WorkerPriority(settings.process_nice, settings.process_sched_idle),
-                inline=settings.inline,
-                idempotency_ttl_s=settings.idempotency_ttl_s,
-                auto_placement=settings.auto_placement,
-                claim_ahead=settings.claim_ahead,
-                recycle=RecyclePolicy(settings.worker_max_tasks, settings.worker_max_rss_mb),
-                task_max_memory_mb=settings.task_max_memory_mb,
-            )
-            executor = Dispatcher(
-                db,
-                dask_backend.placed_kinds(registry, settings, dask_runner),
-                config,
-                on_attempt_end=app_metrics.task_finished,
-                on_submit=app_metrics.task_submitted,
-                on_worker_replaced=app_metrics.worker_replaced,
-                dask_runner=dask_runner,
-            )
-            await task_group.start(executor.run)
-            scheduler = Scheduler(executor, registry.schedules.values(), on_tick=app_metrics.schedule_ticked)
-            task_group.start_soon(scheduler.run)
-            task_group.start_soon(app_metrics.sample_loop_lag)
-            watchdog = LoopWatchdog(settings.blocking_threshold_ms / 1000, on_block=app_metrics.loop_blocked)
-            task_group.start_soon(watchdog.heartbeat)
-            try:
-                yield {
-                    "settings": settings,
-                    "db": db,
-                    "executor": executor,
-                    "metrics": app_metrics,
-                    "dask": dask_runner,
-                }
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await executor.drain(settings.shutdown_grace_s)
-                task_group.cancel_scope.cancel()
+        # The same queue lifespan an embedding app runs (web/queue.py); its services are
+        # this app's request.state.
+        async with queue.running():
+            yield queue.state
 
-    routes = [
-        Route("/profile", post_profile, methods=["POST"]),
-        Route("/profile/{user_id}", get_profile, methods=["GET"]),
-        Route("/tasks", tasks_resource, methods=["GET", "POST"]),
-        Route("/tasks/{task_id}", task_resource, methods=["GET", "DELETE"]),
-        Route("/tasks/{task_id}/retry", retry_task, methods=["POST"]),
-        Route("/tasks/{task_id}/logs", task_logs, methods=["GET"]),
-        Route("/tasks/{task_id}/attempts", task_attempts, methods=["GET"]),
-        Route("/health", health, methods=["GET"]),
-        Route("/kinds", list_kinds, methods=["GET"]),
-        Route("/kinds/{name}/pause", pause_kind, methods=["POST"]),
-        Route("/kinds/{name}/resume", resume_kind, methods=["POST"]),
-        Route("/schedules", list_schedules, methods=["GET"]),
-        Route("/metrics", metrics, methods=["GET"]),
-        Route("/openapi.json", openapi_schema, methods=["GET"], include_in_schema=False),
-        *dashboard.routes(),
-    ]
+    routes = service_routes()
     return Starlette(
         routes=routes,
         middleware=[
