@@ -66,11 +66,12 @@ def publish(measured: PeersMeasured | None, out: Path, update_doc: bool) -> list
     """The peers' table (printed), plot and BENCHMARKS.md block; the JSON is bench/run.py's."""
     if measured is None:
         return []
+    from bench.peers import plot as peers_plot
     from bench.peers import publish as peers_publish
 
     report.out()
     report.out(peers_publish.table(measured))
-    written = [peers_publish.plot(measured, out)]
+    written = [peers_plot.plot(measured, out)]
     if update_doc and peers_publish.update_benchmarks_md(ROOT / "BENCHMARKS.md", measured):
         written.append(ROOT / "BENCHMARKS.md")
     return written
