@@ -123,6 +123,7 @@ def test_the_binary_seeds_serves_and_matches_in_frozen_worker_processes(built: P
     unpacked.mkdir()
     env = clean_environment(unpacked)
     db = home / "profiles.db"
+    shutil.copy2(ROOT / "examples" / "my_kinds.py", home)  # the user's own kinds, beside the binary
 
     seeded = subprocess.run(
         [str(binary), "seed", "--count", "200", "--db", db.name],
@@ -140,7 +141,7 @@ def test_the_binary_seeds_serves_and_matches_in_frozen_worker_processes(built: P
     log = home / "serve.log"
     with log.open("wb") as out:
         server = subprocess.Popen(
-            [str(binary), "serve", "--port", str(port), "--db", db.name],
+            [str(binary), "serve", "--port", str(port), "--db", db.name, "--kinds", "my_kinds:kinds"],
             cwd=home,
             env=env,
             stdout=out,
@@ -158,6 +159,12 @@ def test_the_binary_seeds_serves_and_matches_in_frozen_worker_processes(built: P
         for task_id in task_ids:
             task = wait_until_finished(url, task_id)
             assert (task["status"], task["executor"]) == ("succeeded", "process"), (task, log.read_text())
+
+        # A kind of the user's module, imported from the working directory, in a frozen worker.
+        burn = requests.post(f"{url}/tasks", json={"kind": "burn", "payload": {"ms": 1}}, timeout=10)
+        assert burn.status_code == 202, burn.text
+        task = wait_until_finished(url, burn.json()["task_id"])
+        assert (task["status"], task["executor"], task["result"]["ms"]) == ("succeeded", "process", 1), task
 
         assert frozen_workers(binary, server.pid), "no anyio worker started from the binary"
         stored = stored_profiles(db)

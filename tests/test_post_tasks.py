@@ -49,6 +49,11 @@ def adds(a: int, b: int = 1) -> int:
     return a + b
 
 
+@kinds.kind(runs_on="thread", http=True)
+def weekday(at: datetime) -> str:
+    return f"{type(at).__name__}: {at:%A}"
+
+
 @pytest.fixture
 def client(make_client: Callable[..., TestClient]) -> TestClient:
     return make_client(kinds=kinds)
@@ -227,6 +232,17 @@ def test_submit_takes_the_function_or_its_name_and_checks_the_arguments(client: 
     assert isinstance(invalid.value, ValueError) and "adds" in str(invalid.value)
     with pytest.raises(TypeError):
         client.portal.call(lambda: executor.submit(adds, {"a": 1}, b=2))
+
+
+def test_the_function_gets_the_values_its_annotations_ask_for(client: TestClient) -> None:
+    """A payload is stored as JSON; the function is called with what its signature's check
+    makes of it: an ISO-8601 string for a `datetime` parameter arrives as a datetime."""
+    executor = client.app_state["executor"]
+    from_code = client.portal.call(lambda: executor.submit(weekday, at=datetime(2030, 1, 1, tzinfo=UTC)))
+    from_http = post_task(client, "weekday", {"at": "2030-01-02T00:00:00+00:00"}).json()["task_id"]
+    assert wait_for_task(client, from_code)["result"] == "datetime: Tuesday"
+    assert wait_for_task(client, from_http)["result"] == "datetime: Wednesday"
+    assert post_task(client, "weekday", {"at": "tomorrow"}).status_code == 422
 
 
 def test_a_failed_attempts_traceback_is_in_its_logs(client: TestClient, tmp_path: Path) -> None:

@@ -73,7 +73,8 @@ class Arguments:
             detail = [_error((), f"the payload is not JSON: {exc}", "json_invalid")]
             raise InvalidArguments(self.name, detail) from None
         self._validate(document)
-        return json.loads(document)
+        # Stored as JSON: a payload of JSON values is kept as it is, others as their JSON form.
+        return payload if _plain_json(payload) else json.loads(document)
 
     def values(self, payload: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments to call the function with: the checked payload's values."""
@@ -93,6 +94,21 @@ class Arguments:
 
     def json_schema(self) -> dict[str, Any]:
         return self._adapter.json_schema()
+
+
+def _plain_json(value: Any) -> bool:
+    """Whether `value` is made only of what JSON holds (what json.loads gives back)."""
+    kind = type(value)
+    if kind is str or kind is int or kind is float or kind is bool or value is None:
+        return True
+    try:
+        if kind is dict:
+            return all(type(key) is str and _plain_json(item) for key, item in value.items())
+        if kind is list:
+            return all(_plain_json(item) for item in value)
+    except RecursionError:  # nested too deeply to walk: take the JSON form
+        return False
+    return False
 
 
 def _error(loc: tuple[Any, ...] | list[Any], msg: str, kind: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from pydantic import ValidationError
 from starlette.requests import Request
@@ -15,6 +16,8 @@ from profile_app.db.database import (
     QueueFull,
     request_hash,
 )
+from profile_app.dispatcher.dispatcher import Dispatcher
+from profile_app.settings import Settings
 from profile_app.tasks.builtin import MATCH
 from profile_app.web.http_io import error, idempotency_key, iso_utc, read_json_object
 from profile_app.web.middleware import services
@@ -45,8 +48,19 @@ async def post_profile(request: Request) -> Response:
             "task_url": task_url,
         },
     )
+    accepted = await write_submission(settings, executor, submission)
+    if isinstance(accepted, Response):
+        return accepted
+    return JSONResponse(accepted, status_code=202, headers={"Location": accepted["task_url"]})
+
+
+async def write_submission(
+    settings: Settings, executor: Dispatcher, submission: ProfileSubmission
+) -> dict[str, Any] | Response:
+    """A POST's durable write (POST /profile, POST /tasks): the accepted (or first) response,
+    or the error to answer with (queue full, Idempotency-Key reused or still in flight)."""
     try:
-        accepted = await executor.submit_profile(
+        return await executor.submit_profile(
             submission, max_unfinished=settings.max_queued, idempotency_ttl_s=settings.idempotency_ttl_s
         )
     except QueueFull:
@@ -59,7 +73,6 @@ async def post_profile(request: Request) -> Response:
         return error(422, "this Idempotency-Key was used with a different request body")
     except IdempotencyInProgress:
         return error(409, "a request with this Idempotency-Key is still being handled")
-    return JSONResponse(accepted, status_code=202, headers={"Location": accepted["task_url"]})
 
 
 async def get_profile(request: Request) -> Response:

@@ -12,17 +12,11 @@ from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from profile_app.db.database import (
-    IdempotencyConflict,
-    IdempotencyInProgress,
-    ProfileSubmission,
-    QueueFull,
-    SubmitOptions,
-    request_hash,
-)
+from profile_app.db.database import ProfileSubmission, SubmitOptions, request_hash
 from profile_app.executors.errors import InvalidArguments, UnknownKind
 from profile_app.web.http_io import error, idempotency_key, read_json_object, task_document
 from profile_app.web.middleware import services
+from profile_app.web.profiles import write_submission
 from profile_app.web.schemas import TaskIn, validation_detail
 from profile_app.web.tasks import list_tasks
 
@@ -52,20 +46,9 @@ async def post_task(request: Request) -> Response:
         request_hash=request_hash(document) if key is not None else None,
         response={"task_id": task.id},  # a repeat of the key answers with the task as it is then
     )
-    try:
-        accepted = await executor.submit_profile(
-            submission, max_unfinished=settings.max_queued, idempotency_ttl_s=settings.idempotency_ttl_s
-        )
-    except QueueFull:
-        return error(
-            503,
-            f"the queue is full ({settings.max_queued} unfinished tasks); retry later",
-            {"Retry-After": str(settings.queue_full_retry_after_s)},
-        )
-    except IdempotencyConflict:
-        return error(422, "this Idempotency-Key was used with a different request body")
-    except IdempotencyInProgress:
-        return error(409, "a request with this Idempotency-Key is still being handled")
+    accepted = await write_submission(settings, executor, submission)
+    if isinstance(accepted, Response):
+        return accepted
     task_id = accepted["task_id"]
     stored = await db.get_task(task_id)
     if stored is None:  # removed by retention since a first request with this key

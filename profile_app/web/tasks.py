@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from profile_app.db.database import (
+    TaskRecord,
     TaskStatus,
 )
 from profile_app.web.http_io import attempt_document, error, task_document, task_documents
@@ -59,27 +62,30 @@ async def list_tasks(request: Request) -> Response:
 
 
 async def cancel_task(request: Request) -> Response:
-    _settings, db, executor = services(request)
-    task_id = _task_id(request)
-    cancelled = await executor.cancel(task_id) if task_id else None
-    if cancelled is not None:
-        return JSONResponse(task_document(cancelled))
-    existing = await db.get_task(task_id) if task_id else None
-    if existing is None:
-        return error(404, "no such task")
-    return error(409, f"the task has already finished ({existing.status.value})")
+    _settings, _db, executor = services(request)
+    return await _changed_or_why(request, executor.cancel, "the task has already finished ({})")
 
 
 async def retry_task(request: Request) -> Response:
-    _settings, db, executor = services(request)
+    _settings, _db, executor = services(request)
+    why = "only a failed or cancelled task can be retried; this one is {}"
+    return await _changed_or_why(request, executor.retry, why)
+
+
+async def _changed_or_why(
+    request: Request, change: Callable[[str], Awaitable[TaskRecord | None]], conflict: str
+) -> Response:
+    """200 with the task `change` returns; else 404 for an unknown task, or 409 with
+    `conflict` formatted with its status."""
+    _settings, db, _executor = services(request)
     task_id = _task_id(request)
-    retried = await executor.retry(task_id) if task_id else None
-    if retried is not None:
-        return JSONResponse(task_document(retried))
+    changed = await change(task_id) if task_id else None
+    if changed is not None:
+        return JSONResponse(task_document(changed))
     existing = await db.get_task(task_id) if task_id else None
     if existing is None:
         return error(404, "no such task")
-    return error(409, f"only a failed or cancelled task can be retried; this one is {existing.status.value}")
+    return error(409, conflict.format(existing.status.value))
 
 
 async def task_logs(request: Request) -> Response:

@@ -280,70 +280,52 @@
   }
 
   function cancelButton(task, row) {
-    let button = row.querySelector("button.cancel");
-    if (!button) {
-      button = document.createElement("button");
-      button.type = "button";
-      button.className = "cancel";
-      button.dataset.taskId = task.task_id;
-      button.textContent = "Cancel";
-      button.addEventListener("click", () => cancel(task.task_id, button, row));
-    }
-    return button;
-  }
-
-  async function cancel(taskId, button, row) {
-    button.disabled = true;
-    button.textContent = "Cancelling…";
-    try {
-      const response = await fetch("tasks/" + encodeURIComponent(taskId), { method: "DELETE" });
-      if (response.ok) {
-        row.classList.add("cancelled");
-        button.textContent = "Cancelled";
-        showNotice(`Task ${taskId} cancelled.`, "info");
-        return;
-      }
-      const body = await response.json().catch(() => ({}));
-      showNotice(`Could not cancel task ${taskId}: ${body.detail || response.statusText}`, "error");
-    } catch (error) {
-      showNotice(`Could not cancel task ${taskId}: ${error}`, "error");
-    }
-    button.disabled = false;
-    button.textContent = "Cancel";
+    return actionButton(task, row, {
+      className: "cancel", label: "Cancel", busy: "Cancelling…", done: "Cancelled", rowClass: "cancelled",
+      verb: "cancel", notice: "cancelled", method: "DELETE", path: "",
+    });
   }
 
   function retryButton(task, row) {
-    let button = row.querySelector("button.retry");
+    return actionButton(task, row, {
+      className: "retry", label: "Retry", busy: "Retrying…", done: "Queued", rowClass: "retried",
+      verb: "retry", notice: "queued again", method: "POST", path: "/retry",
+    });
+  }
+
+  // A button that acts on its row's task once (DELETE /tasks/{id}, POST /tasks/{id}/retry).
+  function actionButton(task, row, action) {
+    let button = row.querySelector(`button.${action.className}`);
     if (!button) {
       button = document.createElement("button");
       button.type = "button";
-      button.className = "retry";
+      button.className = action.className;
       button.dataset.taskId = task.task_id;
-      button.textContent = "Retry";
-      button.addEventListener("click", () => retry(task.task_id, button, row));
+      button.textContent = action.label;
+      button.addEventListener("click", () => act(task.task_id, button, row, action));
     }
     return button;
   }
 
-  async function retry(taskId, button, row) {
+  async function act(taskId, button, row, action) {
     button.disabled = true;
-    button.textContent = "Retrying…";
+    button.textContent = action.busy;
     try {
-      const url = "tasks/" + encodeURIComponent(taskId) + "/retry";
-      const response = await fetch(url, { method: "POST" });
+      const url = "tasks/" + encodeURIComponent(taskId) + action.path;
+      const response = await fetch(url, { method: action.method });
       if (response.ok) {
-        row.classList.add("retried");
-        button.textContent = "Queued";
-        showNotice(`Task ${taskId} queued again.`, "info");
+        row.classList.add(action.rowClass);
+        button.textContent = action.done;
+        showNotice(`Task ${taskId} ${action.notice}.`, "info");
         return;
       }
       const body = await response.json().catch(() => ({}));
-      showNotice(`Could not retry task ${taskId}: ${body.detail || response.statusText}`, "error");
+      showNotice(`Could not ${action.verb} task ${taskId}: ${body.detail || response.statusText}`, "error");
     } catch (error) {
-      showNotice(`Could not retry task ${taskId}: ${error}`, "error");
+      showNotice(`Could not ${action.verb} task ${taskId}: ${error}`, "error");
     }
     button.disabled = false;
-    button.textContent = "Retry";
+    button.textContent = action.label;
   }
 
   // A notice about the data (the database is down) lasts until a good snapshot arrives;
