@@ -36,8 +36,11 @@ def _limit(request: ClaimRequest, now: float) -> tuple[str, list[Any]]:
         caps.append("? - (SELECT COUNT(*) FROM tasks WHERE status = 'running' AND kind = ?)")
         params += [request.concurrency, request.kind]
     if request.rate is not None:
-        # Starts stamped more than a period after `now` (the clock stepped back) are not
-        # counted: a step back holds the kind for less than two periods, never for the step.
+        # Counted up to a period after `now`: another process may have committed starts
+        # stamped later than this transaction's `now` (read before it waited for the write
+        # lock), and the last claim to commit counts every start within a period of its
+        # own, so no window of one period holds more. Starts stamped further ahead (the
+        # clock stepped back) are not counted: a step back never holds the kind for long.
         caps.append(
             "? - (SELECT COUNT(*) FROM attempts WHERE kind = ? AND started_at > ? AND started_at <= ?)"
         )

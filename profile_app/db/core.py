@@ -204,9 +204,7 @@ class DatabaseCore:
 
         def transaction(conn: sqlite3.Connection) -> Claimed:
             run_group(conn, writes)
-            # The time read under the write lock: claims of every process are stamped in
-            # the order they commit, which the rate limit's window relies on.
-            return self._claim_in(conn, requests, lease_s, self.clock())
+            return self._claim_in(conn, requests, lease_s, now)
 
         claimed: Claimed = {}
         try:
