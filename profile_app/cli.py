@@ -16,7 +16,8 @@ from pathlib import Path
 
 import anyio
 
-from profile_app.db.database import TaskStatus
+from profile_app.db.database import StorageUnavailable, TaskStatus
+from profile_app.db.preflight import check_database
 from profile_app.settings import Settings, SettingsError
 
 SEED_BATCH = 2000
@@ -61,6 +62,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Settings.load(host=args.host, port=args.port, workers=args.workers, db=args.db)
             return serve(settings)
         settings = Settings.load(db=args.db)
+        check_database(settings.db)
         if args.command == "tasks":
             return anyio.run(task_command, settings, args)
         if args.count < 0:
@@ -69,6 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SettingsError as exc:
         sys.stderr.write(f"profile_app: {exc}\n")
         return 2
+    except StorageUnavailable as exc:  # the database cannot be opened or used
+        sys.stderr.write(f"profile_app: {exc}\n")
+        return 1
 
 
 def serve(settings: Settings) -> int:
@@ -78,6 +83,7 @@ def serve(settings: Settings) -> int:
     from profile_app.web.http_guard import GuardedH11Protocol
 
     check_scheduler(settings)  # an unreachable Dask scheduler stops start-up with one line
+    check_database(settings.db)  # so does a database file that cannot be used
     # Server processes (and uvicorn's --workers children) read the settings from here.
     os.environ.update(settings.as_environ())
     # uvicorn re-raises SIGTERM once it has shut down gracefully; a no-op handler makes a

@@ -72,9 +72,13 @@ class DatabaseCore:
             self._reader = await self._connect(read_only=True)
             # Busy timeout 0: it never waits (see _read_on_loop).
             self._loop_reader = connect_read_only(self.path, timeout_s=0)
-        except sqlite3.Error as exc:
+        except BaseException as exc:
+            # Close what opened: an aiosqlite connection is a thread that would keep the
+            # process alive after a failed start-up ("Application startup failed" and a hang).
             await self.aclose()
-            raise sqlite_failure(exc) from exc
+            if isinstance(exc, sqlite3.Error):
+                raise sqlite_failure(exc) from exc
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -90,13 +94,18 @@ class DatabaseCore:
 
     async def _connect(self, *, read_only: bool) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
-        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-        if read_only:
-            await conn.execute("PRAGMA query_only = 1")
-        else:
-            await conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a 202 must survive power loss, not only a process crash.
-            await conn.execute("PRAGMA synchronous = FULL")
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            if read_only:
+                await conn.execute("PRAGMA query_only = 1")
+            else:
+                await conn.execute("PRAGMA journal_mode = WAL")
+                # FULL: a 202 must survive power loss, not only a process crash.
+                await conn.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.close()  # its thread must not outlive the failure
+            raise
         return conn
 
     @staticmethod

@@ -21,6 +21,7 @@ from profile_app.db.database import (
     Database,
     StorageUnavailable,
 )
+from profile_app.db.preflight import DatabaseUnusable, check_database
 from profile_app.dispatcher.config import DispatcherConfig
 from profile_app.dispatcher.dispatcher import Dispatcher
 from profile_app.executors.dask import backend as dask_backend
@@ -136,6 +137,7 @@ def app_from_environment() -> Starlette:
     try:
         settings = Settings.load()
         dask_backend.check_scheduler(settings)  # unreachable: one line, like a bad setting
+        check_database(settings.db)  # a file that cannot be used: one line too
         return create_app(settings)
-    except SettingsError as exc:
+    except (SettingsError, DatabaseUnusable) as exc:
         raise SystemExit(f"profile_app: {exc}") from None
