@@ -2,12 +2,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check soak lint format bench clean binary browser
+.PHONY: run test check soak lint format bench clean binary browser faults
 
 run: $(VENV)/.installed
 	$(VENV)/bin/profile-app serve
 
-test: $(VENV)/.dev-installed lint browser
+test: $(VENV)/.dev-installed lint browser faults
 	$(PY) -m pytest
 
 # The fast tier for the edit-test loop (under a minute): lint plus the tests not marked slow.
@@ -21,6 +21,14 @@ browser:
 		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
+	fi
+
+# The storage fault tests inject fsync errors with Debian's strace (tests/test_disk_full.py).
+faults:
+	@if ! command -v strace >/dev/null; then \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q strace; \
 	fi
 
 # Minutes, not part of `make test`: the crash loop with 40 kills (about 4,100 tasks) and the

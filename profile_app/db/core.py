@@ -28,6 +28,7 @@ from profile_app.db.sql import (
     T,
     by_kind,
     connect_read_only,
+    disk_failure,
     in_transaction,
     lease_owner_id,
     logger,
@@ -62,6 +63,8 @@ class DatabaseCore:
         # What the next holder of the write lock commits (see _commit_queued).
         self._queued_writes: list[QueuedWrite[Any]] = []
         self._queued_submissions: list[ProfileSubmission] = []
+        # Why the last write transaction failed on the disk (full, failing), or None.
+        self.write_failure: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -126,6 +129,16 @@ class DatabaseCore:
             await conn.execute("ROLLBACK")
             raise
         await conn.execute("COMMIT")
+
+    def file_sizes(self) -> tuple[int, int]:
+        """The database file's and its write-ahead log's sizes on disk, in bytes."""
+        sizes = []
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                sizes.append(path.stat().st_size)
+            except OSError:
+                sizes.append(0)
+        return sizes[0], sizes[1]
 
     @property
     def _w(self) -> aiosqlite.Connection:
@@ -251,9 +264,28 @@ class DatabaseCore:
         """
         try:
             with anyio.CancelScope(shield=True):
-                return await self._on_writer(lambda conn: in_transaction(conn, work))
+                value = await self._on_writer(lambda conn: in_transaction(conn, work))
         except sqlite3.Error as exc:
-            raise sqlite_failure(exc) from exc
+            if disk_failure(exc):
+                self.write_failure = str(exc)  # /health: degraded until a write succeeds
+            raise sqlite_failure(exc, writing=True) from exc
+        self.write_failure = None
+        return value
+
+    async def probe_write(self) -> bool:
+        """Whether a small write commits now (for /health while the last write failed: with
+        no traffic, nothing else would find out that the disk has room again)."""
+        now = self.clock()
+        try:
+            async with self._write_lock:
+                await self._locked_write(
+                    lambda conn: conn.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', ?)", (str(now),)
+                    )
+                )
+        except StorageUnavailable:
+            return False
+        return True
 
     async def _on_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Call `fn` with the writer's sqlite3 connection, on its thread (one round trip)."""

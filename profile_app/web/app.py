@@ -32,6 +32,7 @@ from profile_app.observability.logs import configure_logging
 from profile_app.observability.loop_watchdog import LoopWatchdog
 from profile_app.observability.metrics import Metrics
 from profile_app.settings import Settings, SettingsError
+from profile_app.tasks import upkeep
 from profile_app.tasks.builtin import builtin_kinds
 from profile_app.web import dashboard
 from profile_app.web.errors import http_exception, storage_unavailable, unexpected
@@ -87,6 +88,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
             )
             await task_group.start(executor.run)
             task_group.start_soon(app_metrics.sample_loop_lag)
+            task_group.start_soon(upkeep.probe_failed_writes, db)
             watchdog = LoopWatchdog(settings.blocking_threshold_ms / 1000, on_block=app_metrics.loop_blocked)
             task_group.start_soon(watchdog.heartbeat)
             try:
