@@ -64,6 +64,11 @@ class Settings(BaseSettings):
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 30.0
     idempotency_ttl_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
 
+    # Retention: finished tasks are removed (with their logs) this long after they finished.
+    retain_succeeded_s: Annotated[float, Field(ge=0)] = 7 * 24 * 3600.0
+    retain_failed_s: Annotated[float, Field(ge=0)] = 30 * 24 * 3600.0  # failed and cancelled
+    prune_every_s: Annotated[float, Field(gt=0)] = 60.0
+
     # Scale-out (optional, requirements-dask.txt): these kinds run on a Dask cluster.
     dask_scheduler: str | None = None  # tcp://host:port of a `dask scheduler`
     dask_kinds: str = "match"  # comma-separated kind names

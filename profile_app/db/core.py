@@ -102,6 +102,9 @@ class DatabaseCore:
             if read_only:
                 await conn.execute("PRAGMA query_only = 1")
             else:
+                # A new file returns the space pruning frees (retention.py); a file that has
+                # tables already keeps its mode (SQLite ignores this then).
+                await conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 await conn.execute("PRAGMA journal_mode = WAL")
                 # FULL: a 202 must survive power loss, not only a process crash.
                 await conn.execute("PRAGMA synchronous = FULL")

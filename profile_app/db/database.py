@@ -30,6 +30,7 @@ from profile_app.db.records import (
     TaskStatus,
     request_hash,
 )
+from profile_app.db.retention import PruneReport, RetentionStore
 from profile_app.db.sql import (
     Claims,
     SuccessEffect,
@@ -55,6 +56,7 @@ __all__ = [
     "PlacementRecord",
     "ProfileRecord",
     "ProfileSubmission",
+    "PruneReport",
     "QueueFull",
     "QueueHistory",
     "StorageUnavailable",
@@ -70,9 +72,9 @@ __all__ = [
 ]
 
 
-class Database(ProfileStore, TaskStore, StatsStore):
+class Database(ProfileStore, TaskStore, StatsStore, RetentionStore):
     """The profile store and task queue of one server process: one object over one file.
 
-    Each store is a module of its own (profiles.py, tasks.py, stats.py) over the shared
+    Each store is a module of its own (profiles.py, tasks.py, stats.py, retention.py) over the shared
     connections and writer of core.py.
     """

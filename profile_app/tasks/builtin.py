@@ -1,4 +1,5 @@
-"""The built-in task kinds: `match` (CPU, in a process) and `notify` (a webhook, on a thread)."""
+"""The built-in task kinds: `match` (CPU, in a process), `notify` (a webhook, on a thread) and
+`prune` (retention, on the loop: tasks/retention.py)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from profile_app.executors.context import current_task, report_progress
 from profile_app.executors.kinds import KindRegistry, Placement
 from profile_app.matching.index import MatchIndex
 from profile_app.settings import Settings
+from profile_app.tasks.retention import register_prune
 
 MATCH = "match"
 NOTIFY = "notify"
@@ -114,4 +116,5 @@ def builtin_kinds(settings: Settings) -> KindRegistry:
         concurrency=4,
         retry_backoff_s=settings.retry_backoff_s,
     )(notify)
+    register_prune(kinds, settings)
     return kinds

@@ -34,6 +34,7 @@ from profile_app.observability.metrics import Metrics
 from profile_app.settings import Settings, SettingsError
 from profile_app.tasks import upkeep
 from profile_app.tasks.builtin import builtin_kinds
+from profile_app.tasks.retention import RetentionPolicy, serving
 from profile_app.web import dashboard
 from profile_app.web.errors import http_exception, storage_unavailable, unexpected
 from profile_app.web.middleware import ExecutorMiddleware
@@ -63,6 +64,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
             dask_backend.open_dask(
                 settings, db, on_attempt=app_metrics.dask_attempt, on_status=app_metrics.dask_cluster
             ) as dask_runner,  # None without a scheduler
+            serving(db),  # the `prune` kind prunes this database
             anyio.create_task_group() as task_group,
         ):
             config = DispatcherConfig(
@@ -89,6 +91,14 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
             await task_group.start(executor.run)
             task_group.start_soon(app_metrics.sample_loop_lag)
             task_group.start_soon(upkeep.probe_failed_writes, db)
+            # Until the built-in `prune` schedule runs it: the pruner, every prune_every_s.
+            task_group.start_soon(
+                upkeep.prune_every,
+                db,
+                RetentionPolicy.from_settings(settings),
+                settings.prune_every_s,
+                app_metrics.storage.pruned.inc,
+            )
             watchdog = LoopWatchdog(settings.blocking_threshold_ms / 1000, on_block=app_metrics.loop_blocked)
             task_group.start_soon(watchdog.heartbeat)
             try:

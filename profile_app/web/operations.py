@@ -74,6 +74,7 @@ async def metrics(request: Request) -> Response:
     except StorageUnavailable:
         pass  # the gauges keep their last values; /health reports the outage
     app_metrics.running.set(executor.running_count())
+    app_metrics.storage.set_sizes(*db.file_sizes())
     app_metrics.set_placements({kind.name: executor.placement_of(kind).value for kind in executor.kinds})
     return Response(app_metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
