@@ -1,4 +1,4 @@
-"""The command line: `profile-app serve|seed|tasks` (also `python -m profile_app`)."""
+"""The command line: `profile-app serve|seed|tasks|backup` (also `python -m profile_app`)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,10 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--db", type=Path, help="SQLite file (PROFILE_APP_DB, default profile_app.db)")
     seed.add_argument("--random-seed", type=int, default=0, help="same seed, same profiles (default 0)")
 
+    backup = commands.add_parser("backup", help="a consistent copy of the live database")
+    backup.add_argument("path", type=Path, help="where the copy goes (replaced if it exists)")
+    backup.add_argument("--db", type=Path, help="SQLite file (PROFILE_APP_DB, default profile_app.db)")
+
     tasks = commands.add_parser("tasks", help="look at and act on the task queue (no server needed)")
     verbs = tasks.add_subparsers(dest="verb", required=True)
     listing = verbs.add_parser("list", help="tasks, newest first")
@@ -62,6 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             settings = Settings.load(host=args.host, port=args.port, workers=args.workers, db=args.db)
             return serve(settings)
         settings = Settings.load(db=args.db)
+        if args.command == "backup":
+            return backup(settings.db, args.path)
         check_database(settings.db)
         if args.command == "tasks":
             return anyio.run(task_command, settings, args)
@@ -107,6 +113,17 @@ def serve(settings: Settings) -> int:
                 max_connections=settings.max_connections,
             ),
         )
+    return 0
+
+
+def backup(db: Path, target: Path) -> int:
+    from profile_app.db.backup import backup_database
+
+    report = backup_database(db, target)
+    sys.stdout.write(
+        f"backed up {db} to {report.path}: {report.bytes} bytes,"
+        f" {report.tasks} tasks, {report.profiles} profiles\n"
+    )
     return 0
 
 
