@@ -95,6 +95,12 @@ def serve(settings: Settings) -> int:
     # uvicorn re-raises SIGTERM once it has shut down gracefully; a no-op handler makes a
     # graceful stop exit 0, as the contract asks.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    if settings.workers > 1:
+        # The supervisor's own lines (a server process died and was replaced) in the same
+        # format; each server process's lifespan sets up its own logging.
+        from profile_app.observability.logs import configure_logging
+
+        configure_logging(settings.log_level, settings.log_format)
     with metrics_directory(settings.workers):
         uvicorn.run(
             "profile_app:app",
@@ -111,6 +117,7 @@ def serve(settings: Settings) -> int:
                 GuardedH11Protocol,
                 header_timeout_s=settings.header_timeout_s,
                 max_connections=settings.max_connections,
+                max_connections_per_client=settings.max_connections_per_client,
             ),
         )
     return 0

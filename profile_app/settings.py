@@ -38,6 +38,7 @@ class Settings(BaseSettings):
     body_timeout_s: Annotated[float, Field(gt=0)] = 30.0
     max_connections: Annotated[int, Field(ge=1)] = 1000
     keep_alive_s: Annotated[int, Field(ge=1)] = 5  # an idle keep-alive connection is closed after it
+    max_connections_per_client: Annotated[int, Field(ge=1)] = 100  # one address cannot hold them all
     max_queued: Annotated[int, Field(ge=1)] = 10_000
     queue_full_retry_after_s: Annotated[int, Field(ge=1)] = 5
 
@@ -63,6 +64,11 @@ class Settings(BaseSettings):
     poll_interval_s: Annotated[float, Field(gt=0)] = 0.5
     shutdown_grace_s: Annotated[float, Field(ge=0)] = 30.0
     idempotency_ttl_s: Annotated[float, Field(gt=0)] = 24 * 3600.0
+
+    # Security (web/security.py): Host names accepted (comma-separated; default on a loopback
+    # address: localhost, 127.0.0.1, [::1]), and the Bearer token of the operator endpoints.
+    allowed_hosts: str | None = None
+    admin_token: Annotated[str | None, Field(min_length=1)] = None
 
     # Retention: finished tasks are removed (with their logs) this long after they finished.
     retain_succeeded_s: Annotated[float, Field(ge=0)] = 7 * 24 * 3600.0

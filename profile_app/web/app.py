@@ -35,7 +35,7 @@ from profile_app.settings import Settings, SettingsError
 from profile_app.tasks import upkeep
 from profile_app.tasks.builtin import builtin_kinds
 from profile_app.tasks.retention import RetentionPolicy, serving
-from profile_app.web import dashboard
+from profile_app.web import dashboard, security
 from profile_app.web.errors import http_exception, storage_unavailable, unexpected
 from profile_app.web.middleware import ExecutorMiddleware
 from profile_app.web.operations import health, list_kinds, metrics, openapi_schema
@@ -58,6 +58,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         configure_logging(settings.log_level, settings.log_format)
+        security.startup_warnings(settings)
         app_metrics = Metrics()
         async with (
             Database(settings.db, on_group_commit=app_metrics.group_committed) as db,
@@ -125,11 +126,17 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         Route("/metrics", metrics, methods=["GET"]),
         Route("/openapi.json", openapi_schema, methods=["GET"], include_in_schema=False),
         *dashboard.routes(),
+        *security.routes(),
     ]
     return Starlette(
         routes=routes,
         middleware=[
             Middleware(RequestLogMiddleware),
+            Middleware(
+                security.SecurityMiddleware,
+                allowed_hosts=security.parse_allowed_hosts(settings.allowed_hosts),
+                admin_token=settings.admin_token,
+            ),
             Middleware(ExecutorMiddleware, retry_after_s=settings.queue_full_retry_after_s),
         ],
         exception_handlers={
