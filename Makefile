@@ -33,9 +33,13 @@ faults:
 
 # Minutes, not part of `make test`: the crash loop with 40 kills (about 4,100 tasks) and the
 # 512-connection overload burst for 3 minutes.
-soak: $(VENV)/.dev-installed
+# Then the storage soak: PROFILE_APP_SOAK_TASKS (default 1,000,000: hours on a small machine)
+# tasks through one database with retention at 3 s; plots file, WAL, RSS and claim rate to
+# bench/results/soak_storage.png and fails if any of them drifts (bench/soak_storage.py).
+soak: $(VENV)/.dev-installed $(VENV)/.bench-installed
 	PROFILE_APP_TEST_KILLS=40 PROFILE_APP_TEST_BURST_S=180 $(PY) -m pytest -v tests/test_crash_loop.py \
 		tests/test_overload.py::test_a_burst_of_512_connections_gets_only_the_contracts_answers
+	$(PY) -m bench.soak_storage
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .

@@ -32,7 +32,7 @@ logger = logging.getLogger("profile_app.db.retention")
 
 PRUNE_BATCH = 500  # rows per transaction: a few milliseconds of the writer
 FREE_SHARE_KEPT = 0.25  # free pages kept for reuse, as a share of the file
-MAX_PAGES_RETURNED = 4096  # per prune: the writer is held a few milliseconds; the rest next time
+MAX_PAGES_RETURNED = 1024  # per prune (4 MiB): the writer is held briefly; the rest next time
 WAL_TRUNCATE_BYTES = 16 * 1024 * 1024
 CHECKPOINT_BUSY_TIMEOUT_MS = 200
 
