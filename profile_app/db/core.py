@@ -78,7 +78,8 @@ class DatabaseCore:
         except BaseException as exc:
             # Close what opened: an aiosqlite connection is a thread that would keep the
             # process alive after a failed start-up ("Application startup failed" and a hang).
-            await self.aclose()
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
             if isinstance(exc, sqlite3.Error):
                 raise sqlite_failure(exc) from exc
             raise

@@ -5,8 +5,8 @@ Space: SQLite puts the pages a DELETE frees on its freelist and the next inserts
 them, so under steady work the file stops growing by itself (tests/test_retention.py
 checks page counts). A database created by this version has `auto_vacuum = INCREMENTAL`
 (set before its first table; an existing file keeps its mode, which only a full VACUUM
-could change): after a prune that leaves more than a quarter of the file free, the excess
-is returned to the file system with `PRAGMA incremental_vacuum`.
+could change): after a prune, free pages past a quarter of the pages in use
+are returned to the file system with `PRAGMA incremental_vacuum`.
 
 The WAL: SQLite's automatic checkpoint is PASSIVE, and while readers keep starting (GET
 polling, the dashboard's event streams) it may never find a moment to restart the log,
@@ -31,7 +31,7 @@ from profile_app.db.sql import sqlite_failure
 logger = logging.getLogger("profile_app.db.retention")
 
 PRUNE_BATCH = 500  # rows per transaction: a few milliseconds of the writer
-FREE_SHARE_KEPT = 0.25  # free pages kept for reuse, as a share of the file
+FREE_SHARE_KEPT = 0.25  # free pages kept for reuse, as a share of the pages in use
 MAX_PAGES_RETURNED = 1024  # per prune (4 MiB): the writer is held briefly; the rest next time
 WAL_TRUNCATE_BYTES = 16 * 1024 * 1024
 CHECKPOINT_BUSY_TIMEOUT_MS = 200
@@ -80,7 +80,9 @@ class RetentionStore(DatabaseCore):
                 if count < batch:
                     break
                 await anyio.lowlevel.checkpoint()  # other writers get the lock between batches
-        pages_returned = await self._return_free_pages() if deleted else 0
+        pages, free = await self.page_counts()
+        # Only when there is something to return (a read decides: no write each idle prune).
+        pages_returned = await self._return_free_pages() if free > pages * FREE_SHARE_KEPT else 0
         wal_truncated = await self.checkpoint_wal()
         if deleted:
             logger.info("pruned %d finished task(s) in %d batch(es)", deleted, batches)
@@ -93,14 +95,15 @@ class RetentionStore(DatabaseCore):
         return int(page_count), int(free)
 
     async def _return_free_pages(self) -> int:
-        """Hand free pages past FREE_SHARE_KEPT back to the file system (incremental mode only)."""
+        """Hand back to the file system the free pages past FREE_SHARE_KEPT of the pages in use
+        (incremental mode only); those are kept for the next inserts to reuse."""
 
         def vacuum(conn: sqlite3.Connection) -> int:
             if conn.execute("PRAGMA auto_vacuum").fetchone()[0] != 2:  # 2: INCREMENTAL
                 return 0
             pages = conn.execute("PRAGMA page_count").fetchone()[0]
             free = conn.execute("PRAGMA freelist_count").fetchone()[0]
-            excess = min(free - int(pages * FREE_SHARE_KEPT), MAX_PAGES_RETURNED)
+            excess = min(free - int((pages - free) * FREE_SHARE_KEPT), MAX_PAGES_RETURNED)
             # Python's sqlite3 steps this pragma once: each execution frees one page.
             for _ in range(max(0, excess)):
                 conn.execute("PRAGMA incremental_vacuum(1)")
