@@ -2,12 +2,12 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: run test check soak lint format bench bench-peers clean binary browser
+.PHONY: run test check soak lint format bench bench-peers clean binary browser faults
 
 run: $(VENV)/.installed
 	$(VENV)/bin/profile-app serve
 
-test: $(VENV)/.dev-installed lint browser
+test: $(VENV)/.dev-installed lint browser faults
 	$(PY) -m pytest
 
 # The fast tier for the edit-test loop (under a minute): lint plus the tests not marked slow.
@@ -23,13 +23,25 @@ browser:
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	fi
 
+# The storage fault tests inject fsync errors with Debian's strace (tests/test_disk_full.py).
+faults:
+	@if ! command -v strace >/dev/null; then \
+		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q && \
+		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q strace; \
+	fi
+
 # Minutes, not part of `make test`: the crash loop with 40 kills (about 4,100 tasks), the
-# 512-connection overload burst for 3 minutes, and a Dask scheduler killed 20 times under
-# match tasks with one attempt allowed (none may fail).
-soak: $(VENV)/.dev-installed
+# 512-connection overload burst for 3 minutes, a Dask scheduler killed 20 times under
+# match tasks with one attempt allowed (none may fail), then the storage soak:
+# PROFILE_APP_SOAK_TASKS (default 1,000,000: hours on a small machine) tasks through one
+# database with retention at 3 s; plots file, WAL, RSS and claim rate to
+# bench/results/soak_storage.png and fails if any of them drifts (bench/soak_storage.py).
+soak: $(VENV)/.dev-installed $(VENV)/.bench-installed
 	PROFILE_APP_TEST_KILLS=40 PROFILE_APP_TEST_BURST_S=180 $(PY) -m pytest -v tests/test_crash_loop.py \
 		tests/test_overload.py::test_a_burst_of_512_connections_gets_only_the_contracts_answers
 	PROFILE_APP_TEST_SCHEDULER_KILLS=20 $(PY) -m pytest -v tests/test_dask_scheduler_loss.py
+	$(PY) -m bench.soak_storage
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .

@@ -1,4 +1,4 @@
-"""The command line: `profile-app serve|seed|tasks` (also `python -m profile_app`)."""
+"""The command line: `profile-app serve|seed|tasks|backup` (also `python -m profile_app`)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import anyio
 
 from profile_app import cli_flow
-from profile_app.db.database import TaskStatus
+from profile_app.db.database import StorageUnavailable, TaskStatus
+from profile_app.db.preflight import check_database
 from profile_app.executors.errors import KindError
 from profile_app.settings import Settings, SettingsError
 
@@ -40,6 +41,10 @@ def build_parser() -> argparse.ArgumentParser:
     seed.add_argument("--count", type=int, required=True, help="how many profiles")
     seed.add_argument("--db", type=Path, help="SQLite file (PROFILE_APP_DB, default profile_app.db)")
     seed.add_argument("--random-seed", type=int, default=0, help="same seed, same profiles (default 0)")
+
+    backup = commands.add_parser("backup", help="a consistent copy of the live database")
+    backup.add_argument("path", type=Path, help="where the copy goes (replaced if it exists)")
+    backup.add_argument("--db", type=Path, help="SQLite file (PROFILE_APP_DB, default profile_app.db)")
 
     tasks = commands.add_parser("tasks", help="look at and act on the task queue (no server needed)")
     verbs = tasks.add_subparsers(dest="verb", required=True)
@@ -78,6 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return serve(settings, kinds_setting="--kinds" if kinds else "PROFILE_APP_KINDS")
         settings = Settings.load(db=args.db, kinds=kinds)
+        if args.command == "backup":
+            return backup(settings.db, args.path)
+        check_database(settings.db)
         if args.command == "tasks":
             return anyio.run(task_command, settings, args)
         if args.command == "kinds":
@@ -90,6 +98,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SettingsError, KindError) as exc:
         sys.stderr.write(f"profile_app: {exc}\n")
         return 2
+    except StorageUnavailable as exc:  # the database cannot be opened or used
+        sys.stderr.write(f"profile_app: {exc}\n")
+        return 1
 
 
 def serve(settings: Settings, kinds_setting: str = "PROFILE_APP_KINDS") -> int:
@@ -101,11 +112,18 @@ def serve(settings: Settings, kinds_setting: str = "PROFILE_APP_KINDS") -> int:
 
     check_scheduler(settings)  # an unreachable Dask scheduler stops start-up with one line
     served_kinds(settings, setting=kinds_setting)  # so do bad --kinds, before any server process starts
+    check_database(settings.db)  # so does a database file that cannot be used
     # Server processes (and uvicorn's --workers children) read the settings from here.
     os.environ.update(settings.as_environ())
     # uvicorn re-raises SIGTERM once it has shut down gracefully; a no-op handler makes a
     # graceful stop exit 0, as the contract asks.
     signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    if settings.workers > 1:
+        # The supervisor's own lines (a server process died and was replaced) in the same
+        # format; each server process's lifespan sets up its own logging.
+        from profile_app.observability.logs import configure_logging
+
+        configure_logging(settings.log_level, settings.log_format)
     with metrics_directory(settings.workers):
         uvicorn.run(
             "profile_app:app",
@@ -122,8 +140,20 @@ def serve(settings: Settings, kinds_setting: str = "PROFILE_APP_KINDS") -> int:
                 GuardedH11Protocol,
                 header_timeout_s=settings.header_timeout_s,
                 max_connections=settings.max_connections,
+                max_connections_per_client=settings.max_connections_per_client,
             ),
         )
+    return 0
+
+
+def backup(db: Path, target: Path) -> int:
+    from profile_app.db.backup import backup_database
+
+    report = backup_database(db, target)
+    sys.stdout.write(
+        f"backed up {db} to {report.path}: {report.bytes} bytes,"
+        f" {report.tasks} tasks, {report.profiles} profiles\n"
+    )
     return 0
 
 

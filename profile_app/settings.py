@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     body_timeout_s: Annotated[float, Field(gt=0, le=DAY_S)] = 30.0
     max_connections: Annotated[int, Field(ge=1, le=1_000_000)] = 1000
     keep_alive_s: Annotated[int, Field(ge=1, le=int(DAY_S))] = 5  # an idle keep-alive connection closes
+    max_connections_per_client: Annotated[int, Field(ge=1, le=1_000_000)] = (
+        100  # one address cannot hold them all
+    )
     max_queued: Annotated[int, Field(ge=1)] = 10_000
     queue_full_retry_after_s: Annotated[int, Field(ge=1, le=int(DAY_S))] = 5
 
@@ -80,6 +83,16 @@ class Settings(BaseSettings):
     idempotency_ttl_s: Annotated[float, Field(gt=0, le=YEAR_S)] = DAY_S
     # Each this many seconds a task waits while due raise its effective priority by one.
     priority_aging_s: Annotated[float, Field(gt=0, le=DAY_S)] = 10.0
+
+    # Security (web/security.py): Host names accepted (comma-separated; default on a loopback
+    # address: localhost, 127.0.0.1, [::1]), and the Bearer token of the operator endpoints.
+    allowed_hosts: str | None = None
+    admin_token: Annotated[str | None, Field(min_length=1)] = None
+
+    # Retention: finished tasks are removed (with their logs) this long after they finished.
+    retain_succeeded_s: Annotated[float, Field(ge=0, le=100 * YEAR_S)] = 7 * DAY_S
+    retain_failed_s: Annotated[float, Field(ge=0, le=100 * YEAR_S)] = 30 * DAY_S  # failed and cancelled
+    prune_every_s: Annotated[float, Field(ge=0.1, le=DAY_S)] = 60.0
 
     # Scale-out (optional, requirements-dask.txt): these kinds run on a Dask cluster.
     dask_scheduler: str | None = None  # tcp://host:port of a `dask scheduler`

@@ -71,15 +71,24 @@ def stored_profiles(db: Path) -> dict[str, tuple[list[str], str]]:
     return {user_id: (json.loads(interests), bio) for user_id, interests, bio in rows}
 
 
+def _descends_from(pid: int, ancestor: int) -> bool:
+    while pid > 1:
+        if pid == ancestor:
+            return True
+        pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    return False
+
+
 def frozen_workers(binary: Path, session: int) -> list[int]:
-    """Processes of the server's session that are anyio workers started from the binary."""
+    """Descendants of the server process that are anyio workers started from the binary (they
+    run in sessions of their own, away from signals sent to the server's process group)."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, ValueError, IndexError):
             argv = (entry / "cmdline").read_bytes().split(b"\0")[:-1]
-            if os.getsid(int(entry.name)) == session and argv == [
+            if _descends_from(int(entry.name), session) and argv == [
                 os.fsencode(binary),
                 b"-u",
                 b"-m",

@@ -44,6 +44,7 @@ def test_a_burst_of_512_connections_gets_only_the_contracts_answers(
     server = make_server(
         PROFILE_APP_MAX_QUEUED=str(MAX_QUEUED),
         PROFILE_APP_MAX_CONNECTIONS=str(MAX_CONNECTIONS),
+        PROFILE_APP_MAX_CONNECTIONS_PER_CLIENT=str(MAX_CONNECTIONS),  # every client is 127.0.0.1
         # 512 client threads in one Python process on 2 busy cores can leave a connection
         # idle past the 5 s keep-alive (the server closes it as the client reuses it, a race
         # of keep-alive itself, which clients retry), or take 10 s between connecting and
@@ -126,9 +127,15 @@ def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
 def test_slow_clients_dribbling_headers_do_not_stop_a_normal_client_and_are_cut_off(
     make_server: Callable[..., Server],
 ) -> None:
-    server = make_server(PROFILE_APP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S))
+    # Every client here is 127.0.0.1: the per-client limit (test_security.py) must not step in.
+    server = make_server(
+        PROFILE_APP_HEADER_TIMEOUT_S=str(HEADER_TIMEOUT_S), PROFILE_APP_MAX_CONNECTIONS_PER_CLIENT="1000"
+    )
     stop = threading.Event()
-    header = b"POST /profile HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nX-Slow: " + b"a" * 100
+    header = (
+        b"POST /profile HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nX-Slow: "
+        + b"a" * 100
+    )
     sockets = []
     try:
         for _ in range(SLOW_CLIENTS):
@@ -171,7 +178,7 @@ def test_a_silent_connection_and_a_body_that_does_not_arrive_get_408(
     silent = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     slow_body = socket.create_connection(("127.0.0.1", server.port), timeout=5)
     with silent, slow_body:
-        slow_body.sendall(b"POST /profile HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        slow_body.sendall(b"POST /profile HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n")
         slow_body.sendall(b'Content-Length: 50\r\n\r\n{"user_id": ')  # and the rest never comes
         assert read_until_closed(silent, timeout_s=10).startswith(b"HTTP/1.1 408 ")
         reply = read_until_closed(slow_body, timeout_s=10)

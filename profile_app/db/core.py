@@ -28,6 +28,7 @@ from profile_app.db.sql import (
     T,
     by_kind,
     connect_read_only,
+    disk_failure,
     in_transaction,
     lease_owner_id,
     logger,
@@ -65,6 +66,8 @@ class DatabaseCore:
         # What the next holder of the write lock commits (see _commit_queued).
         self._queued_writes: list[QueuedWrite[Any]] = []
         self._queued_submissions: list[ProfileSubmission] = []
+        # Why the last write transaction failed on the disk (full, failing), or None.
+        self.write_failure: str | None = None
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -75,9 +78,14 @@ class DatabaseCore:
             self._reader = await self._connect(read_only=True)
             # Busy timeout 0: it never waits (see _read_on_loop).
             self.loop_reader = connect_read_only(self.path, timeout_s=0)
-        except sqlite3.Error as exc:
-            await self.aclose()
-            raise sqlite_failure(exc) from exc
+        except BaseException as exc:
+            # Close what opened: an aiosqlite connection is a thread that would keep the
+            # process alive after a failed start-up ("Application startup failed" and a hang).
+            with anyio.CancelScope(shield=True):
+                await self.aclose()
+            if isinstance(exc, sqlite3.Error):
+                raise sqlite_failure(exc) from exc
+            raise
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -93,13 +101,21 @@ class DatabaseCore:
 
     async def _connect(self, *, read_only: bool) -> aiosqlite.Connection:
         conn = await aiosqlite.connect(self.path, isolation_level=None)
-        await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
-        if read_only:
-            await conn.execute("PRAGMA query_only = 1")
-        else:
-            await conn.execute("PRAGMA journal_mode = WAL")
-            # FULL: a 202 must survive power loss, not only a process crash.
-            await conn.execute("PRAGMA synchronous = FULL")
+        try:
+            await conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_s * 1000)}")
+            if read_only:
+                await conn.execute("PRAGMA query_only = 1")
+            else:
+                # A new file returns the space pruning frees (retention.py); a file that has
+                # tables already keeps its mode (SQLite ignores this then).
+                await conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                await conn.execute("PRAGMA journal_mode = WAL")
+                # FULL: a 202 must survive power loss, not only a process crash.
+                await conn.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await conn.close()  # its thread must not outlive the failure
+            raise
         return conn
 
     @staticmethod
@@ -120,6 +136,16 @@ class DatabaseCore:
             await conn.execute("ROLLBACK")
             raise
         await conn.execute("COMMIT")
+
+    def file_sizes(self) -> tuple[int, int]:
+        """The database file's and its write-ahead log's sizes on disk, in bytes."""
+        sizes = []
+        for path in (self.path, self.path.with_name(self.path.name + "-wal")):
+            try:
+                sizes.append(path.stat().st_size)
+            except OSError:
+                sizes.append(0)
+        return sizes[0], sizes[1]
 
     @property
     def _w(self) -> aiosqlite.Connection:
@@ -249,9 +275,28 @@ class DatabaseCore:
         """
         try:
             with anyio.CancelScope(shield=True):
-                return await self._on_writer(lambda conn: in_transaction(conn, work))
+                value = await self._on_writer(lambda conn: in_transaction(conn, work))
         except sqlite3.Error as exc:
-            raise sqlite_failure(exc) from exc
+            if disk_failure(exc):
+                self.write_failure = str(exc)  # /health: degraded until a write succeeds
+            raise sqlite_failure(exc, writing=True) from exc
+        self.write_failure = None
+        return value
+
+    async def probe_write(self) -> bool:
+        """Whether a small write commits now (for /health while the last write failed: with
+        no traffic, nothing else would find out that the disk has room again)."""
+        now = self.clock()
+        try:
+            async with self._write_lock:
+                await self._locked_write(
+                    lambda conn: conn.execute(
+                        "INSERT OR REPLACE INTO meta (key, value) VALUES ('write_probe', ?)", (str(now),)
+                    )
+                )
+        except StorageUnavailable:
+            return False
+        return True
 
     async def _on_writer(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         """Call `fn` with the writer's sqlite3 connection, on its thread (one round trip)."""

@@ -38,6 +38,7 @@ from profile_app.db.records import (
     TaskStatus,
     request_hash,
 )
+from profile_app.db.retention import PruneReport, RetentionStore
 from profile_app.db.schedules import ScheduleStore
 from profile_app.db.scheduling import KindLimits, SchedulingStore, Waiting
 from profile_app.db.sql import (
@@ -70,6 +71,7 @@ __all__ = [
     "PlacementRecord",
     "ProfileRecord",
     "ProfileSubmission",
+    "PruneReport",
     "QueueFull",
     "QueueHistory",
     "RateLimit",
@@ -90,10 +92,9 @@ __all__ = [
 ]
 
 
-class Database(ProfileStore, TaskStore, StatsStore, SchedulingStore, ScheduleStore):
+class Database(ProfileStore, TaskStore, StatsStore, SchedulingStore, ScheduleStore, RetentionStore):
     """The profile store and task queue of one server process: one object over one file.
 
     Each store is a module of its own (profiles.py, tasks.py, stats.py, scheduling.py,
-    schedules.py) over the shared
-    connections and writer of core.py.
+    schedules.py, retention.py) over the shared connections and writer of core.py.
     """

@@ -231,7 +231,26 @@ _FAILURE_CAUSES = {
 }
 
 
-def sqlite_failure(exc: sqlite3.Error) -> StorageUnavailable:
+# A write transaction that failed with one of these may still be on disk: with an fsync
+# that failed, its WAL frames were written and a restart can recover them.
+OUTCOME_UNKNOWN_PREFIXES = ("SQLITE_FULL", "SQLITE_IOERR")
+OUTCOME_UNKNOWN = (
+    "the outcome is unknown: the write may or may not have been stored;"
+    " a retry with the same Idempotency-Key is safe"
+)
+
+
+def sqlite_failure(exc: sqlite3.Error, *, writing: bool = False) -> StorageUnavailable:
+    """The operator's one line for a failure of SQLite; `writing`: it ended a write transaction."""
     name = getattr(exc, "sqlite_errorname", None) or ""
     cause = next((text for prefix, text in _FAILURE_CAUSES.items() if name.startswith(prefix)), None)
-    return StorageUnavailable(f"the database is unavailable{f' ({cause})' if cause else ''}: {exc}")
+    message = f"the database is unavailable{f' ({cause})' if cause else ''}: {exc}"
+    if writing and disk_failure(exc):
+        message += f"; {OUTCOME_UNKNOWN}"
+    return StorageUnavailable(message)
+
+
+def disk_failure(exc: sqlite3.Error) -> bool:
+    """Whether the error says the disk refused a write (full or failing), not a lock."""
+    name = getattr(exc, "sqlite_errorname", None) or ""
+    return name.startswith((*OUTCOME_UNKNOWN_PREFIXES, "SQLITE_READONLY"))

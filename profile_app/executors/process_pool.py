@@ -202,8 +202,16 @@ class ProcessPool:
 
     async def _start_worker(self) -> _Worker:
         # stderr is the server's: what a dying worker's interpreter prints reaches its log.
+        # A session of its own: a SIGTERM or SIGINT sent to the server's whole process group
+        # (systemd's KillMode=control-group, Ctrl-C) must not kill a running task, even in a
+        # worker too new to have set its own handlers; the server's drain decides, and the
+        # worker still ends with the server (its stdin closes; PR_SET_PDEATHSIG, process.py).
         process = await anyio.open_process(
-            self._command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=None
+            self._command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=None,
+            start_new_session=True,
         )
         worker = _Worker(process)
         try:

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from profile_app.observability.storage_metrics import StorageGauges
+
 if TYPE_CHECKING:
     from profile_app.executors.dask.cluster import ClusterStatus
 
@@ -116,6 +118,7 @@ class Metrics:
             buckets=GROUP_SIZE_BUCKETS,
             registry=self.registry,
         )
+        self.storage = StorageGauges(self.registry)  # database and WAL size, tasks pruned
         self.blocked = Counter(
             "profile_app_event_loop_blocked",
             "Times the event loop was blocked past the threshold (each is logged with its stack).",

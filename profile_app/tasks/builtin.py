@@ -1,4 +1,5 @@
-"""The built-in task kinds: `match` (CPU, in a process) and `notify` (a webhook, on a thread)."""
+"""The built-in task kinds: `match` (CPU, in a process), `notify` (a webhook, on a thread) and
+`prune` (retention, on the loop: tasks/retention.py)."""
 
 from __future__ import annotations
 

@@ -16,6 +16,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 
 from profile_app.db.database import StorageUnavailable
+from profile_app.db.preflight import DatabaseUnusable, check_database
 from profile_app.executors.dask import backend as dask_backend
 from profile_app.executors.errors import KindError
 from profile_app.executors.kinds import KindRegistry
@@ -23,6 +24,7 @@ from profile_app.executors.schedules import ScheduleError
 from profile_app.observability.logs import configure_logging
 from profile_app.settings import Settings, SettingsError
 from profile_app.tasks.loading import served_kinds
+from profile_app.web import security
 from profile_app.web.errors import http_exception, storage_unavailable, unexpected
 from profile_app.web.middleware import ExecutorMiddleware
 from profile_app.web.queue import TaskQueue
@@ -51,16 +53,22 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         configure_logging(settings.log_level, settings.log_format)
         exit_zero_after_graceful_stop()  # plain uvicorn: a SIGTERM stop exits 0, as under serve
+        security.startup_warnings(settings)
         # The same queue lifespan an embedding app runs (web/queue.py); its services are
         # this app's request.state.
         async with queue.running():
             yield queue.state
 
-    routes = service_routes()
+    routes = [*service_routes(), *security.routes()]
     return Starlette(
         routes=routes,
         middleware=[
             Middleware(RequestLogMiddleware),
+            Middleware(
+                security.SecurityMiddleware,
+                allowed_hosts=security.parse_allowed_hosts(settings.allowed_hosts),
+                admin_token=settings.admin_token,
+            ),
             Middleware(ExecutorMiddleware, retry_after_s=settings.queue_full_retry_after_s),
         ],
         exception_handlers={
@@ -83,6 +91,7 @@ def app_from_environment() -> Starlette:
         # take our format and level too.
         configure_logging(settings.log_level, settings.log_format)
         dask_backend.check_scheduler(settings)  # unreachable: one line, like a bad setting
+        check_database(settings.db)  # a file that cannot be used: one line too
         return create_app(settings)
-    except (SettingsError, KindError, ScheduleError) as exc:
+    except (SettingsError, KindError, ScheduleError, DatabaseUnusable) as exc:
         raise SystemExit(f"profile_app: {exc}") from None

@@ -54,17 +54,40 @@ class GuardedH11Protocol(H11Protocol):
     header_timeout_s=..., max_connections=...)` as its `http` protocol class.
     """
 
-    def __init__(self, *args: Any, header_timeout_s: float, max_connections: int, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        header_timeout_s: float,
+        max_connections: int,
+        max_connections_per_client: int | None = None,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
         self.max_connections = max_connections
+        self.max_per_client = max_connections_per_client
         self._head_deadline: asyncio.TimerHandle | None = None
         self._over_limit = False
+        self._busy_detail = f"the server is at its limit of {max_connections} connections; retry shortly"
         self.app = self._limited(self.app)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._over_limit = len(self.connections) > self.max_connections
+        if not self._over_limit and self.max_per_client is not None and self.client is not None:
+            # One address must not hold every connection and lock the others out.
+            address = self.client[0]
+            mine = sum(
+                1
+                for other in self.connections
+                if getattr(other, "client", None) is not None and other.client[0] == address
+            )
+            if mine > self.max_per_client:
+                self._over_limit = True
+                self._busy_detail = (
+                    f"this client address holds {self.max_per_client} connections, the limit per client;"
+                    " retry shortly"
+                )
         self._arm_head_deadline()  # a connection that never sends a byte is held no longer
 
     def data_received(self, data: bytes) -> None:
@@ -116,9 +139,7 @@ class GuardedH11Protocol(H11Protocol):
         return limited
 
     async def _busy(self, send: Send, close: bool) -> None:
-        body = json.dumps(
-            {"detail": f"the server is at its limit of {self.max_connections} connections; retry shortly"}
-        ).encode()
+        body = json.dumps({"detail": self._busy_detail}).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

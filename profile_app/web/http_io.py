@@ -72,7 +72,9 @@ async def read_json_object(request: Request, max_body_bytes: int, timeout_s: flo
             408, f"the request body did not arrive within {timeout_s:g} s", headers={"Connection": "close"}
         )
     try:
-        document = json.loads(body)
+        # Strict: UTF-8 only (json.loads would guess UTF-16 or UTF-32 from bytes), and no
+        # NaN or Infinity, which are not JSON.
+        document = json.loads(body.decode("utf-8"), parse_constant=_not_json)
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, or an integer too long to read
         raise HTTPException(400, f"the body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -80,6 +82,10 @@ async def read_json_object(request: Request, max_body_bytes: int, timeout_s: flo
     if not isinstance(document, dict):
         raise HTTPException(400, "the body must be a JSON object")
     return document
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON value")
 
 
 def task_document(task: TaskRecord, waiting: str | None = None) -> dict[str, Any]:

@@ -252,7 +252,9 @@ def document(submittable: HttpKinds = ()) -> dict[str, Any]:
                 "summary": "Liveness, queue counts and the Dask cluster's state",
                 "responses": {
                     "200": _json(Health, "the database answers (`dask` only with a scheduler configured)"),
-                    "503": _json(Health, "it does not"),
+                    "503": _json(
+                        Health, "it does not answer (`unavailable`), or its last write failed (`degraded`)"
+                    ),
                 },
             }
         },

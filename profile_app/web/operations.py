@@ -31,11 +31,20 @@ async def health(request: Request) -> Response:
             counts = await db.count_unfinished()
     except (StorageUnavailable, TimeoutError):
         return JSONResponse({"status": "unavailable"}, status_code=503)
+    db_bytes, wal_bytes = db.file_sizes()
     body: dict[str, Any] = {
         "status": "ok",
         "queued": counts[TaskStatus.QUEUED],
         "running": counts[TaskStatus.RUNNING],
+        "db_bytes": db_bytes,
+        "wal_bytes": wal_bytes,
     }
+    failure = db.write_failure
+    if failure is not None:
+        # The last write failed on the disk (full or failing): reads go on, but a load
+        # balancer must stop sending writes here until one succeeds again (a probe in the
+        # lifespan tries one each second, tasks/upkeep.py).
+        return JSONResponse({**body, "status": "degraded", "detail": failure}, status_code=503)
     dask_runner: DaskRunner | None = getattr(request.state, "dask", None)
     if dask_runner is not None:  # an added key: "status" stays "ok", the service takes work
         body["dask"] = dask_runner.health()
@@ -115,6 +124,7 @@ async def metrics(request: Request) -> Response:
     except StorageUnavailable:
         pass  # the gauges keep their last values; /health reports the outage
     app_metrics.running.set(executor.running_count())
+    app_metrics.storage.set_sizes(*db.file_sizes())
     app_metrics.set_placements({kind.name: executor.placement_of(kind).value for kind in executor.kinds})
     return Response(app_metrics.render(), media_type=CONTENT_TYPE_LATEST)
 

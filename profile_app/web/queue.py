@@ -36,7 +36,9 @@ from profile_app.executors.process_pool import RecyclePolicy
 from profile_app.observability.loop_watchdog import LoopWatchdog
 from profile_app.observability.metrics import Metrics
 from profile_app.settings import Settings
+from profile_app.tasks import upkeep
 from profile_app.tasks.loading import check_placements
+from profile_app.tasks.retention import register_prune, serving
 from profile_app.web.errors import http_exception, storage_unavailable
 from profile_app.web.http_io import task_document
 from profile_app.web.middleware import ExecutorMiddleware
@@ -73,12 +75,19 @@ class TaskQueue:
         Raises SettingsError naming a bad setting.
         """
         self.settings = settings or Settings.load(db=db)
-        self.kinds = kinds if kinds is not None else KindRegistry()
+        # Every queue prunes its database (the built-in `prune` kind and schedule).
+        self.kinds = (kinds if kinds is not None else KindRegistry()).merged(self._queue_kinds(self.settings))
         check_placements(self.kinds, self.settings)  # a process kind that cannot be pickled
         dask_backend.check_kinds(self.kinds, self.settings)
         self.kinds.check_schedules()  # a schedule of an unknown kind
         self._state: dict[str, Any] | None = None
         self._thread_limiter: CapacityLimiter | None = None
+
+    @staticmethod
+    def _queue_kinds(settings: Settings) -> KindRegistry:
+        kinds = KindRegistry()
+        register_prune(kinds, settings)
+        return kinds
 
     # -- the lifespan ----------------------------------------------------------------------
 
@@ -98,6 +107,7 @@ class TaskQueue:
             dask_backend.open_dask(
                 settings, db, on_attempt=app_metrics.dask_attempt, on_status=app_metrics.dask_cluster
             ) as dask_runner,  # None without a scheduler
+            serving(db, app_metrics.storage.pruned.inc),  # the `prune` kind prunes this database
             anyio.create_task_group() as task_group,
         ):
             executor = Dispatcher(
@@ -115,6 +125,7 @@ class TaskQueue:
             )
             task_group.start_soon(scheduler.run)
             task_group.start_soon(app_metrics.sample_loop_lag)
+            task_group.start_soon(upkeep.probe_failed_writes, db)
             watchdog = LoopWatchdog(settings.blocking_threshold_ms / 1000, on_block=app_metrics.loop_blocked)
             task_group.start_soon(watchdog.heartbeat)
             self._thread_limiter = CapacityLimiter(THREAD_CALLS)

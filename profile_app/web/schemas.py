@@ -176,9 +176,13 @@ class DaskHealth(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "unavailable"]
+    # degraded: reads work but the last write failed on the disk (503; stop sending writes)
+    status: Literal["ok", "degraded", "unavailable"]
     queued: int | None = None
     running: int | None = None
+    db_bytes: int | None = None  # the database file's size on disk
+    wal_bytes: int | None = None  # its write-ahead log's
+    detail: str | None = None  # why it is degraded
     # Only with PROFILE_APP_DASK_SCHEDULER set, and then always there: absent, never null, so
     # the schema neither allows null nor shows a null default.
     dask: DaskHealth | SkipJsonSchema[None] = Field(

@@ -429,5 +429,28 @@
     }
   }
 
-  connect();
+  // -- the admin token (PROFILE_APP_ADMIN_TOKEN) ------------------------------------------
+  // Asked once: the server keeps it in an HttpOnly, SameSite=Strict cookie, which the stream
+  // and the buttons then send by themselves.
+
+  async function start() {
+    for (;;) {
+      const response = await fetch("dashboard/session", { credentials: "same-origin" });
+      if (response.status !== 401) break;
+      const token = window.prompt("Admin token (PROFILE_APP_ADMIN_TOKEN):");
+      if (token === null) {
+        setConnection("reconnecting", "admin token needed: reload to enter it");
+        return;
+      }
+      await fetch("dashboard/login", {
+        method: "POST",
+        credentials: "same-origin",
+        headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ token }),
+      });
+    }
+    connect();
+  }
+
+  start();
 })();

@@ -1,0 +1,57 @@
+"""SIGTERM or SIGINT sent to the whole process group (systemd's KillMode=control-group, Ctrl-C
+in a terminal) reaches the worker processes too: they must leave the decision to the server's
+drain, so a running task finishes within the grace period, uncharged, and the server exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+from pathlib import Path
+
+import pytest
+from conftest import Server, wait_until
+from test_multiprocess import post_all
+from test_server_e2e import seed
+
+from profile_app.matching.synthetic import synthetic_profiles
+
+GRACE_S = 30
+
+
+@pytest.mark.parametrize(
+    ("signum", "args"),
+    [(signal.SIGTERM, []), (signal.SIGINT, ["--workers", "2"])],
+    ids=["sigterm-one-process", "sigint-two-processes"],
+)
+def test_a_signal_to_the_process_group_lets_running_tasks_finish(
+    db_path: Path, signum: signal.Signals, args: list[str]
+) -> None:
+    seed(db_path, 5_000)  # each match takes long enough to be running when the signal comes
+    server = Server(
+        db_path, {"PROFILE_APP_SHUTDOWN_GRACE_S": str(GRACE_S), "PROFILE_APP_PROCESS_WORKERS": "2"}, args=args
+    )
+    server.start()
+    try:
+        assert server.process is not None
+        task_ids = post_all(server, list(synthetic_profiles(6, seed=21)), threads=3)
+        wait_until(lambda: server.get("/health").json()["running"] >= 1, 30, "a task running")
+        with sqlite3.connect(db_path) as conn:
+            running = {
+                task_id for (task_id,) in conn.execute("SELECT id FROM tasks WHERE status = 'running'")
+            }
+        os.killpg(server.process.pid, signum)  # every process of the service at once
+        assert server.process.wait(GRACE_S + 30) == 0, server.output()
+    finally:
+        server.stop()
+    with sqlite3.connect(db_path) as conn:
+        marks = ",".join("?" * len(task_ids))
+        rows = conn.execute(
+            f"SELECT id, status, attempts FROM tasks WHERE id IN ({marks})", task_ids
+        ).fetchall()
+    outcomes = {task_id: (status, attempts) for task_id, status, attempts in rows}
+    # Finished in one attempt, or back in the queue uncharged: no attempt lost to the signal.
+    assert set(outcomes.values()) <= {("succeeded", 1), ("queued", 0)}, outcomes
+    assert {outcomes[task_id] for task_id in running} == {("succeeded", 1)}, (outcomes, server.output())
+    assert "died" not in server.output()
