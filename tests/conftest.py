@@ -77,6 +77,7 @@ def wait_for_task(client: Any, task_id: str, timeout_s: float = 30.0, statuses: 
     deadline = time.monotonic() + timeout_s
     while True:
         task = client.get(f"/tasks/{task_id}").json()
+        assert "status" in task, f"GET /tasks/{task_id} answered {task}"
         if task["status"] in statuses:
             return task
         if time.monotonic() > deadline:

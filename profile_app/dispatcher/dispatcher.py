@@ -84,6 +84,9 @@ class Dispatcher(AttemptLifecycle, Housekeeping, Waiting, Slots):
         self._attempt_ended: dict[str, AttemptEnd] = {}  # for `wait`: set when an attempt ends
         self._wakeup = anyio.Event()
         self._accepting = True
+        # What every attempt starts from: the context `run` was started in (the lifespan's,
+        # e.g. which database the `prune` kind prunes), never a request's.
+        self._attempt_context = contextvars.copy_context()
         self._task_group: TaskGroup | None = None
         self._drained = anyio.Event()
         self._claiming_stopped = anyio.Event()  # set when no claim round can start or be in flight
@@ -265,6 +268,7 @@ class Dispatcher(AttemptLifecycle, Housekeeping, Waiting, Slots):
 
     async def run(self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Claim and run tasks until `drain` is called; start it with `task_group.start`."""
+        self._attempt_context = contextvars.copy_context()
         await self._recover()
         await self.load_placements()
         try:
@@ -357,9 +361,9 @@ class Dispatcher(AttemptLifecycle, Housekeeping, Waiting, Slots):
                 # A claim sets the task's executor to where its kind runs now.
                 attempt = Attempt(task, self.kinds[kind_name], Placement(task.executor))
                 self._attempts[task.id] = attempt
-                # A fresh context: the claim may have ridden on a request's commit, and the
-                # attempt must not carry that request's id (or anything else of its caller).
-                contextvars.Context().run(
+                # The lifespan's context, not the caller's: the claim may have ridden on a
+                # request's commit, and the attempt must not carry that request's id.
+                self._attempt_context.copy().run(
                     task_group.start_soon, self._run_attempt, attempt, name=f"task {task.id}"
                 )
                 started += 1

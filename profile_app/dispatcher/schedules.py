@@ -83,7 +83,7 @@ class Scheduler:
                 next_run_at = schedule.next_after(now, anchor=tick)
                 missed = schedule.ticks_between(tick, now)
                 options = SubmitOptions(unique_key=f"schedule:{schedule.name}:{tick!r}")
-                task = self.dispatcher.new_task(schedule.kind, schedule.payload, options)
+                task = self.dispatcher.new_task(schedule.kind, schedule.payload, options=options)
                 if await self.db.fire_schedule(schedule.name, tick, next_run_at, missed, task) is not None:
                     if missed:
                         logger.warning(

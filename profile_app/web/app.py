@@ -30,7 +30,7 @@ from profile_app.web.middleware import ExecutorMiddleware
 from profile_app.web.queue import TaskQueue
 from profile_app.web.request_log import RequestLogMiddleware
 from profile_app.web.routes import service_routes
-from profile_app.web.signals import exit_zero_after_graceful_stop
+from profile_app.web.signals import exit_after_queue_failure, exit_zero_after_graceful_stop
 
 
 def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None = None) -> Starlette:
@@ -56,8 +56,12 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         security.startup_warnings(settings)
         # The same queue lifespan an embedding app runs (web/queue.py); its services are
         # this app's request.state.
-        async with queue.running():
-            yield queue.state
+        try:
+            async with queue.running():
+                yield queue.state
+        except Exception:
+            exit_after_queue_failure()
+            raise
 
     routes = [*service_routes(), *security.routes()]
     return Starlette(

@@ -12,11 +12,17 @@ uvicorn still stops gracefully, but is not asked to raise SIGTERM again. A secon
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
 import signal
 import threading
 import types
 from types import FrameType
 from typing import Any
+
+logger = logging.getLogger("profile_app")
+
+QUEUE_FAILED_EXIT_STATUS = 70  # EX_SOFTWARE: a supervisor restarts the server
 
 
 def exit_zero_after_graceful_stop() -> None:
@@ -42,3 +48,16 @@ def _graceful(server: Any, signum: int, frame: FrameType | None) -> None:
     server._profile_app_uvicorn_handler(signum, frame)  # uvicorn's: should_exit
     with contextlib.suppress(ValueError):
         server._captured_signals.remove(signum)  # stopped gracefully: nothing to raise again
+
+
+def exit_after_queue_failure() -> None:
+    """The queue's lifespan ended on an error while the server runs (its dispatcher or
+    scheduler crashed): under a server (the main thread), exit at once with a non-zero
+    status so that a supervisor restarts it, instead of answering 503 for ever with the
+    database closed. Its attempts are drained already; leases and WAL make the rest safe.
+    Under a TestClient or an embedding app's own thread, the error is left to the caller."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    logger.critical("the task queue stopped on an error (above): exiting so that a supervisor restarts it")
+    logging.shutdown()
+    os._exit(QUEUE_FAILED_EXIT_STATUS)
