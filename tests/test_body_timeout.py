@@ -17,7 +17,7 @@ def test_a_body_past_its_deadline_gets_408_and_the_connection_closes(
 ) -> None:
     server = make_server(PROFILE_APP_BODY_TIMEOUT_S="1", PROFILE_APP_KEEP_ALIVE_S="120")
     with socket.create_connection(("127.0.0.1", server.port), timeout=CLOSE_DEADLINE_S) as conn:
-        conn.sendall(b"POST /profile HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+        conn.sendall(b"POST /profile HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n")
         conn.sendall(b'Content-Length: 50\r\n\r\n{"user_id": ')  # and the rest never comes
         received = b""
         deadline = time.monotonic() + CLOSE_DEADLINE_S

@@ -214,7 +214,8 @@ def test_the_mounted_api_answers_under_its_prefix(
     assert task_id in [task["task_id"] for task in server.get("/queue/tasks").json()["tasks"]]
     assert server.get(f"/queue/tasks/{task_id}/logs").status_code == 200
     assert server.get("/queue/tasks/" + "0" * 32).status_code == 404
-    assert [kind["name"] for kind in server.get("/queue/kinds").json()["kinds"]] == ["durable_burn"]
+    # The app's kind, and the built-in `prune` every queue has (retention).
+    assert [kind["name"] for kind in server.get("/queue/kinds").json()["kinds"]] == ["durable_burn", "prune"]
     assert "profile_app_tasks_submitted" in server.get("/queue/metrics").text
     page = server.get("/queue/dashboard")
     assert page.status_code == 200 and 'src="dashboard/static/dashboard.js"' in page.text

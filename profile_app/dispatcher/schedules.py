@@ -36,16 +36,9 @@ class Scheduler:
         self._on_tick = on_tick
 
     async def run(self) -> None:
-        """Register the schedules, then queue their ticks as they come, until cancelled."""
+        """Queue the ticks of the registered schedules as they come, until cancelled."""
         if not self.schedules:
             return
-        while True:
-            try:
-                await self.register()
-                break
-            except StorageUnavailable as exc:
-                logger.warning("could not store the schedules: %s", exc)
-                await anyio.sleep(REFRESH_S)
         while True:
             try:
                 soonest = await self.run_due()

@@ -56,11 +56,14 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
         security.startup_warnings(settings)
         # The same queue lifespan an embedding app runs (web/queue.py); its services are
         # this app's request.state.
+        serving = False
         try:
             async with queue.running():
+                serving = True
                 yield queue.state
         except Exception:
-            exit_after_queue_failure()
+            if serving:  # not a failed start-up, which uvicorn reports and ends itself
+                exit_after_queue_failure()
             raise
 
     routes = [*service_routes(), *security.routes()]

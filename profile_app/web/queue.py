@@ -123,6 +123,7 @@ class TaskQueue:
             scheduler = Scheduler(
                 executor, self.kinds.schedules.values(), on_tick=app_metrics.schedule_ticked
             )
+            await scheduler.register()  # stored before the app serves: /schedules shows them at once
             task_group.start_soon(scheduler.run)
             task_group.start_soon(app_metrics.sample_loop_lag)
             task_group.start_soon(upkeep.probe_failed_writes, db)

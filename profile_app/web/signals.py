@@ -50,7 +50,7 @@ def _graceful(server: Any, signum: int, frame: FrameType | None) -> None:
         server._captured_signals.remove(signum)  # stopped gracefully: nothing to raise again
 
 
-def exit_after_queue_failure() -> None:
+def exit_after_queue_failure() -> None:  # called while the error is being handled
     """The queue's lifespan ended on an error while the server runs (its dispatcher or
     scheduler crashed): under a server (the main thread), exit at once with a non-zero
     status so that a supervisor restarts it, instead of answering 503 for ever with the
@@ -58,6 +58,8 @@ def exit_after_queue_failure() -> None:
     Under a TestClient or an embedding app's own thread, the error is left to the caller."""
     if threading.current_thread() is not threading.main_thread():
         return
-    logger.critical("the task queue stopped on an error (above): exiting so that a supervisor restarts it")
+    logger.critical(
+        "the task queue stopped on an error: exiting so that a supervisor restarts it", exc_info=True
+    )
     logging.shutdown()
     os._exit(QUEUE_FAILED_EXIT_STATUS)
