@@ -55,7 +55,7 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
     executor = client.app_state["executor"]
     for _ in range(MAX_WARM_UPS):
         wait_for_task(client, submit(client, "waits_for", {"go_file": __file__}))
-        if executor._typical_s.get("waits_for", math.inf) < CLAIM_AHEAD_BELOW_S:
+        if (executor.typical_duration_s("waits_for") or math.inf) < CLAIM_AHEAD_BELOW_S:
             break
     return client
 

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+from contextlib import closing
 from pathlib import Path
 
+import anyio
 import pytest
 import requests
 from conftest import Server, profile, wait_for_task, wait_until
@@ -112,14 +114,15 @@ async def test_prune_deletes_in_batches_and_returns_space_of_a_new_file(tmp_path
     async with Database(path) as db:
         payload = "x" * 2000
 
-        def fill(conn: sqlite3.Connection) -> None:
-            conn.executemany(
-                "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at,"
-                " run_after, finished_at, logs) VALUES (?, 'match', '{}', ?, 'process', 3, 0, 0, ?, ?)",
-                [(f"t{n}", "succeeded" if n % 2 else "failed", 1.0 + n, payload) for n in range(2000)],
-            )
+        def fill() -> None:  # another connection, as another process would write
+            with closing(sqlite3.connect(path, timeout=10)) as conn, conn:
+                conn.executemany(
+                    "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at,"
+                    " run_after, finished_at, logs) VALUES (?, 'match', '{}', ?, 'process', 3, 0, 0, ?, ?)",
+                    [(f"t{n}", "succeeded" if n % 2 else "failed", 1.0 + n, payload) for n in range(2000)],
+                )
 
-        await db._write(fill)
+        await anyio.to_thread.run_sync(fill)
         before = await db.page_counts()
         report = await db.prune_finished(retain_succeeded_s=60, retain_failed_s=60, batch=500)
         assert report.deleted == 2000 and report.batches >= 4

@@ -32,20 +32,20 @@ class SlowWebhook:
         self.calls = 0
         self.in_flight = 0
         self.most_in_flight = 0
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
         hook = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self) -> None:
                 self.rfile.read(int(self.headers["Content-Length"]))
-                with hook._lock:
+                with hook.lock:
                     hook.calls += 1
                     hook.in_flight += 1
                     hook.most_in_flight = max(hook.most_in_flight, hook.in_flight)
                     if hook.calls >= 2:
                         hook.second_call.set()
                 hook.go.wait(60)
-                with hook._lock:
+                with hook.lock:
                     hook.in_flight -= 1
                 self.send_response(204)
                 self.end_headers()

@@ -243,6 +243,10 @@ class Dispatcher(AttemptLifecycle, Housekeeping, Waiting, Slots):
         """The runner of `placement` (TaskQueue.run_in_process calls the process runner's pool)."""
         return self._runners.get(placement)
 
+    def typical_duration_s(self, kind_name: str) -> float | None:
+        """How long the kind's attempts typically run here (smoothed), or None before its first."""
+        return self._typical_s.get(kind_name)
+
     def running_count(self) -> int:
         return len(self._attempts)
 
