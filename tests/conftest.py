@@ -3,24 +3,77 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
 import pytest
 import requests
+from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 from profile_app import create_app
 from profile_app.executors.kinds import KindRegistry
 from profile_app.settings import Settings
+
+
+class Webhook:
+    """A webhook receiver on loopback: every POST's JSON body goes into `calls`, and
+    `respond(body)` gives its status (it runs on the server's thread, so it may block to hold
+    a call open). Use it as a context manager: it serves inside the `with`."""
+
+    def __init__(self, respond: Callable[[dict], int] = lambda body: 204) -> None:
+        self.calls: list[dict] = []
+        webhook = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                webhook.calls.append(body)
+                self.send_response(respond(body))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+
+    def __enter__(self) -> Webhook:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+MetricKey = tuple[str, frozenset[tuple[str, str]]]
+
+
+def metric_samples(text: str) -> dict[MetricKey, float]:
+    """Prometheus text as {(sample name, labels): value}; see `labels`."""
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def labels(**pairs: str) -> frozenset[tuple[str, str]]:
+    return frozenset(pairs.items())
+
 
 ROOT = Path(__file__).resolve().parent.parent
 

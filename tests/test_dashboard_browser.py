@@ -12,18 +12,15 @@ Set DASHBOARD_SCREENSHOT=docs/dashboard.png to also save the screenshot for the 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import Server, profile, wait_for_task
+from conftest import Server, Webhook, profile, wait_for_task
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
@@ -69,25 +66,8 @@ def browser(tmp_path: Path) -> Iterator[WebDriver]:
 @pytest.fixture
 def webhook() -> Iterator[str]:
     """A webhook receiver on loopback: 200 for every profile, 503 for those named `flaky-*`."""
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            self.send_response(503 if body["user_id"].startswith("flaky") else 200)
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-
-        def log_message(self, format: str, *args: object) -> None:
-            pass
-
-    receiver = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    thread = threading.Thread(target=receiver.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{receiver.server_address[1]}/hook"
-    finally:
-        receiver.shutdown()
-        receiver.server_close()
+    with Webhook(lambda body: 503 if body["user_id"].startswith("flaky") else 200) as hook:
+        yield hook.url
 
 
 def worker_processes(server: Server) -> list[int]:

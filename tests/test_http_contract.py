@@ -20,8 +20,7 @@ import anyio
 import httpx2 as httpx
 import pytest
 from anyio.from_thread import BlockingPortal
-from conftest import profile, wait_for_task
-from prometheus_client.parser import text_string_to_metric_families
+from conftest import MetricKey, labels, metric_samples, profile, wait_for_task
 from starlette.testclient import TestClient
 from starlette.types import Message
 
@@ -690,25 +689,17 @@ def test_kinds_lists_an_added_kind(make_client: ClientFactory) -> None:
     assert {kind["name"]: kind["placement"] for kind in kinds}[HOLD] == "loop"
 
 
-def metric_samples(client: TestClient) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+def scraped(client: TestClient) -> dict[MetricKey, float]:
     response = client.get("/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(response.text)
-        for sample in family.samples
-    }
-
-
-def labels(**pairs: str) -> frozenset[tuple[str, str]]:
-    return frozenset(pairs.items())
+    return metric_samples(response.text)
 
 
 def settled_metric_samples(client: TestClient, timeout_s: float = 10.0) -> dict[Any, float]:
     """/metrics once no attempt runs: an attempt is counted just after its outcome is committed."""
     deadline = time.monotonic() + timeout_s
-    while (samples := metric_samples(client))[("profile_app_tasks_running", labels())] != 0:
+    while (samples := scraped(client))[("profile_app_tasks_running", labels())] != 0:
         assert time.monotonic() < deadline, "an attempt is still running"
         time.sleep(0.02)
     return samples

@@ -17,13 +17,12 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import anyio
 import pytest
 import requests
-from conftest import Server, profile, wait_for_task, wait_until
+from conftest import Server, Webhook, labels, metric_samples, profile, wait_for_task, wait_until
 from test_server_e2e import seed
 
 from profile_app.db.database import Database
@@ -169,16 +168,9 @@ def test_every_task_is_claimed_once_across_server_processes(multi_server: Server
     # /metrics adds up every server process's counts, whichever process answers.
     for _ in range(WORKERS):
         samples = metric_samples(multi_server.get("/metrics").text)
-        assert samples['profile_app_tasks_submitted_total{kind="match"}'] == POSTED
-        finished = samples['profile_app_tasks_finished_total{kind="match",status="succeeded"}']
+        assert samples[("profile_app_tasks_submitted_total", labels(kind="match"))] == POSTED
+        finished = samples[("profile_app_tasks_finished_total", labels(kind="match", status="succeeded"))]
         assert finished == POSTED + QUEUED
-
-
-def metric_samples(text: str) -> dict[str, float]:
-    return {
-        name: float(value)
-        for name, _, value in (line.rpartition(" ") for line in text.splitlines() if not line.startswith("#"))
-    }
 
 
 def test_an_idempotency_key_sent_concurrently_to_many_processes_makes_one_task(
@@ -279,37 +271,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-class HoldingWebhook:
+class HoldingWebhook(Webhook):
     """A webhook whose first call is held open until the test lets it go; later calls get 204."""
 
     def __init__(self) -> None:
         self.held = threading.Event()
         self.release = threading.Event()
-        webhook = self
+        super().__init__(self._respond)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                if not webhook.held.is_set():
-                    webhook.held.set()
-                    webhook.release.wait(60)
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-
-    def __enter__(self) -> HoldingWebhook:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        return self
+    def _respond(self, body: dict) -> int:
+        if not self.held.is_set():
+            self.held.set()
+            self.release.wait(60)
+        return 204
 
     def __exit__(self, *exc_info: object) -> None:
         self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
+        super().__exit__(*exc_info)
 
 
 def test_a_task_of_a_killed_server_process_is_taken_back_within_seconds(db_path: Path) -> None:

@@ -2,46 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from conftest import profile, wait_for_task
+from conftest import Webhook, profile, wait_for_task
 from starlette.testclient import TestClient
-
-
-class Webhook:
-    """A local HTTP endpoint that answers 500 to its first `failures` calls, then 204."""
-
-    def __init__(self, failures: int) -> None:
-        self.failures = failures
-        self.calls: list[dict] = []
-        webhook = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                webhook.calls.append(body)
-                self.send_response(500 if len(webhook.calls) <= webhook.failures else 204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
 
 
 @pytest.fixture
 def webhook() -> Iterator[Webhook]:
-    hook = Webhook(failures=1)
-    thread = threading.Thread(target=hook.server.serve_forever, daemon=True)
-    thread.start()
-    yield hook
-    hook.server.shutdown()
-    hook.server.server_close()
+    """Answers 500 to the first call, then 204: the notify task is retried."""
+    calls_before_success = 1
+    with Webhook(lambda body: 500 if len(hook.calls) <= calls_before_success else 204) as hook:
+        yield hook
 
 
 def test_matches_are_posted_to_the_webhook_with_retries(

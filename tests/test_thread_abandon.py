@@ -8,11 +8,10 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
-from conftest import profile, submit, wait_for_task, wait_until
+from conftest import Webhook, profile, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
 
 from profile_app.executors.kinds import KindRegistry
@@ -23,49 +22,34 @@ from profile_app.executors.kinds import KindRegistry
 OVERLAP_PROBE_S = 1.5
 
 
-class SlowWebhook:
+class SlowWebhook(Webhook):
     """Holds every call until `go` is set; remembers how many were ever in flight at once."""
 
     def __init__(self) -> None:
         self.go = threading.Event()
         self.second_call = threading.Event()
-        self.calls = 0
         self.in_flight = 0
         self.most_in_flight = 0
         self.lock = threading.Lock()
-        hook = self
+        super().__init__(self._respond)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers["Content-Length"]))
-                with hook.lock:
-                    hook.calls += 1
-                    hook.in_flight += 1
-                    hook.most_in_flight = max(hook.most_in_flight, hook.in_flight)
-                    if hook.calls >= 2:
-                        hook.second_call.set()
-                hook.go.wait(60)
-                with hook.lock:
-                    hook.in_flight -= 1
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+    def _respond(self, body: dict) -> int:
+        with self.lock:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            if len(self.calls) >= 2:
+                self.second_call.set()
+        self.go.wait(60)
+        with self.lock:
+            self.in_flight -= 1
+        return 204
 
 
 @pytest.fixture
 def webhook() -> Iterator[SlowWebhook]:
-    hook = SlowWebhook()
-    thread = threading.Thread(target=hook.server.serve_forever, daemon=True)
-    thread.start()
-    yield hook
-    hook.go.set()
-    hook.server.shutdown()
-    hook.server.server_close()
+    with SlowWebhook() as hook:
+        yield hook
+        hook.go.set()
 
 
 def assert_the_retry_waits_for_the_abandoned_thread(
@@ -77,7 +61,7 @@ def assert_the_retry_waits_for_the_abandoned_thread(
     webhook.go.set()  # the abandoned call returns; only now may the retry call the webhook
     task = wait_for_task(client, task_id)
     assert task["status"] == "succeeded", task
-    assert (webhook.calls, webhook.most_in_flight) == (2, 1)
+    assert (len(webhook.calls), webhook.most_in_flight) == (2, 1)
 
 
 def test_a_cancelled_notify_task_retried_at_once_waits_for_its_abandoned_thread(
@@ -85,7 +69,7 @@ def test_a_cancelled_notify_task_retried_at_once_waits_for_its_abandoned_thread(
 ) -> None:
     client = make_client(webhook_url=webhook.url, webhook_timeout_s=60)
     assert client.post("/profile", json=profile("ann", ["chess"])).status_code == 202  # match, then notify
-    wait_until(lambda: webhook.calls >= 1, 30, "the webhook was called")
+    wait_until(lambda: len(webhook.calls) >= 1, 30, "the webhook was called")
     (running,) = [
         task for task in client.get("/tasks?kind=notify").json()["tasks"] if task["status"] == "running"
     ]
@@ -110,7 +94,7 @@ def test_a_thread_attempt_past_its_time_limit_keeps_its_task_until_its_thread_re
 
     client = make_client(kinds=kinds)
     task_id = submit(client, "call_hook", {"url": webhook.url})
-    wait_until(lambda: webhook.calls >= 1, 30, "the webhook was called")
+    wait_until(lambda: len(webhook.calls) >= 1, 30, "the webhook was called")
     # The time limit stops the first attempt (charged) and queues the retry at once.
     assert_the_retry_waits_for_the_abandoned_thread(client, webhook, task_id)
     task = client.get(f"/tasks/{task_id}").json()
