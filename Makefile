@@ -23,7 +23,7 @@ browser:
 		$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver; \
 	fi
 
-# The storage fault tests inject fsync errors with Debian's strace (tests/test_disk_full.py).
+# The storage fault tests inject fsync errors with Debian's strace (tests/db/test_disk_full.py).
 faults:
 	@if ! command -v strace >/dev/null; then \
 		sudo=""; [ "$$(id -u)" -eq 0 ] || sudo="sudo"; \
@@ -38,9 +38,9 @@ faults:
 # database with retention at 3 s; plots file, WAL, RSS and claim rate to
 # bench/results/soak_storage.png and fails if any of them drifts (bench/soak_storage.py).
 soak: $(VENV)/.dev-installed $(VENV)/.bench-installed
-	PROFILE_APP_TEST_KILLS=40 PROFILE_APP_TEST_BURST_S=180 $(PY) -m pytest -v tests/test_crash_loop.py \
-		tests/test_overload.py::test_a_burst_of_512_connections_gets_only_the_contracts_answers
-	PROFILE_APP_TEST_SCHEDULER_KILLS=20 $(PY) -m pytest -v tests/test_dask_scheduler_loss.py
+	PROFILE_APP_TEST_KILLS=40 PROFILE_APP_TEST_BURST_S=180 $(PY) -m pytest -v tests/e2e/test_crash_loop.py \
+		tests/web/test_overload.py::test_a_burst_of_512_connections_gets_only_the_contracts_answers
+	PROFILE_APP_TEST_SCHEDULER_KILLS=20 $(PY) -m pytest -v tests/executors/test_dask_scheduler_loss.py
 	$(PY) -m bench.soak_storage
 
 lint: $(VENV)/.dev-installed
@@ -82,7 +82,7 @@ $(VENV)/.bench-installed: requirements-bench.txt requirements-dask.txt $(VENV)/.
 # dist/profile-app: one executable that serves, seeds and runs process tasks without the venv.
 # It is built in a venv of its own, holding only requirements-build.txt, so it bundles the
 # same packages on every machine whatever the dev venv holds. BINARY_DIR and BINARY_WORK
-# let tests/test_binary.py build into a directory of its own.
+# let tests/e2e/test_binary.py build into a directory of its own.
 BUILD_VENV := build/venv
 BINARY_DIR ?= dist
 BINARY_WORK ?= build/pyinstaller

@@ -1,4 +1,4 @@
-"""Task kinds for tests/test_dask.py: a module of its own, so Dask workers can import it."""
+"""Task kinds for tests/executors/test_dask.py: a module of its own, so Dask workers can import it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""An app that embeds the queue, for tests/test_embedding.py: FastAPI, or Starlette with the
+"""An app that embeds the queue, for tests/web/test_embedding.py: FastAPI, or Starlette with the
 queue nested in its own lifespan (EMBED_FRAMEWORK=starlette). Served by uvicorn in a
 subprocess; the queue's database is `tasks.db` in the working directory, as in API.md.
 """

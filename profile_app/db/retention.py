@@ -2,7 +2,7 @@
 the task's row) in small batches through the writer, and the file's space is kept in check.
 
 Space: SQLite puts the pages a DELETE frees on its freelist and the next inserts reuse
-them, so under steady work the file stops growing by itself (tests/test_retention.py
+them, so under steady work the file stops growing by itself (tests/db/test_retention.py
 checks page counts). A database created by this version has `auto_vacuum = INCREMENTAL`
 (set before its first table; an existing file keeps its mode, which only a full VACUUM
 could change): after a prune, free pages past a quarter of the pages in use

@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Server, wait_until
-from test_multiprocess import INTERESTS, post_all, tiny_profiles
-from test_server_e2e import seed
+from load import INTERESTS, post_all, seed, tiny_profiles
 
 KILLS = int(os.environ.get("PROFILE_APP_TEST_KILLS", "10"))  # `make soak` kills more often
 BATCH = 100  # tasks submitted per round: 1,100 in all with 10 kills

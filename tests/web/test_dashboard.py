@@ -1,6 +1,6 @@
 """The dashboard without a browser: its page and files, its event stream, the queries behind it.
 
-The page itself, in headless Chromium against a real server, is tests/test_dashboard_browser.py.
+The page itself, in headless Chromium against a real server, is tests/web/test_dashboard_browser.py.
 """
 
 from __future__ import annotations

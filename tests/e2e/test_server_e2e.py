@@ -1,4 +1,4 @@
-"""End to end: a real `python profile_app.py serve` subprocess, driven over HTTP with requests."""
+"""End to end: a real `python -m profile_app serve` subprocess, driven over HTTP with requests."""
 
 from __future__ import annotations
 
@@ -11,31 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from conftest import ROOT, Server, profile, wait_for_task
+from load import seed
 
 from profile_app.matching.reference import reference_matches
 from profile_app.matching.synthetic import synthetic_profiles
 
 SEEDED = 20_000
-
-
-def seed(db: Path, count: int) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "profile_app",
-            "seed",
-            "--count",
-            str(count),
-            "--db",
-            str(db),
-            "--random-seed",
-            "7",
-        ],
-        cwd=ROOT,
-        check=True,
-        capture_output=True,
-    )
 
 
 def post_profiles(server: Server, profiles: list[dict]) -> list[str]:

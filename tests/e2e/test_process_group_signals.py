@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Server, wait_until
-from test_multiprocess import post_all
-from test_server_e2e import seed
+from load import post_all, seed
 
 from profile_app.matching.synthetic import synthetic_profiles
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from conftest import Server, profile, wait_until
-from test_multiprocess import server_pids
+from load import server_pids
 
 from profile_app.web.security import host_name
 

@@ -23,7 +23,7 @@ from starlette.testclient import TestClient
 from profile_app.matching.synthetic import synthetic_profiles
 
 distributed = pytest.importorskip("distributed")
-from test_dask import Cluster  # noqa: E402  (after the skip)
+from dask_cluster import Cluster  # noqa: E402  (after the skip)
 
 KILLS = int(os.environ.get("PROFILE_APP_TEST_SCHEDULER_KILLS", "3"))
 POSTS_PER_KILL = 24

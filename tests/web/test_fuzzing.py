@@ -17,7 +17,7 @@ from pathlib import Path
 
 from conftest import Server
 
-HERE = Path(__file__).resolve().parent
+HERE = Path(__file__).resolve().parent.parent  # tests/, where the hooks live
 MAX_EXAMPLES = 15
 
 

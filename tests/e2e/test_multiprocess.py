@@ -23,7 +23,7 @@ import anyio
 import pytest
 import requests
 from conftest import Server, Webhook, labels, metric_samples, profile, wait_for_task, wait_until
-from test_server_e2e import seed
+from load import post_all, seed, server_pids, tiny_profiles
 
 from profile_app.db.database import Database
 from profile_app.matching.synthetic import synthetic_profiles
@@ -31,54 +31,11 @@ from profile_app.matching.synthetic import synthetic_profiles
 WORKERS = 4
 POSTED = 1000  # through HTTP, spread over the server processes by the kernel
 QUEUED = 9000  # written straight into the queue, as many POSTs at once would
-INTERESTS = ["chess", "go", "jazz", "hiking", "tea", "rust", "sql", "cats"]
-
-
-def tiny_profiles(count: int, prefix: str) -> list[dict]:
-    """Profiles small enough that each match task takes a millisecond or so."""
-    return [
-        profile(
-            f"{prefix}{n}",
-            [INTERESTS[n % 8], INTERESTS[(n * 3 + 1) % 8]],
-            f"likes {INTERESTS[n % 5]} and {INTERESTS[n % 7]}",
-        )
-        for n in range(count)
-    ]
-
-
-def post_all(server: Server, documents: list[dict], threads: int = 16, **headers: str) -> list[str]:
-    """POST every document from a pool of keep-alive sessions; returns the task ids."""
-    local = threading.local()
-
-    def post(document: dict) -> str:
-        if not hasattr(local, "session"):
-            local.session = requests.Session()
-        response = local.session.post(server.url + "/profile", json=document, headers=headers, timeout=30)
-        assert response.status_code == 202, response.text
-        return response.json()["task_id"]
-
-    with ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(post, documents))
 
 
 def queue_is_empty(server: Server) -> bool:
     health = server.get("/health").json()
     return health["queued"] == 0 and health["running"] == 0
-
-
-def server_pids(server: Server) -> set[int]:
-    """The pids of the supervisor's server processes: its children that multiprocessing spawned."""
-    assert server.process is not None
-    pids = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            parent_pid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-            command = (stat.parent / "cmdline").read_bytes()
-        except (OSError, IndexError, ValueError):
-            continue  # the process ended while we looked
-        if parent_pid == server.process.pid and b"spawn_main" in command:
-            pids.add(int(stat.parent.name))
-    return pids
 
 
 class LeaseWatcher:

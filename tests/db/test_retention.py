@@ -13,7 +13,7 @@ import anyio
 import pytest
 import requests
 from conftest import Server, profile, wait_for_task, wait_until
-from test_multiprocess import post_all, tiny_profiles
+from load import post_all, tiny_profiles
 
 from profile_app.db.database import Database
 from profile_app.db.retention import FREE_SHARE_KEPT, MAX_PAGES_RETURNED
