@@ -198,6 +198,34 @@ def test_sigterm_lets_a_running_task_finish_before_the_app_exits(
     assert len(marker.read_text().split()) == 1
 
 
+def test_two_uvicorn_workers_share_the_embedded_queue_and_run_each_task_once(tmp_path: Path) -> None:
+    """`uvicorn --workers 2` on one file: every durable task succeeds after exactly one
+    attempt (its marker has one line, its ledger one row), whichever process claimed it."""
+    server = Server(
+        tmp_path / "tasks.db",
+        {"EMBED_FRAMEWORK": "fastapi", "PROFILE_APP_PROCESS_WORKERS": "1"},
+        cwd=tmp_path,
+    )
+    server.command = uvicorn_command("tests.embedded_app:app", server.port, "--workers", "2")
+    server.start(timeout_s=60)
+    try:
+        markers = [tmp_path / f"marker-{n}" for n in range(20)]
+        ids = [
+            server.post("/submit", params={"ms": 5, "marker": str(marker)}).json()["task_id"]
+            for marker in markers
+        ]
+        for task_id in ids:
+            wait_until(
+                lambda task_id=task_id: server.get(f"/queue/tasks/{task_id}").json()["status"] == "succeeded",
+                60,
+                f"task {task_id} succeeded",
+            )
+            assert len(server.get(f"/queue/tasks/{task_id}/attempts").json()["attempts"]) == 1
+        assert [len(marker.read_text().splitlines()) for marker in markers] == [1] * len(markers)
+    finally:
+        server.stop()
+
+
 # -- the mounted API -------------------------------------------------------------------------
 
 
