@@ -282,15 +282,17 @@ def stored_task(client: TestClient, task_id: str) -> Any:
 # builds and long fault loops). `make test` runs them all.
 SLOW_MODULES = frozenset(
     {
-        "test_binary",
-        "test_crash_loop",
-        "test_dask",
+        "test_auto_placement",
+        "test_claim_ahead",
         "test_dashboard_browser",
+        "test_dask",
+        "test_dask_scheduler_loss",
         "test_disk_full",
+        "test_embedding",
+        "test_extending",
         "test_fuzzing",
-        "test_multiprocess",
         "test_overload",
-        "test_server_e2e",
+        "test_thread_abandon",
         "test_worker_faults",
     }
 )
@@ -299,5 +301,6 @@ SLOW_MODULES = frozenset(
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         module = item.module.__name__.rpartition(".")[2] if item.module else ""
-        if module in SLOW_MODULES or "make_server" in getattr(item, "fixturenames", ()):
+        end_to_end = item.path.parent.name == "e2e"
+        if end_to_end or module in SLOW_MODULES or "make_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
