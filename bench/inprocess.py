@@ -115,17 +115,23 @@ def _loop_tasks(db: str, users: list[str], duration_s: float, ready: Barrier, ra
 def parallel_ceiling(db: Path, users: list[str], duration_s: float) -> float:
     """(tasks/s of `cores` processes at once) / (cores * tasks/s of one process)."""
     cores = os.cpu_count() or 1
+    return process_scaling(db, users, duration_s, cores) / cores
+
+
+def process_scaling(db: Path, users: list[str], duration_s: float, processes: int) -> float:
+    """(tasks/s of `processes` processes looping the warm task at once) / (tasks/s of one):
+    what any executor with that many workers can reach on this machine right now."""
     context = multiprocessing.get_context("spawn")
     total = {}
-    for workers in (1, cores):
+    for workers in (1, processes):
         ready, rates = context.Barrier(workers), context.Queue()
-        processes = [
+        children = [
             context.Process(target=_loop_tasks, args=(str(db), users[n::workers], duration_s, ready, rates))
             for n in range(workers)
         ]
-        for process in processes:
-            process.start()
-        total[workers] = sum(rates.get(timeout=300) for _ in processes)
-        for process in processes:
-            process.join()
-    return total[cores] / (cores * total[1])
+        for child in children:
+            child.start()
+        total[workers] = sum(rates.get(timeout=300) for _ in children)
+        for child in children:
+            child.join()
+    return total[processes] / total[1]
