@@ -27,7 +27,7 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 from bench.seed_work import compute_matches, fetch_rows
-from profile_app.tasks import builtin as kinds
+from profile_app.tasks import match as kinds
 
 QUERIES = 25
 SEED_REPEAT_UP_TO = 20_000  # the seed's task is timed 3 times up to this size, once above
