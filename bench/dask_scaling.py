@@ -37,6 +37,7 @@ from typing import Any
 
 import anyio
 
+from bench import inprocess
 from profile_app.db.database import Database, TaskStatus
 from profile_app.dispatcher.config import DispatcherConfig
 from profile_app.dispatcher.dispatcher import Dispatcher
@@ -286,14 +287,21 @@ async def snapshot_cost(db_path: Path) -> dict[str, Any]:
     }
 
 
-def measure(profiles: int = 100_000, tasks: int = 150, repeats: int = 3) -> dict[str, Any]:
+def measure(
+    profiles: int = 100_000, tasks: int = 150, repeats: int = 3, ceiling_s: float = 3.0
+) -> dict[str, Any]:
     """`repeats` rounds of (1 worker, 2 workers), each on fresh clusters, back to back so that
-    both sizes share whatever else the machine runs; dask_scaling is the median round's ratio."""
+    both sizes share whatever else the machine runs; dask_scaling is the median round's ratio.
+
+    Each round also measures the machine's own ceiling right after its clusters: the same
+    warm match task looped in 2 plain processes at once against 1 (bench/inprocess.py), on
+    the same table; `dask_scaling_ratio` = dask_scaling / the median round's ceiling."""
     with TemporaryDirectory(prefix="profile_app_dask_bench_") as tmp:
         db_path = Path(tmp) / "bench.db"
         user_ids = anyio.run(seed, db_path, profiles)
         table = anyio.run(snapshot_cost, db_path)
         rounds = []
+        ceilings = []
         for number in range(repeats):
             last = number == repeats - 1
             rounds.append(
@@ -302,14 +310,20 @@ def measure(profiles: int = 100_000, tasks: int = 150, repeats: int = 3) -> dict
                     for workers in (1, 2)
                 ]
             )
+            ceilings.append(inprocess.process_scaling(db_path, user_ids, ceiling_s, 2))
         local = anyio.run(measure_local, db_path, user_ids, tasks, repeats)
     ratios = [two["tasks_per_s"] / one["tasks_per_s"] for one, two in rounds]
     one, two = sorted(rounds, key=lambda pair: pair[1]["tasks_per_s"] / pair[0]["tasks_per_s"])[
         len(rounds) // 2
     ]
     two = {**two, "with_writes": rounds[-1][1]["with_writes"]}
+    scaling = sorted(ratios)[len(ratios) // 2]
+    ceiling = sorted(ceilings)[len(ceilings) // 2]
     return {
-        "dask_scaling": round(sorted(ratios)[len(ratios) // 2], 2),
+        "dask_scaling": round(scaling, 2),
+        "dask_scaling_ceiling": round(ceiling, 3),
+        "dask_scaling_ratio": round(scaling / ceiling, 3),
+        "dask_scaling_ceiling_rounds": [round(value, 3) for value in ceilings],
         "dask_scaling_rounds": [round(ratio, 2) for ratio in ratios],
         "tasks_per_s_rounds": [[pair[0]["tasks_per_s"], pair[1]["tasks_per_s"]] for pair in rounds],
         "profiles": profiles,
@@ -359,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
         f" loop lag p99 {local['loop_lag_p99_ms']} ms"
     )
     out(f"  tasks/s per round (1 worker, 2 workers): {result['tasks_per_s_rounds']}")
+    out(
+        f"machine ceiling, 2 processes / 1, per round: {result['dask_scaling_ceiling_rounds']};"
+        f" dask_scaling / ceiling = {result['dask_scaling_ratio']}"
+    )
     out(f"dask_scaling = {result['dask_scaling']} (load average at the end: {result['load_average_at_end']})")
     out(json.dumps(result))
     if args.json:

@@ -9,7 +9,7 @@ Everything here runs in spawned child processes, so that the indexes (hundreds o
 * `warm_task_cpu_s`: the warm match task's CPU time alone, for one table: the reference
   of `cpu_efficiency`, taken right before the throughput window it is compared with.
 * `parallel_ceiling`: the same warm task looped in 1 process, then in `cores` processes
-  at once. On a machine whose cores share caches and memory bandwidth (or whose virtual
+  at once, then in 1 again. On a machine whose cores share caches and memory bandwidth (or whose virtual
   CPUs share a host), `cores` processes do less than `cores` times the work of one; the
   ratio is the best `cpu_efficiency` any executor can reach here.
 """
@@ -27,7 +27,7 @@ from multiprocessing.synchronize import Barrier
 from pathlib import Path
 
 from bench.seed_work import compute_matches, fetch_rows
-from profile_app.tasks import builtin as kinds
+from profile_app.tasks import match as kinds
 
 QUERIES = 25
 SEED_REPEAT_UP_TO = 20_000  # the seed's task is timed 3 times up to this size, once above
@@ -115,17 +115,27 @@ def _loop_tasks(db: str, users: list[str], duration_s: float, ready: Barrier, ra
 def parallel_ceiling(db: Path, users: list[str], duration_s: float) -> float:
     """(tasks/s of `cores` processes at once) / (cores * tasks/s of one process)."""
     cores = os.cpu_count() or 1
+    return process_scaling(db, users, duration_s, cores) / cores
+
+
+def process_scaling(db: Path, users: list[str], duration_s: float, processes: int) -> float:
+    """(tasks/s of `processes` processes looping the warm task at once) / (tasks/s of one):
+    what any executor with that many workers can reach on this machine right now.
+
+    One process runs before and after the parallel run, and the two are averaged: on a
+    shared host the load moves within seconds, and a single 1-process run taken while
+    the host was quieter or busier than during the parallel one tilts the ratio."""
     context = multiprocessing.get_context("spawn")
-    total = {}
-    for workers in (1, cores):
+    runs = []
+    for workers in (1, processes, 1):
         ready, rates = context.Barrier(workers), context.Queue()
-        processes = [
+        children = [
             context.Process(target=_loop_tasks, args=(str(db), users[n::workers], duration_s, ready, rates))
             for n in range(workers)
         ]
-        for process in processes:
-            process.start()
-        total[workers] = sum(rates.get(timeout=300) for _ in processes)
-        for process in processes:
-            process.join()
-    return total[cores] / (cores * total[1])
+        for child in children:
+            child.start()
+        runs.append(sum(rates.get(timeout=300) for _ in children))
+        for child in children:
+            child.join()
+    return runs[1] / statistics.mean([runs[0], runs[2]])

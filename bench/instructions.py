@@ -10,6 +10,8 @@ counters once the server is warm, applies the load, dumps, and divides:
   server process (event loop, aiosqlite threads) per task; the workers are not traced;
 * `ingest N`: N POST /profile over 16 connections (bench/ingest.py's bodies), counted until
   the last answer; tasks finished meanwhile are reported, since their cost is included;
+* `ingest_paused N`: the same with the `match` kind paused first (POST /kinds/match/pause),
+  so that no task runs meanwhile: the request path alone, to compare with `bare`;
 * `bare N`: the same POSTs against bench/bare_app.py;
 * `noop N`: N no-op round trips of bench/profile_app_noop.py, one after another (submit,
   run in a worker process, durable result): instructions per round trip.
@@ -45,6 +47,7 @@ START_TIMEOUT_S = 300.0  # imports alone take a minute under callgrind
 
 
 NOOP_PATH = "/bench/noop"
+MATCH = "match"  # the built-in kind POST /profile queues
 
 
 def _server(mode: str, port: int, db: Path) -> list[str]:
@@ -115,6 +118,11 @@ def measure(mode: str, count: int, cache: Path, tmp: Path) -> str:
             post_all(port, "/profile", bodies[:20], 4)  # warm: workers started, indexes built
         if mode != "bare":
             _wait_idle(db)
+        if mode == "ingest_paused":
+            with Connection(HOST, port, 60.0) as conn:
+                status, _ = conn.request("POST", f"/kinds/{MATCH}/pause")
+            if status != 200:
+                raise RuntimeError(f"POST /kinds/{MATCH}/pause answered {status}")
         subprocess.run(["callgrind_control", "--zero", str(server.pid)], check=True, capture_output=True)
         finished_before = 0 if mode == "bare" else _count(db, "status = 'succeeded'")
         if mode == "tasks":
@@ -135,13 +143,13 @@ def measure(mode: str, count: int, cache: Path, tmp: Path) -> str:
             server.wait()
     instructions = _total_instructions(min(tmp.glob("callgrind.out.*")))
     unit = {"tasks": "task", "noop": "round trip"}.get(mode, "POST")
-    also = f" ({finished} match tasks finished meanwhile)" if mode == "ingest" else ""
+    also = f" ({finished} match tasks finished meanwhile)" if mode.startswith("ingest") else ""
     return f"{mode}: {instructions / count / 1e6:.3f} M instructions per {unit}, {count} {unit}s{also}"
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=("tasks", "ingest", "bare", "noop"))
+    parser.add_argument("mode", choices=("tasks", "ingest", "ingest_paused", "bare", "noop"))
     parser.add_argument("count", type=int)
     parser.add_argument("--cache", type=Path, default=Path("/tmp/profile_app_overhead"))
     args = parser.parse_args(argv)

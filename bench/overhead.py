@@ -60,29 +60,63 @@ def server_command(port: int, db: Path, profile_dir: Path | None, name: str) -> 
 
 @contextmanager
 def profile_app(
-    tmp: Path, source: Path, name: str, profile_dir: Path | None, env: dict[str, str] | None = None
+    tmp: Path,
+    source: Path,
+    name: str,
+    profile_dir: Path | None,
+    env: dict[str, str] | None = None,
+    tree: Path | None = None,
 ) -> Iterator[Server]:
     copy = datasets.copy_database(source, tmp / f"{name}.db")
     port = free_port()
-    with running(name, server_command(port, copy, profile_dir, name), port, tmp, env) as server:
+    command = server_command(port, copy, profile_dir, name)
+    if tree is not None:  # that checkout's package first on sys.path (its worker processes inherit it)
+        run = (
+            "import runpy, sys; sys.path.insert(0, sys.argv.pop(1));"
+            " runpy.run_module('profile_app', run_name='__main__')"
+        )
+        command = [command[0], "-c", run, str(tree), *command[3:]]
+    with running(name, command, port, tmp, env) as server:
         yield server
 
 
-def measure_ingest(tmp: Path, cache: Path, seconds: float, profile_dir: Path | None) -> None:
+def measure_ingest(
+    tmp: Path,
+    cache: Path,
+    seconds: float,
+    profile_dir: Path | None,
+    base: Path | None = None,
+    rounds: int = 1,
+) -> None:
+    """With `base` (another checkout's root), its profile_app is measured beside this one's,
+    alternately, `rounds` times: a before/after comparison under the same host load."""
     bodies = datasets.profile_bodies(ingest.bodies_needed(seconds), "overhead")
     port = free_port()
     with running("bare", uvicorn_command("bench.bare_app:app", port), port, tmp) as server:
         bare = ingest.measure("bare", server, bodies, seconds)
-    env = {"PROFILE_APP_MAX_QUEUED": "100000000"}
-    with profile_app(tmp, seeded(cache, "10k"), "ingest", profile_dir, env) as server:
-        ours = ingest.measure("profile_app", server, bodies, seconds)
-        rejected = ours.load.rejected
+    port = free_port()
+    env = {"BENCH_DB": str(tmp / "plain_durable.db")}
+    with running("plain", uvicorn_command("bench.plain_durable_app:app", port), port, tmp, env) as server:
+        plain = ingest.measure("plain_durable", server, bodies, seconds)
     report.out(
-        f"ingest: profile_app {ours.per_s:.0f} POST/s, server CPU {ours.server_cpu_ms_per_request:.3f} ms"
-        f" per POST (workers {ours.workers_cpu_s:.2f} s); bare {bare.per_s:.0f} POST/s,"
-        f" {bare.server_cpu_ms_per_request:.3f} ms; ratio {ours.per_s / bare.per_s:.2f}"
-        f"{f'; {rejected} rejected' if rejected else ''}",
+        f"ingest: bare {bare.per_s:.0f} POST/s, {bare.server_cpu_ms_per_request:.3f} ms server CPU per POST;"
+        f" plain durable {plain.per_s:.0f} POST/s, {plain.server_cpu_ms_per_request:.3f} ms"
     )
+    env = {"PROFILE_APP_MAX_QUEUED": "100000000"}
+    trees = {"this": None} if base is None else {"base": base, "this": None}
+    for number in range(rounds):
+        for label, tree in trees.items() if number % 2 == 0 else reversed(trees.items()):
+            with profile_app(
+                tmp, seeded(cache, "10k"), f"ingest_{label}_{number}", profile_dir, env, tree
+            ) as server:
+                ours = ingest.measure("profile_app", server, bodies, seconds)
+            rejected = ours.load.rejected
+            report.out(
+                f"  profile_app ({label}): {ours.per_s:.0f} POST/s, server CPU"
+                f" {ours.server_cpu_ms_per_request:.3f} ms per POST (workers {ours.workers_cpu_s:.2f} s);"
+                f" / bare {ours.per_s / bare.per_s:.2f}, / plain durable {ours.per_s / plain.per_s:.2f}"
+                f"{f'; {rejected} rejected' if rejected else ''}",
+            )
 
 
 def measure_tasks(tmp: Path, cache: Path, backlog: int, seconds: float, profile_dir: Path | None) -> None:
@@ -133,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--backlog", type=int, default=3000)
     parser.add_argument("--tasks-s", type=float, default=8.0)
     parser.add_argument("--noop-count", type=int, default=300)
+    parser.add_argument(
+        "--base", type=Path, help="another checkout: its profile_app's ingest beside this one's"
+    )
+    parser.add_argument("--rounds", type=int, default=1, help="ingest rounds (alternating with --base)")
     args = parser.parse_args(argv)
     steps = args.only.split(",")
     args.cache.mkdir(parents=True, exist_ok=True)
@@ -141,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = args.cache / f"run_{time.strftime('%H%M%S')}"
     tmp.mkdir()
     if "ingest" in steps:
-        measure_ingest(tmp, args.cache, args.ingest_s, args.profile)
+        measure_ingest(tmp, args.cache, args.ingest_s, args.profile, args.base, args.rounds)
     if "tasks" in steps:
         measure_tasks(tmp, args.cache, args.backlog, args.tasks_s, args.profile)
     if "noop" in steps:

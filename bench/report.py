@@ -23,7 +23,17 @@ from bench.load import p99_ms
 
 RESULTS_START = "<!-- bench:results:start -->"
 RESULTS_END = "<!-- bench:results:end -->"
-COLUMNS = ("profile_app", "naive", "threads", "processpool", "fastapi_queue", "huey", "anyio", "bare")
+COLUMNS = (
+    "profile_app",
+    "naive",
+    "threads",
+    "processpool",
+    "fastapi_queue",
+    "huey",
+    "anyio",
+    "bare",
+    "plain_durable",
+)
 
 
 def out(text: str = "") -> None:

@@ -28,6 +28,14 @@ def keys(m: Measurements, config: Config) -> dict[str, float]:
         "auto_placement": m.placement["auto_placement"],
         "dask_scaling": m.dask["dask_scaling"],
         **m.claim,  # claim_ms_1k, claim_ms_1m, claim_cost_ratio (+ the read before a claim)
+        # issue 17: each a ratio to, or a difference from, something measured in this run
+        "ingest_vs_plain_durable": m.ingest["profile_app"].per_s / m.ingest["plain_durable"].per_s,
+        "server_cpu_ms_per_post": m.ingest["profile_app"].server_cpu_ms_per_request,
+        "server_cpu_ms_per_post_bare": m.ingest["bare"].server_cpu_ms_per_request,
+        "cpu_efficiency_ratio": m.throughput.cpu_efficiency / m.ceiling,
+        "noop_floor_ms": m.noop_floor.floor_ms,
+        "noop_overhead_ms": m.noop["profile_app"].median_ms - m.noop_floor.floor_ms,
+        "dask_scaling_ratio": m.dask["dask_scaling_ratio"],
     }
     extra = {
         "cpu_efficiency_ceiling": m.ceiling,
@@ -36,6 +44,10 @@ def keys(m: Measurements, config: Config) -> dict[str, float]:
         "short_tasks_per_s_huey": m.short["huey"].per_s,
         "ingest_per_s": m.ingest["profile_app"].per_s,
         "ingest_per_s_bare": m.ingest["bare"].per_s,
+        "ingest_per_s_plain_durable": m.ingest["plain_durable"].per_s,
+        "server_cpu_ms_per_post_plain_durable": m.ingest["plain_durable"].server_cpu_ms_per_request,
+        "durable_commit_ms": m.noop_floor.one_commit_ms,
+        "dask_scaling_ceiling": m.dask["dask_scaling_ceiling"],
         "health_p99_ratio_ingest": m.ingest["profile_app"].health_ratio,
         **{f"match_client_seconds_{label}": m.latency[label].client_s for label in SIZES},
         **{f"match_seconds_inprocess_{label}": m.in_process[label].top_matches_s for label in SIZES},
@@ -87,6 +99,12 @@ def details(m: Measurements) -> dict[str, Any]:
             }
             for name, r in m.ingest.items()
         },
+        "noop_floor": {
+            "commit_ms_before_after": list(m.noop_floor.commit_ms),
+            "worker_roundtrip_ms": m.noop_floor.worker.median_ms,
+        },
+        "dask_scaling_ceiling_rounds": m.dask["dask_scaling_ceiling_rounds"],
+        "dask_scaling_rounds": m.dask["dask_scaling_rounds"],
         "memory_queued_seen": {str(queued): result.queued for queued, result in m.memory.items()},
     }
 
@@ -115,10 +133,27 @@ def rows(m: Measurements, k: dict[str, float]) -> list[Row]:
         ),
         Row("  machine ceiling (in-process, parallel)", {"profile_app": fmt(k["cpu_efficiency_ceiling"])}),
         Row(
+            "cpu_efficiency / machine ceiling",
+            {"profile_app": fmt(k["cpu_efficiency_ratio"])},
+            ">= 0.95",
+            k["cpu_efficiency_ratio"] >= 0.95,
+        ),
+        Row(
             "no-op round trip, median ms",
             {name: fmt(result.median_ms) for name, result in m.noop.items()},
             "< huey, <= 3x anyio",
             noop_met,
+        ),
+        Row(
+            "  floor: 2 durable commits + anyio round trip, ms",
+            {"profile_app": fmt(k["noop_floor_ms"]), "anyio": fmt(m.noop_floor.worker.median_ms)},
+        ),
+        Row("  one durable commit alone, ms", {"profile_app": fmt(k["durable_commit_ms"])}),
+        Row(
+            "no-op overhead over its floor, ms",
+            {"profile_app": fmt(k["noop_overhead_ms"])},
+            "<= 0.5",
+            k["noop_overhead_ms"] <= 0.5,
         ),
         Row(
             "short I/O tasks/s, 64 at a time, durable",
@@ -132,8 +167,16 @@ def rows(m: Measurements, k: dict[str, float]) -> list[Row]:
             k["ingest_ratio"] >= 0.7,
         ),
         Row(
+            "ingest / plain durable handler",
+            {"profile_app": fmt(k["ingest_vs_plain_durable"])},
+            ">= 1.0",
+            k["ingest_vs_plain_durable"] >= 1.0,
+        ),
+        Row(
             "  server CPU ms per POST",
             {name: fmt(result.server_cpu_ms_per_request) for name, result in m.ingest.items()},
+            "<= 2x bare",
+            k["server_cpu_ms_per_post"] <= 2 * k["server_cpu_ms_per_post_bare"],
         ),
         Row("  /health p99 ingest/idle", {"profile_app": fmt(k["health_p99_ratio_ingest"], 1)}),
     ]
@@ -171,6 +214,17 @@ def rows(m: Measurements, k: dict[str, float]) -> list[Row]:
             {"profile_app": fmt(k["dask_scaling"])},
             "near 2",
             k["dask_scaling"] >= 1.8,
+        )
+    )
+    table.append(
+        Row("  machine ceiling, 2 processes / 1 (100k)", {"profile_app": fmt(k["dask_scaling_ceiling"])})
+    )
+    table.append(
+        Row(
+            "Dask scaling / machine ceiling",
+            {"profile_app": fmt(k["dask_scaling_ratio"])},
+            ">= 0.9",
+            k["dask_scaling_ratio"] >= 0.9,
         )
     )
     table.append(

@@ -5,6 +5,14 @@
 * huey: bench/huey_app.py, SqliteHuey (fsync) with a separate process consumer polling
   every 10 ms (its best case), the endpoint waiting for the stored result.
 * anyio: bench/bare_app.py, a bare `anyio.to_process.run_sync` call (nothing durable).
+
+`Floor`: what profile_app's no-op round trip cannot go below on this machine, from parts
+timed alone in the same run: two durable SQLite commits (the task's insert and its result,
+which the contract requires on disk; bench/report.py `commit_ms`, WAL + `synchronous=FULL`
+on the same disk, timed just before and just after the round trips) and one worker round
+trip through the same client (the `anyio` round trip: an HTTP request answered by a call to
+a worker process and back, nothing durable). `noop_overhead_ms` is the rest: what the
+server's own code adds.
 """
 
 from __future__ import annotations
@@ -32,6 +40,20 @@ class RoundTrips:
     @property
     def p90_ms(self) -> float:
         return statistics.quantiles(self.seconds, n=10)[-1] * 1e3
+
+
+@dataclass(frozen=True)
+class Floor:
+    commit_ms: tuple[float, float]  # one durable commit's median, before and after the round trips
+    worker: RoundTrips  # the bare anyio.to_process round trip, same client
+
+    @property
+    def one_commit_ms(self) -> float:
+        return statistics.mean(self.commit_ms)
+
+    @property
+    def floor_ms(self) -> float:
+        return 2 * self.one_commit_ms + self.worker.median_ms
 
 
 def measure_all(tmp: Path, count: int, warm_up: int) -> dict[str, RoundTrips]:

@@ -53,6 +53,7 @@ class Config:
     ingest_s: float = 5.0
     rss_queued: int = 100_000
     claim_queue: int = 1_000_000  # queued tasks of the big claim measurement (bench/claim_cost.py)
+    floor_commits: int = 200  # durable commits timed alone, before and after the no-op round trips
 
     def quick(self) -> Config:
         """A smoke run (about half the time); its numbers are noisier."""
@@ -86,6 +87,7 @@ class Measurements:
     placement: dict[str, float]  # bench.placement.auto_placement_ratio: auto vs hand-chosen
     dask: dict[str, Any]  # bench.dask_scaling.measure: two Dask workers against one
     claim: dict[str, float]  # bench.claim_cost.measure: the claim with 1k and 1M queued
+    noop_floor: roundtrip.Floor  # what the no-op round trip cannot go below, timed in this run
 
 
 def step(text: str) -> None:
@@ -109,13 +111,15 @@ def measure_everything(tmp: Path, config: Config, sampler: HealthSampler) -> Mea
     runs = measure_health(tmp, config, sampler, dbs[HEALTH_SIZE], users[HEALTH_SIZE], bodies, in_process)
     latency, throughput, ceiling = measure_tasks(tmp, config, dbs, users, bodies)
 
-    step("no-op round trips: profile_app, huey, anyio.to_process")
+    step("no-op round trips: profile_app, huey, anyio.to_process, and durable commits alone")
+    commit_before = report.commit_ms(tmp, config.floor_commits)
     noop = roundtrip.measure_all(tmp, config.noop_count, config.noop_warm_up)
+    noop_floor = roundtrip.Floor((commit_before, report.commit_ms(tmp, config.floor_commits)), noop["anyio"])
 
     step(f"short I/O tasks, 64 at a time: {config.short_tasks} through profile_app, then huey")
     short = short_tasks.measure_all(tmp, config.short_tasks)
 
-    step("ingest: a bare Starlette POST handler, then profile_app's POST /profile")
+    step("ingest: a bare Starlette POST handler, a plain durable one, then profile_app's POST /profile")
     ingests = measure_ingest(tmp, config, sampler, dbs[HEALTH_SIZE], bodies)
 
     step(f"memory: profile_app with 0 and {config.rss_queued:,} tasks queued")
@@ -126,13 +130,25 @@ def measure_everything(tmp: Path, config: Config, sampler: HealthSampler) -> Mea
     step("automatic placement: a mixed CPU and I/O workload, auto vs hand-chosen (bench/placement.py)")
     auto = placement.auto_placement_ratio()
     step("Dask: match tasks/s with two workers against one, on a real local cluster (bench/dask_scaling.py)")
-    dask = dask_scaling.measure(repeats=3)
+    dask = dask_scaling.measure(repeats=3, ceiling_s=config.ceiling_s)
     step(
         f"the claim with 1,000 and {config.claim_queue:,} queued tasks, 90 % due later (bench/claim_cost.py)"
     )
     claim = claim_cost.measure(tmp, config.claim_queue)
     return Measurements(
-        in_process, ceiling, runs, latency, throughput, noop, short, ingests, memories, auto, dask, claim
+        in_process,
+        ceiling,
+        runs,
+        latency,
+        throughput,
+        noop,
+        short,
+        ingests,
+        memories,
+        auto,
+        dask,
+        claim,
+        noop_floor,
     )
 
 
@@ -212,6 +228,11 @@ def measure_ingest(
     port = free_port()
     with running("bare_ingest", uvicorn_command("bench.bare_app:app", port), port, tmp) as server:
         results["bare"] = ingest.measure("bare", server, bodies, config.ingest_s)
+    port = free_port()
+    env = {"BENCH_DB": str(tmp / "plain_durable.db")}
+    command = uvicorn_command("bench.plain_durable_app:app", port)
+    with running("plain_durable_ingest", command, port, tmp, env) as server:
+        results["plain_durable"] = ingest.measure("plain_durable", server, bodies, config.ingest_s)
     copy = datasets.copy_database(db, tmp / "ingest.db")
     port = free_port()
     env = {"PROFILE_APP_MAX_QUEUED": "100000000"}

@@ -37,7 +37,13 @@ async def post_profile(request: Request) -> Response:
     task = executor.new_task(MATCH, {"user_id": profile.user_id})
     task_url = f"/tasks/{task.id}"
     submission = ProfileSubmission(
-        profile=profile.model_dump(),
+        # The four fields as they are (model_dump would walk the model again to copy them).
+        profile={
+            "user_id": profile.user_id,
+            "name": profile.name,
+            "interests": profile.interests,
+            "bio": profile.bio,
+        },
         task=task,
         idempotency_key=key,
         request_hash=request_hash(document) if key is not None else None,

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
+import logging
+import os
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -15,13 +17,21 @@ class RequestLogMiddleware:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        # New ids are this middleware's random prefix and a counter: 32 hex digits like a
+        # uuid4's, unique per process and across restarts, without a getrandom() system
+        # call on every request.
+        self._id_prefix = os.urandom(8).hex()
+        self._id_counter = itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if REQUEST_ID.match(given) else uuid.uuid4().hex
+        given = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                given = value.decode("latin-1")
+        request_id = given if given and REQUEST_ID.match(given) else self._new_id()
         token = request_id_var.set(request_id)
         started = time.perf_counter()
         status = 500  # if the app fails before it answers
@@ -36,16 +46,24 @@ class RequestLogMiddleware:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            access_logger.info(
-                "%s %s %d",
-                scope["method"],
-                scope["path"],
-                status,
-                extra={
-                    "method": scope["method"],
-                    "path": scope["path"],
-                    "status": status,
-                    "duration_ms": round((time.perf_counter() - started) * 1000, 2),
-                },
-            )
+            if access_logger.isEnabledFor(logging.INFO):  # else not even its `extra` is built
+                self._log(scope, status, started)
             request_id_var.reset(token)
+
+    def _new_id(self) -> str:
+        return f"{self._id_prefix}{next(self._id_counter):016x}"
+
+    @staticmethod
+    def _log(scope: Scope, status: int, started: float) -> None:
+        access_logger.info(
+            "%s %s %d",
+            scope["method"],
+            scope["path"],
+            status,
+            extra={
+                "method": scope["method"],
+                "path": scope["path"],
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2),
+            },
+        )
