@@ -5,15 +5,19 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from profile_app.db.database import AttemptRecord, Database, TaskRecord, TaskStatus
 from profile_app.dispatcher.dispatcher import Dispatcher
+from profile_app.web.schemas import validation_detail
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
 
 JSON_MEDIA_TYPE = "application/json"
 MAX_IDEMPOTENCY_KEY_CHARS = 255
@@ -82,6 +86,18 @@ async def read_json_object(request: Request, max_body_bytes: int, timeout_s: flo
     if not isinstance(document, dict):
         raise HTTPException(400, "the body must be a JSON object")
     return document
+
+
+async def read_body_as(
+    request: Request, model: type[ModelT], max_body_bytes: int, timeout_s: float
+) -> tuple[dict[str, Any], ModelT]:
+    """The JSON object body (checked as `read_json_object` does) and it validated as `model`;
+    a field that breaks a rule is a 422 with the list of what is wrong."""
+    document = await read_json_object(request, max_body_bytes, timeout_s)
+    try:
+        return document, model.model_validate(document)
+    except ValidationError as exc:
+        raise HTTPException(422, validation_detail(exc)) from None  # type: ignore[arg-type]
 
 
 def _not_json(constant: str) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -19,9 +18,9 @@ from profile_app.db.database import (
 from profile_app.dispatcher.dispatcher import Dispatcher
 from profile_app.settings import Settings
 from profile_app.tasks.builtin import MATCH
-from profile_app.web.http_io import error, idempotency_key, iso_utc, read_json_object
+from profile_app.web.http_io import error, idempotency_key, iso_utc, read_body_as
 from profile_app.web.middleware import services
-from profile_app.web.schemas import USER_ID_PATTERN, ProfileIn, validation_detail
+from profile_app.web.schemas import USER_ID_PATTERN, ProfileIn
 
 USER_ID = re.compile(USER_ID_PATTERN)
 
@@ -29,11 +28,9 @@ USER_ID = re.compile(USER_ID_PATTERN)
 async def post_profile(request: Request) -> Response:
     settings, _db, executor = services(request)
     key = idempotency_key(request)
-    document = await read_json_object(request, settings.max_body_bytes, settings.body_timeout_s)
-    try:
-        profile = ProfileIn.model_validate(document)
-    except ValidationError as exc:
-        return error(422, validation_detail(exc))
+    document, profile = await read_body_as(
+        request, ProfileIn, settings.max_body_bytes, settings.body_timeout_s
+    )
     task = executor.new_task(MATCH, {"user_id": profile.user_id})
     task_url = f"/tasks/{task.id}"
     submission = ProfileSubmission(

@@ -8,27 +8,22 @@ limit of unfinished tasks (503) and Idempotency-Key.
 
 from __future__ import annotations
 
-from pydantic import ValidationError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from profile_app.db.database import ProfileSubmission, SubmitOptions, request_hash
 from profile_app.executors.errors import InvalidArguments, UnknownKind
-from profile_app.web.http_io import error, idempotency_key, read_json_object, task_document
+from profile_app.web.http_io import error, idempotency_key, read_body_as, task_document
 from profile_app.web.middleware import services
 from profile_app.web.profiles import write_submission
-from profile_app.web.schemas import TaskIn, validation_detail
+from profile_app.web.schemas import TaskIn
 from profile_app.web.tasks import list_tasks
 
 
 async def post_task(request: Request) -> Response:
     settings, db, executor = services(request)
     key = idempotency_key(request)
-    document = await read_json_object(request, settings.max_body_bytes, settings.body_timeout_s)
-    try:
-        body = TaskIn.model_validate(document)
-    except ValidationError as exc:
-        return error(422, validation_detail(exc))
+    document, body = await read_body_as(request, TaskIn, settings.max_body_bytes, settings.body_timeout_s)
     try:
         kind = executor.kind_of(body.kind)
         if not kind.http:
