@@ -102,9 +102,11 @@ def test_under_steady_work_with_constant_readers_the_file_stops_growing(make_ser
         stop.set()
         for reader in readers:
             reader.join(10)
-    # Rounds 3 to 8 fit in the pages the first two rounds made (a little slack for the
-    # indexes' shape): a file that grew with every POST would add a round's pages each time.
-    assert max(pages[2:]) <= pages[1] * 1.15 + 8, pages
+    # The last four rounds fit in the pages the first four made. The count swings by up to a
+    # quarter either way (a prune gives pages back once over FREE_SHARE_KEPT of the file is
+    # free, and the next rounds take them again), hence the slack; a file that reused nothing
+    # would add a whole round's pages (about as many as the first round made) each time.
+    assert max(pages[4:]) <= max(pages[:4]) * (1 + FREE_SHARE_KEPT) + 8, pages
     health = server.get("/health").json()
     assert health["wal_bytes"] < 64 * 1024 * 1024, health
 
