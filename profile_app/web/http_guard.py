@@ -19,7 +19,7 @@ from typing import Any
 
 import anyio
 import h11
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 logger = logging.getLogger("profile_app.http")
@@ -45,6 +45,35 @@ def _json_response(status: int, reason: str, detail: str, extra: list[tuple[str,
     headers = [("content-type", "application/json"), ("content-length", str(len(body))), *extra]
     head = f"HTTP/1.1 {status} {reason}\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers)
     return head.encode("latin-1") + b"\r\n" + body
+
+
+def _has_length(start: Message) -> bool:
+    return any(name.lower() == b"content-length" for name, _value in start.get("headers", ()))
+
+
+class _WriteBuffer:
+    """Stands in for a transport while one response is written: collects the writes (and a
+    close) and hands them on in one write."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self.transport = transport
+        self._chunks: list[bytes] = []
+        self._close = False
+
+    def write(self, data: bytes) -> None:
+        self._chunks.append(data)
+
+    def close(self) -> None:
+        self._close = True
+
+    def is_closing(self) -> bool:
+        return self._close or self.transport.is_closing()
+
+    def flush(self) -> None:
+        if self._chunks and not self.transport.is_closing():
+            self.transport.write(b"".join(self._chunks))
+        if self._close:
+            self.transport.close()
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -134,9 +163,41 @@ class GuardedH11Protocol(H11Protocol):
                     await _read_body(receive, DRAIN_MAX_BYTES, DRAIN_MAX_S)
                 await self._busy(send, close=self._over_limit)
                 return
-            await app(scope, receive, send)
+            await app(scope, receive, self._one_write(send) if self.cycle is not None else send)
 
         return limited
+
+    def _one_write(self, send: Send) -> Send:
+        """`send`, but a response of known length goes out in one write: head and body.
+
+        uvicorn writes the head and the body separately; on loopback each write is a send
+        call that runs the receiver's TCP path too. The head of a response with a
+        content-length is held until its first body message (which follows at once);
+        a streamed one (no length: server-sent events) is not held, since its client must
+        see the head before the first event.
+        """
+        cycle = self.cycle
+        held: Message | None = None
+
+        async def send_once(message: Message) -> None:
+            nonlocal held
+            if held is None:
+                if message["type"] == "http.response.start" and _has_length(message):
+                    held = message
+                    return
+                await send(message)
+                return
+            start, held = held, None
+            buffer = _WriteBuffer(cycle.transport)
+            cycle.transport = buffer  # type: ignore[assignment]  # write and close are all it uses
+            try:
+                await send(start)
+                await send(message)
+            finally:
+                cycle.transport = buffer.transport
+                buffer.flush()
+
+        return send_once
 
     async def _busy(self, send: Send, close: bool) -> None:
         body = json.dumps({"detail": self._busy_detail}).encode()
