@@ -22,11 +22,14 @@ from pathlib import Path
 import anyio
 import pytest
 import requests
-from conftest import Server, Webhook, labels, metric_samples, profile, wait_for_task, wait_until
-from load import post_all, seed, server_pids, tiny_profiles
+from conftest import ROOT, Server, Webhook, labels, metric_samples, profile, wait_for_task, wait_until
+from load import post_all, server_pids, tiny_profiles
 
 from profile_app.db.database import Database
-from profile_app.matching.synthetic import synthetic_profiles
+
+EXAMPLES = ROOT / "examples"  # my_kinds.py: `burn` spins for the milliseconds it is given
+BURNS = 12
+BURN_MS = 1500
 
 WORKERS = 4
 POSTED = 1000  # through HTTP, spread over the server processes by the kernel
@@ -180,16 +183,23 @@ def test_an_idempotency_key_sent_concurrently_to_many_processes_makes_one_task(
 def test_sigterm_to_the_supervisor_drains_every_server_process_and_exits_0(db_path: Path) -> None:
     """Running tasks finish within the grace; what never started stays queued, uncharged.
 
-    (test_server_e2e gives running tasks back with a grace of 0, on one server process.)
+    The tasks are examples/my_kinds.py's `burn`, which spins for the time it is given: a
+    match task may take a millisecond on a fast machine, and then none would be left queued
+    (or running) when SIGTERM arrives. (test_server_e2e gives running tasks back with a
+    grace of 0, on one server process.)
     """
     grace_s = 30
-    seed(db_path, 5_000)  # each match now takes long enough to be running at SIGTERM
-    server = Server(db_path, {"PROFILE_APP_SHUTDOWN_GRACE_S": str(grace_s)}, args=["--workers", "2"])
-    server.start()
+    kinds = ["--kinds", "my_kinds:kinds"]
+    env = {"PROFILE_APP_SHUTDOWN_GRACE_S": str(grace_s)}
+    server = Server(db_path, env, args=[*kinds, "--workers", "2"], cwd=EXAMPLES).start()
     try:
         wait_until(lambda: len(server_pids(server)) == 2, 30, "2 server processes started")
         children = server_pids(server)
-        task_ids = post_all(server, list(synthetic_profiles(12, seed=21)), threads=4)
+        # More than both processes' workers can run at once: most wait in the queue.
+        task_ids = [
+            server.post("/tasks", json={"kind": "burn", "payload": {"ms": BURN_MS}}).json()["task_id"]
+            for _ in range(BURNS)
+        ]
         wait_until(lambda: server.get("/health").json()["running"] >= 2, 30, "tasks running")
         with sqlite3.connect(db_path) as conn:
             running = {
@@ -211,7 +221,7 @@ def test_sigterm_to_the_supervisor_drains_every_server_process_and_exits_0(db_pa
     assert ("queued", 0, True) in outcomes.values()  # the drain took no new work
     assert {outcomes[task_id][0] for task_id in running} == {"succeeded"}  # they had the grace
 
-    restarted = Server(db_path).start()
+    restarted = Server(db_path, args=kinds, cwd=EXAMPLES).start()
     try:
         for task_id in task_ids:
             task = wait_for_task(restarted, task_id, timeout_s=120)
