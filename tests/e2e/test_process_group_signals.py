@@ -1,6 +1,9 @@
 """SIGTERM or SIGINT sent to the whole process group (systemd's KillMode=control-group, Ctrl-C
 in a terminal) reaches the worker processes too: they must leave the decision to the server's
 drain, so a running task finishes within the grace period, uncharged, and the server exits 0.
+
+The tasks are examples/my_kinds.py's `burn`, which spins for the time it is given, so they
+are still running when the signal comes however fast the machine is.
 """
 
 from __future__ import annotations
@@ -11,12 +14,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import Server, wait_until
-from load import post_all, seed
-
-from profile_app.matching.synthetic import synthetic_profiles
+from conftest import ROOT, Server, wait_until
 
 GRACE_S = 30
+EXAMPLES = ROOT / "examples"
+BURN_MS = 1500
 
 
 @pytest.mark.parametrize(
@@ -27,14 +29,14 @@ GRACE_S = 30
 def test_a_signal_to_the_process_group_lets_running_tasks_finish(
     db_path: Path, signum: signal.Signals, args: list[str]
 ) -> None:
-    seed(db_path, 5_000)  # each match takes long enough to be running when the signal comes
-    server = Server(
-        db_path, {"PROFILE_APP_SHUTDOWN_GRACE_S": str(GRACE_S), "PROFILE_APP_PROCESS_WORKERS": "2"}, args=args
-    )
-    server.start()
+    env = {"PROFILE_APP_SHUTDOWN_GRACE_S": str(GRACE_S), "PROFILE_APP_PROCESS_WORKERS": "2"}
+    server = Server(db_path, env, args=["--kinds", "my_kinds:kinds", *args], cwd=EXAMPLES).start()
     try:
         assert server.process is not None
-        task_ids = post_all(server, list(synthetic_profiles(6, seed=21)), threads=3)
+        task_ids = [
+            server.post("/tasks", json={"kind": "burn", "payload": {"ms": BURN_MS}}).json()["task_id"]
+            for _ in range(6)
+        ]
         wait_until(lambda: server.get("/health").json()["running"] >= 1, 30, "a task running")
         with sqlite3.connect(db_path) as conn:
             running = {
