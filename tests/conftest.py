@@ -76,6 +76,7 @@ def labels(**pairs: str) -> frozenset[tuple[str, str]]:
 
 
 ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"  # my_kinds.py: the kinds a user serves with `--kinds my_kinds:kinds`
 
 FINISHED = {"succeeded", "failed", "cancelled"}
 

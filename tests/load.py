@@ -76,3 +76,12 @@ def server_pids(server: Server) -> set[int]:
         if parent_pid == server.process.pid and b"spawn_main" in command:
             pids.add(int(stat.parent.name))
     return pids
+
+
+def submit_burns(server: Server, count: int, ms: int) -> list[str]:
+    """Queue `count` tasks of examples/my_kinds.py's `burn` (the server runs `--kinds
+    my_kinds:kinds`): each spins for `ms` milliseconds, however fast the machine is."""
+    return [
+        server.post("/tasks", json={"kind": "burn", "payload": {"ms": ms}}).json()["task_id"]
+        for _ in range(count)
+    ]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import ROOT, free_port
+from conftest import EXAMPLES, ROOT, free_port
 
 from profile_app.matching.reference import reference_matches, score
 
@@ -132,7 +132,7 @@ def test_the_binary_seeds_serves_and_matches_in_frozen_worker_processes(built: P
     unpacked.mkdir()
     env = clean_environment(unpacked)
     db = home / "profiles.db"
-    shutil.copy2(ROOT / "examples" / "my_kinds.py", home)  # the user's own kinds, beside the binary
+    shutil.copy2(EXAMPLES / "my_kinds.py", home)  # the user's own kinds, beside the binary
 
     seeded = subprocess.run(
         [str(binary), "seed", "--count", "200", "--db", db.name],

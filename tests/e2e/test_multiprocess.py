@@ -22,12 +22,11 @@ from pathlib import Path
 import anyio
 import pytest
 import requests
-from conftest import ROOT, Server, Webhook, labels, metric_samples, profile, wait_for_task, wait_until
-from load import post_all, server_pids, tiny_profiles
+from conftest import EXAMPLES, Server, Webhook, labels, metric_samples, profile, wait_for_task, wait_until
+from load import post_all, server_pids, submit_burns, tiny_profiles
 
 from profile_app.db.database import Database
 
-EXAMPLES = ROOT / "examples"  # my_kinds.py: `burn` spins for the milliseconds it is given
 BURNS = 12
 BURN_MS = 1500
 
@@ -196,10 +195,7 @@ def test_sigterm_to_the_supervisor_drains_every_server_process_and_exits_0(db_pa
         wait_until(lambda: len(server_pids(server)) == 2, 30, "2 server processes started")
         children = server_pids(server)
         # More than both processes' workers can run at once: most wait in the queue.
-        task_ids = [
-            server.post("/tasks", json={"kind": "burn", "payload": {"ms": BURN_MS}}).json()["task_id"]
-            for _ in range(BURNS)
-        ]
+        task_ids = submit_burns(server, BURNS, BURN_MS)
         wait_until(lambda: server.get("/health").json()["running"] >= 2, 30, "tasks running")
         with sqlite3.connect(db_path) as conn:
             running = {

@@ -14,10 +14,10 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Server, wait_until
+from conftest import EXAMPLES, Server, wait_until
+from load import submit_burns
 
 GRACE_S = 30
-EXAMPLES = ROOT / "examples"
 BURN_MS = 1500
 
 
@@ -33,10 +33,7 @@ def test_a_signal_to_the_process_group_lets_running_tasks_finish(
     server = Server(db_path, env, args=["--kinds", "my_kinds:kinds", *args], cwd=EXAMPLES).start()
     try:
         assert server.process is not None
-        task_ids = [
-            server.post("/tasks", json={"kind": "burn", "payload": {"ms": BURN_MS}}).json()["task_id"]
-            for _ in range(6)
-        ]
+        task_ids = submit_burns(server, 6, BURN_MS)
         wait_until(lambda: server.get("/health").json()["running"] >= 1, 30, "a task running")
         with sqlite3.connect(db_path) as conn:
             running = {

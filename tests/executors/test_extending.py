@@ -13,13 +13,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, Server, free_port, wait_for_task
+from conftest import EXAMPLES, Server, free_port, wait_for_task
 from starlette.testclient import TestClient
 
-EXAMPLES = ROOT / "examples"
 sys.path.insert(0, str(EXAMPLES))  # as `serve` imports it: from the folder it runs in
 
-import my_kinds  # noqa: E402 - the user's module, found on the path set just above
+import my_kinds
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
