@@ -108,7 +108,7 @@ def serve(settings: Settings, kinds_setting: str = "PROFILE_APP_KINDS") -> int:
 
     from profile_app.executors.dask.backend import check_scheduler
     from profile_app.tasks.loading import served_kinds
-    from profile_app.web.http_guard import GuardedH11Protocol
+    from profile_app.web.http_guard import GuardedHttpToolsProtocol
 
     check_scheduler(settings)  # an unreachable Dask scheduler stops start-up with one line
     served_kinds(settings, setting=kinds_setting)  # so do bad --kinds, before any server process starts
@@ -135,9 +135,12 @@ def serve(settings: Settings, kinds_setting: str = "PROFILE_APP_KINDS") -> int:
             access_log=False,  # RequestLogMiddleware writes the one line per request
             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s)),
             timeout_keep_alive=settings.keep_alive_s,
+            # libuv's loop and the C HTTP parser: a quarter less server CPU per request and
+            # per task than asyncio's loop and h11 (BENCHMARKS.md, run D).
+            loop="uvloop",
             # Slow clients get deadlines, too many get a JSON 503 (http_guard.py).
             http=functools.partial(
-                GuardedH11Protocol,
+                GuardedHttpToolsProtocol,
                 header_timeout_s=settings.header_timeout_s,
                 max_connections=settings.max_connections,
                 max_connections_per_client=settings.max_connections_per_client,

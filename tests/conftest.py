@@ -268,6 +268,17 @@ def wait_until(
         time.sleep(poll_s)  # poll interval
 
 
+def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
+    """Everything the server sends on `sock` until it closes it (or `timeout_s` passes)."""
+    sock.setblocking(True)
+    sock.settimeout(timeout_s)
+    received = b""
+    with contextlib.suppress(TimeoutError, ConnectionResetError):
+        while chunk := sock.recv(65536):
+            received += chunk
+    return received
+
+
 def submit(client: TestClient, kind: str, payload: dict[str, Any]) -> str:
     """Queue a task of any registered kind through the app's executor (its public API)."""
     executor = client.app_state["executor"]

@@ -1,13 +1,18 @@
-"""uvicorn's HTTP/1.1 protocol, guarded against slow and too many clients (used by `serve`).
+"""uvicorn's httptools protocol, guarded against slow, oversized and too many clients
+(used by `serve`).
 
 uvicorn closes idle keep-alive connections, but a client that sends its request head a
 byte at a time (slowloris), or connects and sends nothing, holds its connection for as
-long as it likes; and past `limit_concurrency` uvicorn answers a plain-text 503. This
-protocol gives each request head a deadline (408 with a JSON `detail`, then close) and
-bounds connections: one opened past the limit gets the contract's JSON 503 with
-Retry-After and is closed (the connections already open keep being served, unlike
-uvicorn's limit, which refuses every request while too many connections are open).
+long as it likes; httptools puts no bound on a head's size; and past `limit_concurrency`
+uvicorn answers a plain-text 503. This protocol gives each request head a deadline (408
+with a JSON `detail`, then close) and a size limit (431), answers a malformed request
+with a JSON 400, and bounds connections: one opened past the limit gets the contract's
+JSON 503 with Retry-After and is closed (the connections already open keep being served,
+unlike uvicorn's limit, which refuses every request while too many connections are open).
 The body's deadline is the app's (http_io.read_json_object): only it can answer then.
+
+httptools (llhttp, in C) rather than h11: the request path costs about a quarter less
+server CPU with it (BENCHMARKS.md, run D).
 """
 
 from __future__ import annotations
@@ -18,15 +23,19 @@ import logging
 from typing import Any
 
 import anyio
-import h11
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 logger = logging.getLogger("profile_app.http")
 
 BUSY_RETRY_AFTER_S = 1
 DRAIN_MAX_BYTES = 1024 * 1024  # a refused connection's body is read up to this, then cut
 DRAIN_MAX_S = 2.0
+MAX_HEAD_BYTES = 64 * 1024  # request line and headers; h11, uvicorn's other parser, allows 16 KiB
+
+
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools then stops parsing this connection."""
 
 
 async def _read_body(receive: Receive, max_bytes: int, max_s: float) -> None:
@@ -76,10 +85,11 @@ class _WriteBuffer:
             self.transport.close()
 
 
-class GuardedH11Protocol(H11Protocol):
-    """One connection: uvicorn's h11 protocol plus a head deadline and a connection limit.
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """One connection: uvicorn's httptools protocol plus a head deadline and size limit, JSON
+    errors, and a connection limit.
 
-    Built per connection by uvicorn with `functools.partial(GuardedH11Protocol,
+    Built per connection by uvicorn with `functools.partial(GuardedHttpToolsProtocol,
     header_timeout_s=..., max_connections=...)` as its `http` protocol class.
     """
 
@@ -96,6 +106,8 @@ class GuardedH11Protocol(H11Protocol):
         self.max_connections = max_connections
         self.max_per_client = max_connections_per_client
         self._head_deadline: asyncio.TimerHandle | None = None
+        self._awaiting_head = True  # a request head is due (or under way) and not yet complete
+        self._head_bytes = 0
         self._over_limit = False
         self._busy_detail = f"the server is at its limit of {max_connections} connections; retry shortly"
         self.app = self._limited(self.app)
@@ -121,7 +133,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
-        if self.conn.their_state is h11.IDLE:
+        if self._awaiting_head:
             self._arm_head_deadline()  # the head of the next request has started to arrive
         else:
             self._disarm_head_deadline()  # the head is in: the app and its body deadline take over
@@ -129,6 +141,39 @@ class GuardedH11Protocol(H11Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_deadline()
         super().connection_lost(exc)
+
+    # Parser callbacks: where a head starts, grows and ends.
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self._awaiting_head, self._head_bytes = True, 0
+
+    def on_url(self, url: bytes) -> None:
+        self._count_head_bytes(len(url))
+        super().on_url(url)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._count_head_bytes(len(name) + len(value) + 4)
+        super().on_header(name, value)
+
+    def on_headers_complete(self) -> None:
+        self._awaiting_head = False
+        super().on_headers_complete()
+
+    def _count_head_bytes(self, count: int) -> None:
+        self._head_bytes += count
+        if self._head_bytes > MAX_HEAD_BYTES:
+            raise _HeadTooLarge  # feed_data raises HttpParserCallbackError: send_400_response
+
+    def send_400_response(self, msg: str) -> None:
+        """A malformed (or oversized) request: a JSON error, then close (uvicorn's is text)."""
+        self._disarm_head_deadline()
+        if self._head_bytes > MAX_HEAD_BYTES:
+            status, reason = 431, "Request Header Fields Too Large"
+            detail = f"the request line and headers are larger than {MAX_HEAD_BYTES} bytes"
+        else:
+            status, reason, detail = 400, "Bad Request", "the request is not valid HTTP/1.1"
+        self.transport.write(_json_response(status, reason, detail, [("connection", "close")]))
+        self.transport.close()
 
     def _arm_head_deadline(self) -> None:
         if self._head_deadline is None:
@@ -141,7 +186,12 @@ class GuardedH11Protocol(H11Protocol):
 
     def _head_too_slow(self) -> None:
         self._head_deadline = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+        if self.transport.is_closing() or not self._awaiting_head:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            # A pipelined head is slow while the request before it is still answered:
+            # judge it once that answer is out, never cut an answer short.
+            self._arm_head_deadline()
             return
         logger.info(
             "closed a connection whose request head did not arrive within %g s", self.header_timeout_s
@@ -163,7 +213,7 @@ class GuardedH11Protocol(H11Protocol):
                     await _read_body(receive, DRAIN_MAX_BYTES, DRAIN_MAX_S)
                 await self._busy(send, close=self._over_limit)
                 return
-            await app(scope, receive, self._one_write(send) if self.cycle is not None else send)
+            await app(scope, receive, self._one_write(send))
 
         return limited
 
@@ -176,7 +226,7 @@ class GuardedH11Protocol(H11Protocol):
         a streamed one (no length: server-sent events) is not held, since its client must
         see the head before the first event.
         """
-        cycle = self.cycle
+        cycle = send.__self__  # type: ignore[attr-defined]  # the bound send of this request's cycle
         held: Message | None = None
 
         async def send_once(message: Message) -> None:

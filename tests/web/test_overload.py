@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import Server, profile
+from conftest import Server, profile, read_until_closed
 
 BURST_S = float(os.environ.get("PROFILE_APP_TEST_BURST_S", "10"))
 CONNECTIONS = 512
@@ -111,17 +111,6 @@ def queue_tasks_due_later(db_path: Path, count: int) -> set[str]:
             [(task_id, now, now + 3600) for task_id in sorted(ids)],
         )
     return ids
-
-
-def read_until_closed(sock: socket.socket, timeout_s: float) -> bytes:
-    """Everything the server sends on `sock` until it closes it (or `timeout_s` passes)."""
-    sock.setblocking(True)
-    sock.settimeout(timeout_s)
-    received = b""
-    with contextlib.suppress(TimeoutError, ConnectionResetError):
-        while chunk := sock.recv(65536):
-            received += chunk
-    return received
 
 
 def test_slow_clients_dribbling_headers_do_not_stop_a_normal_client_and_are_cut_off(
