@@ -34,7 +34,7 @@ def builtin_kinds(settings: Settings) -> KindRegistry:
 
     def store_matches(tx: Transaction, task: TaskRecord, matches: list[dict[str, Any]]) -> None:
         user_id = task.payload["user_id"]
-        is_latest = tx.set_matches(user_id, task.id, matches)
+        is_latest = tx.set_matches(user_id, task.id)
         if is_latest and webhook_url is not None:
             payload = {
                 "url": webhook_url,
