@@ -39,14 +39,32 @@ class WorkerPriority:
     sched_idle: bool = True
 
     def apply(self) -> None:
-        """Lower the calling process (a worker, once, before its first task)."""
-        if self.nice:
-            os.nice(self.nice)
-        if self.sched_idle and hasattr(os, "SCHED_IDLE"):
+        """Lower every thread of the calling process (a worker, once, before its first task).
+
+        Linux keeps nice and the scheduling policy per thread: a thread started before this
+        (numpy's BLAS pool, started when the first task's module is imported) would keep the
+        server's priority if only the calling thread were lowered. Threads started later
+        inherit the policy of the thread that starts them.
+        """
+        for thread_id in _thread_ids():
             try:
-                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-            except OSError as exc:  # a sandbox may forbid it: nice alone still applies
-                logger.debug("worker process kept its scheduling policy: %s", exc)
+                if self.nice:
+                    niceness = os.getpriority(os.PRIO_PROCESS, thread_id)
+                    os.setpriority(os.PRIO_PROCESS, thread_id, niceness + self.nice)
+                if self.sched_idle and hasattr(os, "SCHED_IDLE"):
+                    os.sched_setscheduler(thread_id, os.SCHED_IDLE, os.sched_param(0))
+            except ProcessLookupError:  # the thread ended meanwhile
+                continue
+            except OSError as exc:  # a sandbox may forbid SCHED_IDLE: nice alone still applies
+                logger.debug("worker thread %d kept its scheduling policy: %s", thread_id, exc)
+
+
+def _thread_ids() -> list[int]:
+    """This process's threads (Linux); elsewhere 0, the process itself for setpriority."""
+    try:
+        return [int(name) for name in os.listdir("/proc/self/task")]
+    except OSError:
+        return [0]
 
 
 BELOW_THE_SERVER = WorkerPriority()  # the default: nice 10 and SCHED_IDLE

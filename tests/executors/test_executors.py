@@ -34,7 +34,17 @@ def add_on_thread(a: int, b: int) -> dict:
 
 @kinds.kind(runs_on=Placement.PROCESS)
 def add_in_process(a: int, b: int) -> dict:
-    return {"sum": a + b, "pid": os.getpid(), "nice": os.nice(0), "policy": os.sched_getscheduler(0)}
+    threads = [int(name) for name in os.listdir("/proc/self/task")]
+    return {
+        "sum": a + b,
+        "pid": os.getpid(),
+        "nice": os.nice(0),
+        "policy": os.sched_getscheduler(0),
+        # every thread of the worker, those started before the first task included
+        "thread_priorities": sorted(
+            {(os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid)) for tid in threads}
+        ),
+    }
 
 
 @kinds.kind(runs_on=Placement.PROCESS, time_limit_s=60)
@@ -119,6 +129,7 @@ def test_process_kinds_run_in_another_process_at_lower_priority(app_client: Test
     assert result["nice"] >= os.nice(0) + 10
     # SCHED_IDLE: any thread of the server that wakes preempts the worker at once.
     assert (os.sched_getscheduler(0), result["policy"]) == (os.SCHED_OTHER, os.SCHED_IDLE)
+    assert result["thread_priorities"] == [[result["nice"], os.SCHED_IDLE]]
 
 
 def test_process_workers_can_keep_the_normal_scheduling_policy(
@@ -129,6 +140,7 @@ def test_process_workers_can_keep_the_normal_scheduling_policy(
     wait_for_task(client, task_id)
     result = stored_task(client, task_id).result
     assert (result["policy"], result["nice"]) == (os.SCHED_OTHER, os.nice(0) + 5)
+    assert result["thread_priorities"] == [[os.nice(0) + 5, os.SCHED_OTHER]]
 
 
 def test_a_kind_sees_its_task_context(app_client: TestClient) -> None:
@@ -252,7 +264,12 @@ def test_inline_mode_runs_every_kind_at_once_in_process(make_client: Callable[..
     task = client.get(f"/tasks/{task_id}").json()  # no waiting: it already ran
     assert task["status"] == "succeeded"
     result = stored_task(client, task_id).result
-    assert result == {"sum": 42, "pid": os.getpid(), "nice": os.nice(0), "policy": os.sched_getscheduler(0)}
+    assert {key: result[key] for key in ("sum", "pid", "nice", "policy")} == {
+        "sum": 42,
+        "pid": os.getpid(),
+        "nice": os.nice(0),
+        "policy": os.sched_getscheduler(0),
+    }
 
 
 def test_inline_mode_stores_matches_before_the_post_returns(make_client: Callable[..., TestClient]) -> None:
