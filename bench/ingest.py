@@ -68,5 +68,5 @@ def measure(
     return Ingest(name, load, idle, loaded, server_after - server_before, workers_after - workers_before)
 
 
-def bodies_needed(duration_s: float, max_per_s: float = 6000) -> int:
+def bodies_needed(duration_s: float, max_per_s: float = 20000) -> int:
     return int((duration_s + WARM_UP_S) * max_per_s)

@@ -24,9 +24,11 @@ from bench import (
 from bench.health import HealthRun
 from bench.load import HealthSampler, wait_until_idle
 from bench.servers import free_port, profile_app_command, running, uvicorn_command
+from profile_app.tasks.match import MATCH
 
 SIZES = {"1k": 1_000, "10k": 10_000, "100k": 100_000}
 HEALTH_SIZE = "10k"  # the table size of the /health and ingest runs (every app the same)
+INGEST_PAUSED = "profile_app_paused"  # POST /profile with the match kind paused: the request path alone
 THROUGHPUT_SIZE = "100k"  # the table size of cpu_efficiency (the most CPU per match task)
 COMPARISON_APPS = {
     "naive": "bench.naive_app:app",
@@ -119,7 +121,10 @@ def measure_everything(tmp: Path, config: Config, sampler: HealthSampler) -> Mea
     step(f"short I/O tasks, 64 at a time: {config.short_tasks} through profile_app, then huey")
     short = short_tasks.measure_all(tmp, config.short_tasks)
 
-    step("ingest: a bare Starlette POST handler, a plain durable one, then profile_app's POST /profile")
+    step(
+        "ingest: a bare Starlette POST handler, a plain durable one, then profile_app's POST /profile"
+        " (match tasks running, then the match kind paused)"
+    )
     ingests = measure_ingest(tmp, config, sampler, dbs[HEALTH_SIZE], bodies)
 
     step(f"memory: profile_app with 0 and {config.rss_queued:,} tasks queued")
@@ -240,4 +245,14 @@ def measure_ingest(
         results["profile_app"] = ingest.measure(
             "profile_app", server, bodies, config.ingest_s, sampler, config.interval_s
         )
+    # The request path alone: the same POSTs with the match kind paused, so that no task
+    # competes with them for the cores (they are queued as before, and wait).
+    copy = datasets.copy_database(db, tmp / "ingest_paused.db")
+    port = free_port()
+    with running("profile_app_ingest_paused", profile_app_command(port, copy), port, tmp, env) as server:
+        with server.connect() as conn:
+            status, _ = conn.request("POST", f"/kinds/{MATCH}/pause")
+        if status != 200:
+            raise RuntimeError(f"POST /kinds/{MATCH}/pause answered {status}")
+        results[INGEST_PAUSED] = ingest.measure(INGEST_PAUSED, server, bodies, config.ingest_s)
     return results
