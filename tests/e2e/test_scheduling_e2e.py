@@ -98,6 +98,11 @@ def all_finished(db: Path, ids: list[str]) -> bool:
     return finished == len(ids)
 
 
+def server_log(db: Path) -> str:
+    """The end of the three servers' output, for a failure's message."""
+    return db.with_suffix(".log").read_text()[-6000:]
+
+
 def ledger(db: Path, ids: list[str]) -> list[tuple[str, str, float, float, str]]:
     with closing(sqlite3.connect(db, timeout=10)) as conn:
         marks = ",".join("?" * len(ids))
@@ -111,7 +116,7 @@ def ledger(db: Path, ids: list[str]) -> list[tuple[str, str, float, float, str]]
 def test_a_concurrency_of_one_never_runs_two_at_once_across_processes(served: tuple[str, Path]) -> None:
     _url, db = served
     ids = enqueue(db, "solo", [{"ms": 30}] * 12)
-    wait_until(lambda: all_finished(db, ids), 60, "the solo tasks finish")
+    wait_until(lambda: all_finished(db, ids), 60, lambda: f"the solo tasks finish; log:\n{server_log(db)}")
     attempts = ledger(db, ids)
     assert [outcome for *_, outcome in attempts] == ["succeeded"] * 12
     for (_, _, _, finished, _), (_, _, started, _, _) in itertools.pairwise(attempts):
@@ -132,7 +137,7 @@ def test_a_concurrency_of_one_never_runs_two_at_once_across_processes(served: tu
 def test_a_rate_limit_holds_across_processes(served: tuple[str, Path]) -> None:
     _url, db = served
     ids = enqueue(db, "rated", [{}] * 15)
-    wait_until(lambda: all_finished(db, ids), 60, "the rated tasks finish")
+    wait_until(lambda: all_finished(db, ids), 60, lambda: f"the rated tasks finish; log:\n{server_log(db)}")
     starts = [started for _, _, started, _, _ in ledger(db, ids)]
     assert len(starts) == 15
     for start in starts:  # any one-second window holds at most 5 starts
@@ -146,7 +151,7 @@ def test_a_schedule_queues_one_task_per_tick_across_processes(served: tuple[str,
         with closing(sqlite3.connect(db, timeout=10)) as conn:
             return [key for (key,) in conn.execute("SELECT unique_key FROM tasks WHERE kind = 'ticked'")]
 
-    wait_until(lambda: len(ticks()) >= 6, 60, lambda: f"ticks so far: {ticks()}")
+    wait_until(lambda: len(ticks()) >= 6, 60, lambda: f"ticks so far: {ticks()}; log:\n{server_log(db)}")
     times = sorted(float(key.rsplit(":", 1)[1]) for key in ticks())
     gaps = {round(later - earlier, 6) for earlier, later in itertools.pairwise(times)}
     assert gaps == {TICK_S}, times  # every tick once: none twice, none skipped
