@@ -47,6 +47,19 @@ class ScheduleStore(DatabaseCore):
             )
         )
 
+    async def move_schedule(self, name: str, next_run_at: float, to: float) -> bool:
+        """Move the schedule's next tick from `next_run_at` to `to` if it is still
+        `next_run_at` (another process may have moved it already); whether this call did."""
+        return await self._write(
+            lambda conn: (
+                conn.execute(
+                    "UPDATE schedules SET next_run_at = ? WHERE name = ? AND next_run_at = ?",
+                    (to, name, next_run_at),
+                ).rowcount
+                > 0
+            )
+        )
+
     async def fire_schedule(
         self, name: str, tick: float, next_run_at: float, missed: int, task: NewTask
     ) -> str | None:

@@ -4,7 +4,8 @@ Each tick is queued by whichever process first moves the schedule's `next_run_at
 in the transaction that stores its task (db/schedules.py): one task per (schedule, tick)
 however many processes run. Ticks follow the wall clock (they are times the user asked
 for). A tick found long past at start-up (no server ran then) is queued once, and the
-ticks it stands for are counted as missed.
+ticks it stands for are counted as missed. A wall clock stepped back (NTP, a restored VM)
+does not hold an interval schedule for the size of the step (Schedule.stepped_back_past).
 """
 
 from __future__ import annotations
@@ -71,7 +72,15 @@ class Scheduler:
             if schedule is None:
                 continue  # stored by a server with other schedules: its own loop runs it
             next_run_at = row.next_run_at
-            if next_run_at <= now:
+            if schedule.stepped_back_past(next_run_at, now):
+                next_run_at = schedule.next_after(now)
+                if await self.db.move_schedule(schedule.name, row.next_run_at, next_run_at):
+                    logger.warning(
+                        "schedule %s: the wall clock stepped back; its next tick moves %.0f s earlier",
+                        schedule.name,
+                        row.next_run_at - next_run_at,
+                    )
+            elif next_run_at <= now:
                 tick = next_run_at
                 next_run_at = schedule.next_after(now, anchor=tick)
                 missed = schedule.ticks_between(tick, now)

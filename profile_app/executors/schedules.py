@@ -16,6 +16,9 @@ from typing import Any
 from croniter import croniter
 
 MAX_MISSED_COUNTED = 100_000  # ticks counted one by one when a cron schedule missed many
+# cron's own rule (Vixie cron): a wall clock stepped back by less than this repeats no tick
+# that already ran; a larger step is a correction, and the schedule follows the new time.
+CRON_STEP_BACK_RESET_S = 3 * 3600.0
 
 
 class ScheduleError(ValueError):
@@ -70,6 +73,17 @@ class Schedule:
             return anchor + (math.floor((after - anchor) / self.every_s) + 1) * self.every_s
         assert self.cron is not None
         return float(croniter(self.cron, datetime.fromtimestamp(after, UTC)).get_next(float))
+
+    def stepped_back_past(self, next_run_at: float, now: float) -> bool:
+        """Whether a stored next tick shows the wall clock stepped back (NTP, a restored VM)
+        so far that the schedule should start again from `now`: an interval's next tick is
+        more than one interval ahead (its ticks measure elapsed time: a step back must not
+        hold them for the size of the step); a cron's lies past the first tick after
+        now + CRON_STEP_BACK_RESET_S. A smaller step back holds a cron schedule until its
+        stored tick comes again, so no tick that ran is queued twice."""
+        if self.every_s is not None:
+            return next_run_at > self.next_after(now)
+        return next_run_at > self.next_after(now + CRON_STEP_BACK_RESET_S)
 
     def ticks_between(self, first: float, now: float) -> int:
         """How many ticks fall in (first, now]: those missed after the tick `first`."""

@@ -125,6 +125,44 @@ async def test_cron_ticks_follow_the_expression_in_utc(db_path: Path) -> None:
         assert await loop.run_due() == T0 + 10 * 60
 
 
+async def test_an_interval_schedule_is_not_held_by_a_clock_stepped_back(db_path: Path) -> None:
+    clock = FakeClock()
+    async with Database(db_path, clock=clock) as db:
+        loop = scheduler(db, EVERY_MINUTE)
+        await loop.register()
+        clock.now = T0 + 60
+        assert await loop.run_due() == T0 + 120
+        clock.now = T0 - 3600 + 61  # NTP (or a restored VM) steps the clock back an hour
+        assert await loop.run_due() == T0 - 3600 + 121  # one interval from now, not in an hour
+        [row] = await db.schedules()
+        assert (row.next_run_at, row.missed) == (T0 - 3600 + 121, 0)
+        clock.now = T0 - 3600 + 121
+        await loop.run_due()
+        assert len(await scheduled_tasks(db)) == 2
+        clock.now = T0 - 3600 + 122  # a clock that keeps going moves nothing
+        assert await loop.run_due() == T0 - 3600 + 181
+
+
+@pytest.mark.parametrize(
+    ("step_back_s", "next_tick"), [(3600, T0 + 5 * 60), (5 * 3600, T0 - 5 * 3600 + 5 * 60)]
+)
+async def test_a_cron_schedule_repeats_no_tick_unless_the_clock_stepped_back_hours(
+    db_path: Path, step_back_s: float, next_tick: float
+) -> None:
+    """cron's rule: a step back of less than three hours holds the schedule until its next
+    tick comes again (the ticks in between ran); a larger one is a correction."""
+    clock = FakeClock(T0 + 3 * 60)
+    schedule = Schedule.checked("fives", "work", {}, "*/5 * * * *", None)
+    async with Database(db_path, clock=clock) as db:
+        loop = scheduler(db, schedule)
+        await loop.register()
+        clock.now -= step_back_s
+        assert await loop.run_due() == next_tick
+        [row] = await db.schedules()
+        assert row.next_run_at == next_tick
+        assert await scheduled_tasks(db) == []
+
+
 @pytest.mark.parametrize(
     ("cron", "every_s"),
     [("61 * * * *", None), ("* * *", None), ("not cron", None), (None, None), ("* * * * *", 5), (None, 0)],
