@@ -4,7 +4,9 @@ process against a resident index of every profile (see bench/match_data_paths.py
 from __future__ import annotations
 
 import json
-from contextlib import closing
+import os
+import sqlite3
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,19 +34,57 @@ _resident: dict[str, _ResidentIndex] = {}
 
 def resident_index(db_path: str) -> MatchIndex:
     """The index of every stored profile, brought up to date with the database."""
-    with closing(connect_read_only(db_path, timeout_s=30)) as conn:
+    conn = _reader(db_path)
+    try:
         conn.execute("BEGIN")  # one snapshot for the instance check and the delta
-        (instance_id,) = conn.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
-        entry = _resident.get(db_path)
-        if entry is None or entry.instance_id != instance_id:
-            entry = _resident[db_path] = _ResidentIndex(instance_id)
-        rows = conn.execute(
-            "SELECT user_id, interests, bio, rev FROM profiles WHERE rev > ? ORDER BY rev", (entry.rev,)
-        )
-        for user_id, interests, bio, rev in rows:
-            entry.index.upsert(user_id, _json_list(interests), bio)
-            entry.rev = rev
+        try:
+            (instance_id,) = conn.execute("SELECT value FROM meta WHERE key = 'instance_id'").fetchone()
+            entry = _resident.get(db_path)
+            if entry is None or entry.instance_id != instance_id:
+                entry = _resident[db_path] = _ResidentIndex(instance_id)
+            rows = conn.execute(
+                "SELECT user_id, interests, bio, rev FROM profiles WHERE rev > ? ORDER BY rev", (entry.rev,)
+            )
+            for user_id, interests, bio, rev in rows:
+                entry.index.upsert(user_id, _json_list(interests), bio)
+                entry.rev = rev
+        finally:
+            conn.execute("COMMIT")  # a snapshot held between tasks would stall checkpoints
+    except sqlite3.Error:
+        _forget_reader(db_path)  # the next task opens afresh
+        raise
     return entry.index
+
+
+@dataclass(slots=True)
+class _Reader:
+    conn: sqlite3.Connection
+    file_id: tuple[int, int]  # (st_dev, st_ino) of the file it opened
+
+
+# Per worker thread, a read-only connection to each database, kept between tasks: opening
+# one reads and parses the whole schema (0.3-0.5 ms, against 0.01 ms for the delta query).
+_readers = threading.local()
+
+
+def _reader(db_path: str) -> sqlite3.Connection:
+    """This thread's connection to `db_path`, opened again if the path now names another
+    file (a restore, a new database): the kept one would go on reading the old file."""
+    readers: dict[str, _Reader] = _readers.__dict__.setdefault("by_path", {})
+    stat = os.stat(db_path)
+    file_id = (stat.st_dev, stat.st_ino)
+    reader = readers.get(db_path)
+    if reader is not None and reader.file_id == file_id:
+        return reader.conn
+    _forget_reader(db_path)
+    readers[db_path] = _Reader(connect_read_only(db_path, timeout_s=30), file_id)
+    return readers[db_path].conn
+
+
+def _forget_reader(db_path: str) -> None:
+    reader = _readers.__dict__.get("by_path", {}).pop(db_path, None)
+    if reader is not None:
+        reader.conn.close()
 
 
 def _json_list(text: str) -> list[str]:
