@@ -68,6 +68,9 @@ class DatabaseCore:
         self._queued_submissions: list[ProfileSubmission] = []
         # Why the last write transaction failed on the disk (full, failing), or None.
         self.write_failure: str | None = None
+        # The kinds whose last claim here took all it asked for: more are likely due, and a
+        # claim round for them need not read first whether any are (TaskStore.claim_many).
+        self.backlogged: set[str] = set()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -245,6 +248,11 @@ class DatabaseCore:
         else:
             if self.on_group_commit is not None and held:
                 self.on_group_commit(held)
+            for request in requests:
+                if request.limit > 0 and len(claimed.get(request.kind, ())) >= request.limit:
+                    self.backlogged.add(request.kind)
+                else:
+                    self.backlogged.discard(request.kind)
         finally:
             for write in writes:
                 write.done = True

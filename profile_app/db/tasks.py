@@ -95,12 +95,19 @@ class TaskStore(DatabaseCore):
         """Claim for several kinds in one transaction and one `UPDATE ... RETURNING`.
 
         Kinds with nothing due are found first on the read connection, so an idle poll
-        takes no write lock at all.
+        takes no write lock at all. That read is skipped while every kind asked for had
+        more due than its last claim here could take (a backlog): a round trip to the
+        reader's thread saved per claim round, and one empty claim at most when another
+        process takes the rest first.
         """
         wanted = [request.kind for request in claims(frozenset()) if request.limit > 0]
         if not wanted:
             return {}
-        due = {kind for (kind,) in await self._read(*due_kinds_query(wanted, self.clock()))}
+        if self.backlogged.issuperset(wanted):
+            due = set(wanted)
+        else:
+            due = {kind for (kind,) in await self._read(*due_kinds_query(wanted, self.clock()))}
+            self.backlogged.difference_update(set(wanted) - due)
         if not due:
             return {}
         # A claim round always leads a group commit of its own (the writes queued meanwhile

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+from contextlib import closing
 from pathlib import Path
 
 import anyio
@@ -62,6 +63,32 @@ async def test_two_dispatchers_never_claim_the_same_task(db_path: Path) -> None:
 
     every_claim = claims[first] + claims[second]
     assert len(every_claim) == 300 == len(set(every_claim))
+
+
+async def test_after_a_backlog_another_process_drained_idle_polls_take_no_write_lock(db_path: Path) -> None:
+    """A claim round skips the read of what is due while its kinds have a backlog; once the
+    backlog is gone (taken by another process), one round finds that out, and the polls
+    after it read first again: they return at once while another process writes (a
+    round that waited for the lock would wait out the 5 s busy timeout)."""
+    async with Database(db_path) as first, Database(db_path) as second:
+        for number in range(4):
+            await first.enqueue(new_task(number))
+        assert len(await first.claim("work", "process", 2, lease_s=60)) == 2  # took all it asked
+        assert first.backlogged == {"work"}
+        assert len(await second.claim("work", "process", 10, lease_s=60)) == 2  # the rest
+        assert await first.claim("work", "process", 2, lease_s=60) == []
+        assert first.backlogged == set()
+        with closing(sqlite3.connect(db_path, isolation_level=None)) as writer:
+            writer.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+            try:
+                with anyio.fail_after(2.5):
+                    for _ in range(3):
+                        assert await first.claim("work", "process", 2, lease_s=60) == []
+            finally:
+                writer.execute("ROLLBACK")
+        await first.enqueue(new_task(5))
+        [task] = await first.claim("work", "process", 2, lease_s=60)
+        assert task.payload == {"n": 5}
 
 
 async def test_only_the_attempt_holding_the_lease_stores_a_result(db_path: Path) -> None:
