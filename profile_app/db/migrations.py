@@ -150,4 +150,10 @@ MIGRATIONS: tuple[str, ...] = (
         missed INTEGER NOT NULL DEFAULT 0
     ) WITHOUT ROWID;
     """,
+    # tasks_leased (lease_until of running tasks) served no query: the lease recovery reads
+    # running tasks by status (its OR over the owner cannot use it), and every claim, lease
+    # renewal and finish paid for its entries: a page or two of each finishing transaction.
+    """
+    DROP INDEX IF EXISTS tasks_leased;
+    """,
 )

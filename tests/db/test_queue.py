@@ -47,6 +47,23 @@ async def test_schema_is_versioned_and_reopening_migrates_nothing(db_path: Path)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+async def test_a_file_of_the_version_before_loses_the_unused_lease_index(db_path: Path) -> None:
+    with closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
+        for script in MIGRATIONS[:-1]:
+            conn.executescript(script)
+        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+    async with Database(db_path):
+        pass
+    with closing(sqlite3.connect(db_path)) as conn:
+        indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+        assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM tasks WHERE status = 'running' AND lease_until < 1"
+        ).fetchall()
+    assert "tasks_running" in indexes and "tasks_leased" not in indexes
+    assert "USING INDEX" in str(plan)  # the lease recovery still reads running tasks by index
+
+
 async def test_two_dispatchers_never_claim_the_same_task(db_path: Path) -> None:
     async with Database(db_path) as first, Database(db_path) as second:
         for number in range(300):
