@@ -41,13 +41,13 @@ from bench import datasets, report
 from bench.httpclient import Connection
 from bench.load import post_all, round_trips
 from bench.overhead import seeded
-from bench.servers import HOST, ROOT, free_port
+from bench.servers import HOST, ROOT, free_port, pause_kind
+from profile_app.tasks.match import MATCH
 
 START_TIMEOUT_S = 300.0  # imports alone take a minute under callgrind
 
 
 NOOP_PATH = "/bench/noop"
-MATCH = "match"  # the built-in kind POST /profile queues
 
 
 def _server(mode: str, port: int, db: Path) -> list[str]:
@@ -119,10 +119,7 @@ def measure(mode: str, count: int, cache: Path, tmp: Path) -> str:
         if mode != "bare":
             _wait_idle(db)
         if mode == "ingest_paused":
-            with Connection(HOST, port, 60.0) as conn:
-                status, _ = conn.request("POST", f"/kinds/{MATCH}/pause")
-            if status != 200:
-                raise RuntimeError(f"POST /kinds/{MATCH}/pause answered {status}")
+            pause_kind(port, MATCH)
         subprocess.run(["callgrind_control", "--zero", str(server.pid)], check=True, capture_output=True)
         finished_before = 0 if mode == "bare" else _count(db, "status = 'succeeded'")
         if mode == "tasks":

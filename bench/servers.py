@@ -23,6 +23,14 @@ START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 10.0
 
 
+def pause_kind(port: int, kind: str) -> None:
+    """POST /kinds/{kind}/pause to the profile_app on `port`: its tasks are still queued, and wait."""
+    with Connection(HOST, port, 60.0) as conn:
+        status, _ = conn.request("POST", f"/kinds/{kind}/pause")
+    if status != 200:
+        raise RuntimeError(f"POST /kinds/{kind}/pause answered {status}")
+
+
 class ServerFailed(RuntimeError):
     """Raised when a server under test does not come up (its log tail is in the message)."""
 

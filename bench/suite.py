@@ -23,7 +23,7 @@ from bench import (
 )
 from bench.health import HealthRun
 from bench.load import HealthSampler, wait_until_idle
-from bench.servers import free_port, profile_app_command, running, uvicorn_command
+from bench.servers import free_port, pause_kind, profile_app_command, running, uvicorn_command
 from profile_app.tasks.match import MATCH
 
 SIZES = {"1k": 1_000, "10k": 10_000, "100k": 100_000}
@@ -250,9 +250,6 @@ def measure_ingest(
     copy = datasets.copy_database(db, tmp / "ingest_paused.db")
     port = free_port()
     with running("profile_app_ingest_paused", profile_app_command(port, copy), port, tmp, env) as server:
-        with server.connect() as conn:
-            status, _ = conn.request("POST", f"/kinds/{MATCH}/pause")
-        if status != 200:
-            raise RuntimeError(f"POST /kinds/{MATCH}/pause answered {status}")
+        pause_kind(port, MATCH)
         results[INGEST_PAUSED] = ingest.measure(INGEST_PAUSED, server, bodies, config.ingest_s)
     return results
