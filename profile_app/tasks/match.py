@@ -84,8 +84,9 @@ def _reader(db_path: str) -> sqlite3.Connection:
     if reader is not None and reader.file_id == file_id:
         return reader.conn
     _forget_reader(db_path)
-    readers[db_path] = _Reader(connect_read_only(db_path, timeout_s=30), file_id)
-    return readers[db_path].conn
+    conn = connect_read_only(db_path, timeout_s=30)
+    readers[db_path] = _Reader(conn, file_id)
+    return conn
 
 
 def _forget_reader(db_path: str) -> None:
