@@ -137,11 +137,19 @@ class RetentionStore(DatabaseCore):
         return truncated
 
 
-def _delete_batch(conn: sqlite3.Connection, statuses: tuple[str, ...], cutoff: float, batch: int) -> int:
-    marks = ",".join("?" * len(statuses))
-    cursor = conn.execute(
+def prune_batch_sql(statuses: int) -> str:
+    """Delete the oldest `LIMIT ?` tasks finished before `?` in one of `statuses` statuses.
+
+    Read through tasks_finished, oldest first: `+status` keeps SQLite from choosing
+    tasks_status instead, which reads and sorts every task of those statuses for each batch:
+    with 1,000,000 finished tasks kept, 184 ms of the writer a batch of 500 against 6.5 ms.
+    """
+    marks = ",".join("?" * statuses)
+    return (
         "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks"
-        f" WHERE finished_at < ? AND status IN ({marks}) ORDER BY finished_at LIMIT ?)",
-        (cutoff, *statuses, batch),
+        f" WHERE finished_at < ? AND +status IN ({marks}) ORDER BY finished_at LIMIT ?)"
     )
-    return cursor.rowcount
+
+
+def _delete_batch(conn: sqlite3.Connection, statuses: tuple[str, ...], cutoff: float, batch: int) -> int:
+    return conn.execute(prune_batch_sql(len(statuses)), (cutoff, *statuses, batch)).rowcount

@@ -16,6 +16,20 @@ from profile_app.db.records import (
 )
 from profile_app.db.sql import TASK_COLUMNS
 
+# Tasks created and finished in each bucket from the window's start, and the tasks that
+# were unfinished at the start. Each part reads one index: created_at, finished_at (by
+# status first, SQLite would scan tasks_status), and the queued and running tasks by status
+# (tasks_finished holds finished tasks only).
+QUEUE_HISTORY = (
+    "SELECT 'created', CAST((created_at - ?) / ? AS INTEGER), COUNT(*) FROM tasks"
+    " WHERE created_at >= ? GROUP BY 2"
+    " UNION ALL SELECT status, CAST((finished_at - ?) / ? AS INTEGER), COUNT(*) FROM tasks"
+    " WHERE finished_at >= ? GROUP BY 2, 1"
+    " UNION ALL SELECT 'before', 0, COUNT(*) FROM tasks"
+    " WHERE status IN ('queued', 'running') AND created_at < ?"
+    " UNION ALL SELECT 'before', 0, COUNT(*) FROM tasks WHERE finished_at >= ? AND created_at < ?"
+)
+
 
 class StatsStore(DatabaseCore):
     """Counts and history of the queue, and where `auto` kinds run."""
@@ -42,17 +56,11 @@ class StatsStore(DatabaseCore):
 
         Buckets start on whole multiples of `bucket_s`, so they do not shift between calls;
         the last one is the current, partial one. (A task is unfinished while its
-        `finished_at` is NULL: a retry clears it.)
+        `finished_at` is NULL, queued or running: a retry clears it.)
         """
         start = (self.clock() // bucket_s + 1 - buckets) * bucket_s
         rows = await self._read(
-            "SELECT 'created', CAST((created_at - ?) / ? AS INTEGER), COUNT(*) FROM tasks"
-            " WHERE created_at >= ? GROUP BY 2"
-            " UNION ALL SELECT status, CAST((finished_at - ?) / ? AS INTEGER), COUNT(*) FROM tasks"
-            " WHERE finished_at >= ? GROUP BY 2, 1"  # (by status first, SQLite would scan tasks_status)
-            " UNION ALL SELECT 'before', 0, COUNT(*) FROM tasks WHERE finished_at IS NULL AND created_at < ?"
-            " UNION ALL SELECT 'before', 0, COUNT(*) FROM tasks WHERE finished_at >= ? AND created_at < ?",
-            (start, bucket_s, start, start, bucket_s, start, start, start, start),
+            QUEUE_HISTORY, (start, bucket_s, start, start, bucket_s, start, start, start, start)
         )
         before = 0
         created = [0] * buckets

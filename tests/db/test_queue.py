@@ -19,6 +19,7 @@ from profile_app.db.database import (
     QueueFull,
     TaskStatus,
 )
+from profile_app.db.stats import QUEUE_HISTORY
 
 pytestmark = pytest.mark.anyio
 
@@ -47,21 +48,61 @@ async def test_schema_is_versioned_and_reopening_migrates_nothing(db_path: Path)
         assert conn.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
-async def test_a_file_of_the_version_before_loses_the_unused_lease_index(db_path: Path) -> None:
+def file_at_version(db_path: Path, version: int) -> None:
+    """A database file as a server of schema `version` left it."""
     with closing(sqlite3.connect(db_path, isolation_level=None)) as conn:
-        for script in MIGRATIONS[:-1]:
+        for script in MIGRATIONS[:version]:
             conn.executescript(script)
-        conn.execute(f"PRAGMA user_version = {len(MIGRATIONS) - 1}")
+        conn.execute(f"PRAGMA user_version = {version}")
+
+
+def version_with(statement: str) -> int:
+    """The schema version whose migration runs `statement`."""
+    return next(number for number, script in enumerate(MIGRATIONS, start=1) if statement in script)
+
+
+def query_plan(db_path: Path, sql: str, params: tuple[object, ...]) -> str:
+    with closing(sqlite3.connect(db_path)) as conn:
+        return str([row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + sql, params)])
+
+
+async def test_a_file_of_the_version_before_loses_the_unused_lease_index(db_path: Path) -> None:
+    file_at_version(db_path, version_with("DROP INDEX IF EXISTS tasks_leased") - 1)
     async with Database(db_path):
         pass
     with closing(sqlite3.connect(db_path)) as conn:
         indexes = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
         assert conn.execute("PRAGMA user_version").fetchone() == (len(MIGRATIONS),)
-        plan = conn.execute(
-            "EXPLAIN QUERY PLAN SELECT id FROM tasks WHERE status = 'running' AND lease_until < 1"
-        ).fetchall()
+    plan = query_plan(db_path, "SELECT id FROM tasks WHERE status = 'running' AND lease_until < 1", ())
     assert "tasks_running" in indexes and "tasks_leased" not in indexes
-    assert "USING INDEX" in str(plan)  # the lease recovery still reads running tasks by index
+    assert "USING INDEX" in plan  # the lease recovery still reads running tasks by index
+
+
+async def test_a_file_of_the_version_before_indexes_only_finished_tasks_by_finish_time(
+    db_path: Path,
+) -> None:
+    migration = version_with("CREATE INDEX tasks_finished ON tasks (finished_at) WHERE")
+    file_at_version(db_path, migration - 1)
+    clock = FakeClock()
+    async with Database(db_path, clock=clock) as db:
+        for number in range(3):
+            await db.enqueue(new_task(number))
+        (done,) = await db.claim("work", "process", 1, lease_s=60)
+        assert await db.succeed(done, "ok", None) == []
+        clock.now += 100
+        history = await db.queue_history(buckets=2, bucket_s=10.0)
+    assert history.unfinished_at_start == 2  # the two still queued, read by status
+    with closing(sqlite3.connect(db_path)) as conn:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'tasks_finished'").fetchone()
+        (entries,) = conn.execute(
+            "SELECT COUNT(*) FROM tasks INDEXED BY tasks_finished WHERE finished_at > 0"
+        ).fetchone()
+    assert sql.endswith("WHERE finished_at IS NOT NULL") and entries == 1
+    # The queue history reads finish times by index, and counts the unfinished by status,
+    # not by reading every task created before its window.
+    history_plan = query_plan(db_path, QUEUE_HISTORY, (0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0))
+    assert "tasks_finished" in history_plan and "tasks_status (status=?)" in history_plan, history_plan
+    assert "SCAN tasks" not in history_plan, history_plan
 
 
 async def test_two_dispatchers_never_claim_the_same_task(db_path: Path) -> None:

@@ -16,7 +16,7 @@ from conftest import Server, profile, wait_for_task, wait_until
 from load import post_all, tiny_profiles
 
 from profile_app.db.database import Database
-from profile_app.db.retention import FREE_SHARE_KEPT, MAX_PAGES_RETURNED
+from profile_app.db.retention import FREE_SHARE_KEPT, MAX_PAGES_RETURNED, prune_batch_sql
 
 RETENTION = {
     "PROFILE_APP_RETAIN_SUCCEEDED_S": "1",
@@ -29,6 +29,23 @@ def _pages(db: Path) -> tuple[int, int]:
     with sqlite3.connect(db.resolve().as_uri() + "?mode=ro", uri=True) as conn:
         page_count, free = conn.execute("SELECT * FROM pragma_page_count, pragma_freelist_count").fetchone()
     return page_count, free
+
+
+@pytest.mark.anyio
+async def test_each_prune_batch_reads_the_oldest_finished_tasks_by_index(db_path: Path) -> None:
+    # Not every task of the pruned statuses, sorted: that grows with the retention, and the
+    # writer is held for it in every batch.
+    async with Database(db_path):
+        pass
+    with closing(sqlite3.connect(db_path)) as conn:
+        plan = [
+            row[3]
+            for row in conn.execute(
+                "EXPLAIN QUERY PLAN " + prune_batch_sql(2), (1.0, "succeeded", "failed", 500)
+            )
+        ]
+    assert any("INDEX tasks_finished (finished_at<?)" in detail for detail in plan), plan
+    assert not any("TEMP B-TREE" in detail for detail in plan), plan
 
 
 def test_finished_tasks_past_retention_are_removed_and_profiles_stay(make_server) -> None:
