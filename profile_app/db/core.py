@@ -11,6 +11,7 @@ from typing import Any, Self
 
 import aiosqlite
 import anyio
+import anyio.lowlevel
 
 from profile_app.db.claims import claim_statement
 from profile_app.db.group_commit import QueuedWrite, run_group
@@ -166,6 +167,18 @@ class DatabaseCore:
         """Run `work(conn)` on the writer's thread in the next group commit; returns its value."""
         value, _nothing = await self._write_and_claim(work, no_claims, 0.0)
         return value
+
+    async def _delete_in_batches(self, delete: str, params: tuple[Any, ...], batch: int) -> tuple[int, int]:
+        """Run `delete`, whose last parameter is a LIMIT, `batch` rows a transaction until it
+        deletes fewer: other writes commit between batches. Returns (rows, transactions)."""
+        deleted = batches = 0
+        while True:
+            count = await self._write(lambda conn: conn.execute(delete, (*params, batch)).rowcount)
+            deleted += count
+            batches += 1
+            if count < batch:
+                return deleted, batches
+            await anyio.lowlevel.checkpoint()  # other writers get the lock between batches
 
     async def _write_and_claim(
         self,

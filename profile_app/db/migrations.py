@@ -163,4 +163,9 @@ MIGRATIONS: tuple[str, ...] = (
     DROP INDEX tasks_finished;
     CREATE INDEX tasks_finished ON tasks (finished_at) WHERE finished_at IS NOT NULL;
     """,
+    # Expired Idempotency-Keys are forgotten in batches, oldest first (profiles.py
+    # FORGET_KEYS): without this index each batch read the whole table.
+    """
+    CREATE INDEX idempotency_keys_created ON idempotency_keys (created_at);
+    """,
 )

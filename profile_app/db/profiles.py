@@ -20,6 +20,14 @@ from profile_app.db.records import (
 )
 from profile_app.db.sql import INSERT_TASK, Claims, insert_task, no_claims, task_row
 
+# Expired Idempotency-Keys, oldest first through idempotency_keys_created: one pass of the
+# table would hold the writer for all of a day's keys at once (135 ms for 40,000 of 1,000,000).
+FORGET_KEYS = (
+    "DELETE FROM idempotency_keys WHERE rowid IN"
+    " (SELECT rowid FROM idempotency_keys WHERE created_at <= ? ORDER BY created_at LIMIT ?)"
+)
+FORGET_KEYS_BATCH = 500
+
 
 class ProfileStore(DatabaseCore):
     """Profiles, their stored matches, and POST /profile submissions with their keys."""
@@ -190,7 +198,9 @@ class ProfileStore(DatabaseCore):
             matches_computed_at=computed_at,
         )
 
-    async def forget_idempotency_keys(self, older_than_s: float) -> int:
+    async def forget_idempotency_keys(self, older_than_s: float, batch: int = FORGET_KEYS_BATCH) -> int:
+        """Delete the keys older than `older_than_s`, oldest first, `batch` a transaction;
+        returns how many."""
         cutoff = self.clock() - older_than_s
-        delete = "DELETE FROM idempotency_keys WHERE created_at <= ?"
-        return await self._write(lambda conn: conn.execute(delete, (cutoff,)).rowcount)
+        deleted, _batches = await self._delete_in_batches(FORGET_KEYS, (cutoff,), batch)
+        return deleted

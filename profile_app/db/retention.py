@@ -22,7 +22,6 @@ import sqlite3
 from dataclasses import dataclass
 
 import anyio
-import anyio.lowlevel
 import anyio.to_thread
 
 from profile_app.db.core import DatabaseCore
@@ -30,7 +29,7 @@ from profile_app.db.sql import sqlite_failure
 
 logger = logging.getLogger("profile_app.db.retention")
 
-PRUNE_BATCH = 500  # rows per transaction: a few milliseconds of the writer
+PRUNE_BATCH = 500  # rows per transaction: a few milliseconds of the writer (prune_batch_sql)
 FREE_SHARE_KEPT = 0.25  # free pages kept for reuse, as a share of the pages in use
 MAX_PAGES_RETURNED = 1024  # per prune (4 MiB): the writer is held briefly; the rest next time
 WAL_TRUNCATE_BYTES = 16 * 1024 * 1024
@@ -69,17 +68,11 @@ class RetentionStore(DatabaseCore):
             (("succeeded",), now - retain_succeeded_s),
             (("failed", "cancelled"), now - retain_failed_s),
         ):
-            while True:
-                count = await self._write(
-                    lambda conn, statuses=statuses, cutoff=cutoff: _delete_batch(
-                        conn, statuses, cutoff, batch
-                    )
-                )
-                deleted += count
-                batches += 1
-                if count < batch:
-                    break
-                await anyio.lowlevel.checkpoint()  # other writers get the lock between batches
+            rows, transactions = await self._delete_in_batches(
+                prune_batch_sql(len(statuses)), (cutoff, *statuses), batch
+            )
+            deleted += rows
+            batches += transactions
         pages, free = await self.page_counts()
         # Only when there is something to return (a read decides: no write each idle prune).
         pages_returned = await self._return_free_pages() if free > pages * FREE_SHARE_KEPT else 0
@@ -149,7 +142,3 @@ def prune_batch_sql(statuses: int) -> str:
         "DELETE FROM tasks WHERE seq IN (SELECT seq FROM tasks"
         f" WHERE finished_at < ? AND +status IN ({marks}) ORDER BY finished_at LIMIT ?)"
     )
-
-
-def _delete_batch(conn: sqlite3.Connection, statuses: tuple[str, ...], cutoff: float, batch: int) -> int:
-    return conn.execute(prune_batch_sql(len(statuses)), (cutoff, *statuses, batch)).rowcount

@@ -19,6 +19,7 @@ from profile_app.db.database import (
     QueueFull,
     TaskStatus,
 )
+from profile_app.db.profiles import FORGET_KEYS
 from profile_app.db.stats import QUEUE_HISTORY
 
 pytestmark = pytest.mark.anyio
@@ -232,6 +233,25 @@ def submission(user_id: str, key: str | None = None) -> ProfileSubmission:
         request_hash="h" if key else None,
         response={"task_id": task.id},
     )
+
+
+async def test_expired_idempotency_keys_are_forgotten_oldest_first_in_batches(db_path: Path) -> None:
+    clock = FakeClock()
+    async with Database(db_path, clock=clock) as db:
+        for number in range(7):  # one key a second: key0 is the oldest
+            await db.submit_profile(
+                submission(f"user{number}", f"key{number}"), max_unfinished=100, idempotency_ttl_s=60
+            )
+            clock.now += 1
+        # Now key0..key6 are 7..1 s old: the five older than 2.5 s go, two a transaction.
+        assert await db.forget_idempotency_keys(older_than_s=2.5, batch=2) == 5
+        assert await db.forget_idempotency_keys(older_than_s=2.5, batch=2) == 0
+    with closing(sqlite3.connect(db_path)) as conn:
+        kept = {key for (key,) in conn.execute("SELECT key FROM idempotency_keys")}
+    assert kept == {"key5", "key6"}
+    # Each batch reads the oldest keys by index, never the whole table.
+    plan = query_plan(db_path, FORGET_KEYS, (1.0, 500))
+    assert "idempotency_keys_created" in plan and "SCAN" not in plan, plan
 
 
 async def test_group_commit_stores_concurrent_submissions_and_stops_at_the_limit(db_path: Path) -> None:
