@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
+from profile_app.db import tasks as tasks_module
 from profile_app.db.database import (
     MIGRATIONS,
     Database,
@@ -21,6 +22,7 @@ from profile_app.db.database import (
 )
 from profile_app.db.profiles import FORGET_KEYS
 from profile_app.db.stats import QUEUE_HISTORY
+from profile_app.db.tasks import list_tasks_query
 
 pytestmark = pytest.mark.anyio
 
@@ -233,6 +235,27 @@ def submission(user_id: str, key: str | None = None) -> ProfileSubmission:
         request_hash="h" if key else None,
         response={"task_id": task.id},
     )
+
+
+@pytest.mark.parametrize("few_of_status", [True, False])
+async def test_tasks_of_a_status_and_kind_are_read_through_the_smaller_index(
+    db_path: Path, few_of_status: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tasks_module, "FEW_OF_A_STATUS", 100 if few_of_status else 0)
+    async with Database(db_path) as db:
+        for number in range(8):
+            await db.enqueue(NewTask("a" if number % 2 else "b", {"n": number}, "process", 3))
+        for task in await db.claim("a", "process", 2, lease_s=60):
+            await db.succeed(task, None, None)
+        everything = await db.list_tasks(limit=100)
+        listed = await db.list_tasks(status=TaskStatus.QUEUED, kind="a", limit=10)
+        page = await db.list_tasks(status=TaskStatus.QUEUED, kind="a", before_seq=listed[0].seq, limit=1)
+    expected = [task.id for task in everything if task.status is TaskStatus.QUEUED and task.kind == "a"]
+    assert [task.id for task in listed] == expected and len(expected) == 2
+    assert [task.id for task in page] == expected[1:]
+    plan = query_plan(db_path, *list_tasks_query(TaskStatus.QUEUED, "a", None, 10, few_of_status))
+    assert ("tasks_status" if few_of_status else "tasks_kind") in plan, plan
+    assert "TEMP B-TREE" not in plan, plan  # the index gives the order
 
 
 async def test_expired_idempotency_keys_are_forgotten_oldest_first_in_batches(db_path: Path) -> None:
