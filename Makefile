@@ -36,12 +36,15 @@ faults:
 # match tasks with one attempt allowed (none may fail), then the storage soak:
 # PROFILE_APP_SOAK_TASKS (default 1,000,000: hours on a small machine) tasks through one
 # database with retention at 3 s; plots file, WAL, RSS and claim rate to
-# bench/results/soak_storage.png and fails if any of them drifts (bench/soak_storage.py).
+# bench/results/soak_storage.png and fails if any of them drifts (bench/soak_storage.py);
+# last, the reads and the writer's batches on a file that keeps 1,000,000 finished tasks
+# (bench/retained.py, bench/results/retained.json).
 soak: $(VENV)/.dev-installed $(VENV)/.bench-installed
 	PROFILE_APP_TEST_KILLS=40 PROFILE_APP_TEST_BURST_S=180 $(PY) -m pytest -v tests/e2e/test_crash_loop.py \
 		tests/web/test_overload.py::test_a_burst_of_512_connections_gets_only_the_contracts_answers
 	PROFILE_APP_TEST_SCHEDULER_KILLS=20 $(PY) -m pytest -v tests/executors/test_dask_scheduler_loss.py
 	$(PY) -m bench.soak_storage
+	$(PY) -m bench.retained
 
 lint: $(VENV)/.dev-installed
 	$(VENV)/bin/ruff check .
