@@ -20,8 +20,9 @@ from profile_app.db.records import (
 )
 from profile_app.db.sql import INSERT_TASK, Claims, insert_task, no_claims, task_row
 
-# Expired Idempotency-Keys, oldest first through idempotency_keys_created: one pass of the
-# table would hold the writer for all of a day's keys at once (135 ms for 40,000 of 1,000,000).
+# Expired Idempotency-Keys, oldest first through idempotency_keys_created, a batch a
+# transaction: one DELETE read the whole table and held the writer for every expired key at
+# once (135 ms for 40,000 of 1,000,000 keys; 0.8 ms a batch of 500 now).
 FORGET_KEYS = (
     "DELETE FROM idempotency_keys WHERE rowid IN"
     " (SELECT rowid FROM idempotency_keys WHERE created_at <= ? ORDER BY created_at LIMIT ?)"
