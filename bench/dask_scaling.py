@@ -7,7 +7,11 @@ DaskRunner, as the lifespan builds them) in this process:
 
 1. warm-up: 4 match tasks per worker, so every worker has its resident index;
 2. measured: T match tasks queued at once (before the dispatcher starts), timed from the
-   dispatcher's start to the last task finished: tasks/s.
+   dispatcher's start to the last task finished: tasks/s;
+3. plain Dask on the same cluster: T other users' match computations (bench/inprocess.py's
+   `warm_task`) from a plain client, a future per task and two in flight per worker as the
+   app keeps, nothing of profile_app around them: what Dask itself scales to on this
+   machine (`dask_bare_scaling`; `dask_scaling_vs_bare` is ours over it).
 
 Then, on the 2-worker cluster, a write-heavy phase: 10 profiles rewritten before each task,
 so the delta grows and the snapshot is scattered again when it passes 4·√N rows.
@@ -250,6 +254,7 @@ async def measure_cluster(
                 "snapshot_bytes": stats.snapshot_bytes,
                 "rebases": stats.rebases,
                 "tasks_counted": stats.tasks - before_tasks,
+                "bare": await bare_dask(cluster, db_path, rng.sample(user_ids, tasks)),
             }
             if with_writes:  # writes while matching: the delta grows, snapshots go out again
                 rebases_before, rows_before, bytes_before = stats.rebases, stats.delta_rows, stats.delta_bytes
@@ -268,6 +273,35 @@ async def measure_cluster(
                     "delta_bytes_per_task": round((stats.delta_bytes - bytes_before) / max(1, done), 1),
                 }
     return result
+
+
+async def bare_dask(cluster: Cluster, db_path: Path, user_ids: list[str]) -> dict[str, Any]:
+    """The same match computation as plain Dask tasks, with nothing of profile_app around it:
+    bench/inprocess.py's `warm_task` per user from a plain client, each worker reading the
+    file itself and keeping its own index (warmed on every worker first). Submitted as a
+    queue must, one future per task with two in flight per worker (what the app's
+    DaskRunner keeps), each result fetched as it finishes: Dask's own cost per task on this
+    machine, its scheduler and client sharing the cores as ours do."""
+    from distributed import Client, wait
+
+    async with Client(cluster.address, asynchronous=True) as client:
+        await client.run(inprocess.warm_task, str(db_path), user_ids[0])  # every worker's index
+        scheduler_before, _workers = cluster.cpu_s()
+        start_wall, start_cpu = time.perf_counter(), time.process_time()
+        waiting, running = list(user_ids), set()
+        while waiting or running:
+            while waiting and len(running) < 2 * cluster.workers:
+                running.add(client.submit(inprocess.warm_task, str(db_path), waiting.pop(), pure=False))
+            done, not_done = await wait(running, return_when="FIRST_COMPLETED")
+            await client.gather(list(done))
+            running = set(not_done)
+        wall, cpu = time.perf_counter() - start_wall, time.process_time() - start_cpu
+        scheduler_after, _workers = cluster.cpu_s()
+    return {
+        "tasks_per_s": round(len(user_ids) / wall, 2),
+        "client_cpu_ms_per_task": round(1000 * cpu / len(user_ids), 2),
+        "scheduler_cpu_ms_per_task": round(1000 * (scheduler_after - scheduler_before) / len(user_ids), 2),
+    }
 
 
 async def snapshot_cost(db_path: Path) -> dict[str, Any]:
@@ -313,18 +347,25 @@ def measure(
             ceilings.append(inprocess.process_scaling(db_path, user_ids, ceiling_s, 2))
         local = anyio.run(measure_local, db_path, user_ids, tasks, repeats)
     ratios = [two["tasks_per_s"] / one["tasks_per_s"] for one, two in rounds]
+    bare_ratios = [two["bare"]["tasks_per_s"] / one["bare"]["tasks_per_s"] for one, two in rounds]
     one, two = sorted(rounds, key=lambda pair: pair[1]["tasks_per_s"] / pair[0]["tasks_per_s"])[
         len(rounds) // 2
     ]
     two = {**two, "with_writes": rounds[-1][1]["with_writes"]}
     scaling = sorted(ratios)[len(ratios) // 2]
     ceiling = sorted(ceilings)[len(ceilings) // 2]
+    bare_scaling = sorted(bare_ratios)[len(bare_ratios) // 2]
     return {
         "dask_scaling": round(scaling, 2),
         "dask_scaling_ceiling": round(ceiling, 3),
         "dask_scaling_ratio": round(scaling / ceiling, 3),
         "dask_scaling_ceiling_rounds": [round(value, 3) for value in ceilings],
         "dask_scaling_rounds": [round(ratio, 2) for ratio in ratios],
+        # Plain Dask, the same computation with nothing of ours: what Dask itself scales to
+        # here, its scheduler and client sharing the two cores (bare_dask).
+        "dask_bare_scaling": round(bare_scaling, 3),
+        "dask_bare_scaling_rounds": [round(ratio, 3) for ratio in bare_ratios],
+        "dask_scaling_vs_bare": round(scaling / bare_scaling, 3),
         "tasks_per_s_rounds": [[pair[0]["tasks_per_s"], pair[1]["tasks_per_s"]] for pair in rounds],
         "profiles": profiles,
         "cpus": os.cpu_count(),
@@ -376,6 +417,16 @@ def main(argv: list[str] | None = None) -> int:
     out(
         f"machine ceiling, 2 processes / 1, per round: {result['dask_scaling_ceiling_rounds']};"
         f" dask_scaling / ceiling = {result['dask_scaling_ratio']}"
+    )
+    for run in (one, two):
+        bare = run["bare"]
+        out(
+            f"  plain Dask, {run['workers']} worker(s): {bare['tasks_per_s']:8.2f} tasks/s; CPU ms/task:"
+            f" client {bare['client_cpu_ms_per_task']:.2f}, scheduler {bare['scheduler_cpu_ms_per_task']:.2f}"
+        )
+    out(
+        f"plain Dask, 2 workers / 1, per round: {result['dask_bare_scaling_rounds']};"
+        f" dask_scaling / plain Dask's = {result['dask_scaling_vs_bare']}"
     )
     out(f"dask_scaling = {result['dask_scaling']} (load average at the end: {result['load_average_at_end']})")
     out(json.dumps(result))

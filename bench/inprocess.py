@@ -47,13 +47,15 @@ def _spawn_pool(workers: int) -> ProcessPoolExecutor:
     return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
 
 
-def _warm_task(db: str, user_id: str) -> None:
+def warm_task(db: str, user_id: str) -> None:
+    """One match task in this process: `db`'s resident index (built by the first call in a
+    process, then brought up to date from the rows changed since) and `user_id`'s matches."""
     kinds.resident_index(db).top_matches(user_id, kinds.MATCH_COUNT)
 
 
 def _time_warm_tasks(db: str, queries: list[str]) -> tuple[list[float], list[float]]:
     """Wall times of `top_matches` and CPU times of the whole task, after a first (cold) one."""
-    _warm_task(db, queries[0])  # build and warm, as a worker's first task does
+    warm_task(db, queries[0])  # build and warm, as a worker's first task does
     wall, cpu = [], []
     for user_id in queries[1:]:
         cpu_start = time.process_time()
@@ -102,12 +104,12 @@ def warm_task_cpu_s(db: Path, users: list[str]) -> float:
 
 def _loop_tasks(db: str, users: list[str], duration_s: float, ready: Barrier, rates: Queue[float]) -> None:
     """Warm up, wait for the others, then run match tasks for `duration_s`: put tasks/s."""
-    _warm_task(db, users[0])
+    warm_task(db, users[0])
     ready.wait()
     started = time.perf_counter()
     done = 0
     while (elapsed := time.perf_counter() - started) < duration_s:
-        _warm_task(db, users[done % len(users)])
+        warm_task(db, users[done % len(users)])
         done += 1
     rates.put(done / elapsed)
 
