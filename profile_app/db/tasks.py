@@ -42,9 +42,9 @@ def list_tasks_query(
     """The tasks newest first, filtered. Given both a status and a kind, one index gives the
     order and each row it reads is checked for the other filter: the status's (status, seq)
     if `few_of_status` (queued and running, which the queue's limit bounds, usually are),
-    else the kind's (kind, seq). SQLite, with no statistics here, took the kind's even for a status
-    with no task, and read every task of the kind (246 ms at 950,000). `+` keeps it off the
-    other index."""
+    else the kind's (kind, seq). SQLite, with no statistics here, took the kind's even for
+    a status with no task, and read every task of the kind (246 ms at 950,000). `+` keeps
+    it off the other index."""
     by_status = few_of_status and kind is not None
     filters = (
         ("status = ?" if by_status or kind is None else "+status = ?", status),
