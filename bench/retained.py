@@ -25,6 +25,7 @@ import sqlite3
 import statistics
 import time
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -79,7 +80,7 @@ def task_rows(count: int, start: float) -> Iterator[tuple[Any, ...]]:
 
 
 def seed(db: Path, count: int, start: float) -> None:
-    with sqlite3.connect(db, isolation_level=None) as conn:
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
         conn.execute("PRAGMA journal_mode = WAL")
         for script in MIGRATIONS:
             conn.executescript(script)
@@ -107,7 +108,7 @@ def seed(db: Path, count: int, start: float) -> None:
 def held_ms(db: Path, sql: str, params: tuple[Any, ...]) -> tuple[float, int]:
     """The best of three runs of one write statement, each rolled back: ms, rows."""
     times, rows = [], 0
-    with sqlite3.connect(db, isolation_level=None) as conn:
+    with closing(sqlite3.connect(db, isolation_level=None)) as conn:
         for _ in range(3):
             conn.execute("BEGIN IMMEDIATE")
             started = time.perf_counter()
