@@ -21,6 +21,7 @@ from profile_app.db.records import (
     ProfileSubmission,
     StorageUnavailable,
     TaskRecord,
+    TaskStatus,
 )
 from profile_app.db.sql import (
     Claimed,
@@ -324,7 +325,18 @@ class DatabaseCore:
         conn = self._w
         return await conn._execute(fn, conn._conn)
 
-    def _read_on_loop(self, sql: str) -> list[Any] | None:
+    async def task_counts(self, statuses: Sequence[TaskStatus]) -> dict[TaskStatus, int]:
+        """How many tasks of every server process have each of `statuses` (rows that triggers
+        keep), read on the loop unless SQLite would make that wait."""
+        sql = f"SELECT status, n FROM task_counts WHERE status IN ({','.join('?' * len(statuses))})"
+        rows = self._read_on_loop(sql, statuses)
+        if rows is None:
+            rows = await self._read(sql, statuses)
+        counts = dict.fromkeys(statuses, 0)
+        counts.update({TaskStatus(status): count for status, count in rows})
+        return counts
+
+    def _read_on_loop(self, sql: str, params: Sequence[Any] = ()) -> list[Any] | None:
         """A read of a few rows right on the event loop, or None if SQLite would make it wait.
 
         For /health, which load balancers poll: a trip to the reader thread costs more CPU
@@ -335,7 +347,7 @@ class DatabaseCore:
         if self.loop_reader is None:
             return None
         try:
-            return self.loop_reader.execute(sql).fetchall()
+            return self.loop_reader.execute(sql, params).fetchall()
         except sqlite3.Error:
             return None
 

@@ -36,13 +36,7 @@ class StatsStore(DatabaseCore):
 
     async def count_unfinished(self) -> dict[TaskStatus, int]:
         """Queued and running tasks of every server process (two rows that triggers keep)."""
-        sql = "SELECT status, n FROM task_counts WHERE status IN ('queued', 'running')"
-        rows = self._read_on_loop(sql)
-        if rows is None:
-            rows = await self._read(sql)
-        counts = dict.fromkeys(UNFINISHED, 0)
-        counts.update({TaskStatus(status): count for status, count in rows})
-        return counts
+        return await self.task_counts(UNFINISHED)
 
     async def oldest_queued(self, limit: int) -> list[TaskRecord]:
         """The front of the queue: queued tasks, oldest first."""

@@ -94,14 +94,12 @@ class TaskStore(DatabaseCore):
     ) -> list[TaskRecord]:
         """Tasks newest first, optionally filtered, starting below `before_seq`."""
         few_of_status = (
-            status is not None and kind is not None and await self._status_count(status) <= FEW_OF_A_STATUS
+            status is not None
+            and kind is not None
+            and (await self.task_counts((status,)))[status] <= FEW_OF_A_STATUS
         )
         rows = await self._read(*list_tasks_query(status, kind, before_seq, limit, few_of_status))
         return [TaskRecord.from_row(row) for row in rows]
-
-    async def _status_count(self, status: TaskStatus) -> int:
-        rows = list(await self._read("SELECT n FROM task_counts WHERE status = ?", (status,)))
-        return int(rows[0][0]) if rows else 0
 
     async def get_task_logs(self, task_id: str) -> str | None:
         """What the task's attempts printed or logged (newest 64 KiB); None for an unknown task."""
