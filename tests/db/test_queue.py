@@ -20,7 +20,7 @@ from profile_app.db.database import (
     QueueFull,
     TaskStatus,
 )
-from profile_app.db.profiles import FORGET_KEYS
+from profile_app.db.profiles import FEW_PROFILES_SINCE, FORGET_KEYS
 from profile_app.db.stats import QUEUE_HISTORY
 from profile_app.db.tasks import list_tasks_query
 
@@ -347,3 +347,28 @@ async def test_counts_are_read_on_the_loop_or_else_through_the_reader_thread(db_
         assert await db.count_unfinished() == expected
         await db.enqueue(new_task(3))
         assert await db.count_unfinished() == {TaskStatus.QUEUED: 3, TaskStatus.RUNNING: 1}
+
+
+async def test_profiles_since_reads_the_rows_after_a_rev_on_the_loop_or_through_the_reader(
+    db_path: Path,
+) -> None:
+    profiles = [
+        {"user_id": f"u{number}", "name": "n", "interests": ["go"], "bio": ""}
+        for number in range(FEW_PROFILES_SINCE + 10)
+    ]
+    async with Database(db_path) as db:
+        await db.store_profiles(profiles)
+        everything = await db.profiles_since(0)  # more than a few: through the reader thread
+        assert [(row[0], row[3]) for row in everything] == [
+            (p["user_id"], n) for n, p in enumerate(profiles, 1)
+        ]
+        assert await db.profiles_since(everything[-4][3]) == everything[-3:]  # a few: on the loop
+        await db.store_profiles([{**profiles[0], "bio": "rewritten"}])  # moves to the newest rev
+        assert await db.profiles_since(everything[-1][3]) == [
+            ("u0", '["go"]', "rewritten", len(profiles) + 1)
+        ]
+        db.loop_reader.close()  # any SQLite error on the loop's connection: read through the thread
+        assert await db.profiles_since(everything[-2][3]) == [
+            everything[-1],
+            ("u0", '["go"]', "rewritten", len(profiles) + 1),
+        ]

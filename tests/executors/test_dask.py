@@ -118,7 +118,10 @@ def test_match_tasks_on_the_cluster_equal_the_reference(dask_client: TestClient)
         + list(synthetic_profiles(500, seed=8))[400:],
         # a few rows: they travel with each task as its delta
         [profile(f"new-{n}", ["chess", "go"], "I love chess and go") for n in range(5)],
+        # one of them rewritten: the delta kept between tasks has its new text, once
+        [profile("new-0", ["tennis"], "tennis")],
     ]
+    pickles, delta_rows = [], []
     for changes in rounds:
         store(dask_client, changes)
         table.update((p["user_id"], p) for p in changes)
@@ -127,10 +130,15 @@ def test_match_tasks_on_the_cluster_equal_the_reference(dask_client: TestClient)
             assert task["status"] == "succeeded", task
             assert task["executor"].startswith("dask:tcp://127.0.0.1:")
             assert stored_task(dask_client, task["id"]).result == expected(user_id, table)
+        shipping = dask_client.app_state["executor"].runner(Placement.DASK).submissions["match"].shipping
+        pickles.append(shipping.stats.delta_pickles)
+        delta_rows.append(shipping.stats.delta_rows)
 
-    stats = dask_client.app_state["executor"].runner(Placement.DASK).submissions["match"].shipping.stats
+    stats = shipping.stats
     assert stats.rebases == 2  # the table went out twice, not with every task
     assert stats.delta_rows <= stats.tasks * 5
+    assert pickles[2] - pickles[1] == 1  # five tasks, no write between them: one delta pickled
+    assert (pickles[3] - pickles[2], delta_rows[3] - delta_rows[2]) == (1, 5)  # new-0 once, rewritten
 
 
 def test_a_posted_profile_gets_its_matches_from_the_cluster(dask_client: TestClient) -> None:
