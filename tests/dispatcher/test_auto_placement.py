@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 
@@ -11,6 +13,7 @@ from conftest import submit, wait_for_task
 from starlette.testclient import TestClient
 
 from profile_app.db.database import PlacementRecord
+from profile_app.executors import calls
 from profile_app.executors.kinds import AUTO, KindRegistry, Placement
 
 kinds = KindRegistry()
@@ -144,3 +147,28 @@ def test_an_auto_kind_that_cannot_be_pickled_runs_on_a_thread_with_a_warning(
     task = wait_for_task(client, submit(client, "closure", {}))
     assert (task["status"], task["executor"]) == ("succeeded", "thread")
     assert "cannot be pickled" in kinds_by_name(client)["closure"]["reason"]
+
+
+def test_each_thread_reads_its_own_schedstat_and_closes_it_when_it_ends() -> None:
+    """The runnable time that keeps a busy machine out of the CPU share is read per thread
+    from a kept-open /proc/thread-self/schedstat: the thread's own, never another's, and
+    no file left open by the threads of a pool that come and go."""
+
+    def files_open() -> set[str]:
+        return set(os.listdir("/proc/self/fd"))
+
+    seen: dict[int, str] = {}
+
+    def read_it() -> None:
+        assert calls._runnable_s() >= 0.0
+        schedstat = calls._this_thread.schedstat
+        assert schedstat is not None
+        seen[threading.get_native_id()] = os.readlink(f"/proc/self/fd/{schedstat.fd}")
+
+    before = files_open()
+    for _ in range(20):
+        thread = threading.Thread(target=read_it)
+        thread.start()
+        thread.join()
+    assert len(seen) == 20 and all(path.endswith(f"/task/{tid}/schedstat") for tid, path in seen.items())
+    assert files_open() <= before
