@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
-import uuid
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -218,6 +219,22 @@ class SubmitOptions:
 DEFAULT_OPTIONS = SubmitOptions()  # due now, priority 0, no unique key
 
 
+def new_task_id(at: float | None = None) -> str:
+    """A task id: 32 hex digits laid out as a UUIDv7 (RFC 9562), made at `at` (Unix seconds,
+    default now): 48 bits of milliseconds, the version, then 74 random bits.
+
+    Ids made close in time sort close together, so a new task's entries in the indexes
+    keyed by id (the tasks' own, the attempt ledger's) go where the last tasks' went, on a
+    page already in the cache that a group commit writes once for all its tasks; a random
+    id (uuid4) lands on a random page of a table kept for months (bench/retained.py).
+    74 random bits keep ids unguessable.
+    """
+    millis = (time.time_ns() // 1_000_000 if at is None else int(at * 1000)) & (2**48 - 1)
+    random = int.from_bytes(os.urandom(10))
+    rand_a, rand_b = random >> 68, random & (2**62 - 1)  # 12 and 62 of the 80 random bits
+    return f"{millis:012x}7{rand_a:03x}{2**63 | rand_b:016x}"  # version 7, variant 0b10
+
+
 @dataclass(frozen=True, slots=True)
 class NewTask:
     """A task to enqueue."""
@@ -226,7 +243,7 @@ class NewTask:
     payload: dict[str, Any]
     executor: str
     max_attempts: int
-    id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    id: str = field(default_factory=new_task_id)
     options: SubmitOptions = DEFAULT_OPTIONS
 
 

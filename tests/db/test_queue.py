@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import uuid
 from contextlib import closing
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from profile_app.db.database import (
     TaskStatus,
 )
 from profile_app.db.profiles import FEW_PROFILES_SINCE, FORGET_KEYS
+from profile_app.db.records import new_task_id
 from profile_app.db.stats import QUEUE_HISTORY
 from profile_app.db.tasks import list_tasks_query
 
@@ -372,3 +374,20 @@ async def test_profiles_since_reads_the_rows_after_a_rev_on_the_loop_or_through_
             everything[-1],
             ("u0", '["go"]', "rewritten", len(profiles) + 1),
         ]
+
+
+async def test_task_ids_are_uuid7_and_sort_in_the_order_they_were_made(db_path: Path) -> None:
+    """Time-ordered ids keep each new task's index entries beside the last ones' (see
+    bench/retained.py for what random ids cost on a large file)."""
+    times = (1.8e9, 1.8e9 + 0.001, 1.8e9 + 60, 1.9e9)
+    made = [new_task_id(at) for at in times]
+    assert made == sorted(made)
+    for task_id, at in zip(made, times, strict=True):
+        parsed = uuid.UUID(task_id)
+        assert (parsed.version, parsed.variant, parsed.hex) == (7, uuid.RFC_4122, task_id)
+        assert int(task_id[:12], 16) == int(at * 1000)
+    assert len({new_task_id(1.8e9) for _ in range(1000)}) == 1000  # 74 random bits a millisecond
+    async with Database(db_path) as db:
+        submitted, _claimed = await db.enqueue_task(new_task())
+        assert uuid.UUID(submitted.task_id).version == 7
+        assert (await db.get_task(submitted.task_id)).id == submitted.task_id  # type: ignore[union-attr]
