@@ -19,7 +19,6 @@ import sqlite3
 import statistics
 import sys
 import time
-import uuid
 from contextlib import closing
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -28,6 +27,7 @@ import anyio
 
 from profile_app.db.claims import claim_statement, due_kinds_query
 from profile_app.db.database import ClaimRequest, Database, RateLimit
+from profile_app.db.records import new_task_id
 
 REPEATS = 200
 CLAIM_LIMIT = 10
@@ -60,7 +60,7 @@ def build_queue(path: Path, count: int, now: float, seed: int = 15) -> None:
                 run_after = due = now + rng.uniform(1, 86_400)
             rows.append(
                 (
-                    uuid.uuid4().hex,
+                    new_task_id(),
                     KINDS[number % 2],
                     now - 600,
                     run_after,

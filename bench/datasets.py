@@ -12,11 +12,11 @@ import sqlite3
 import subprocess
 import sys
 import time
-import uuid
 from contextlib import closing
 from pathlib import Path
 
 from bench.servers import ROOT
+from profile_app.db.records import new_task_id
 from profile_app.matching.synthetic import synthetic_profiles
 
 SEED = 7  # the stored profiles: the same rows on every run
@@ -86,7 +86,7 @@ def queue_match_tasks(path: Path, users: list[str], count: int) -> list[str]:
     Returns the task ids.
     """
     now = time.time()
-    tasks = [(uuid.uuid4().hex, users[number % len(users)]) for number in range(count)]
+    tasks = [(new_task_id(), users[number % len(users)]) for number in range(count)]
     latest = {user_id: task_id for task_id, user_id in tasks}
     with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as conn:
         conn.execute("PRAGMA synchronous = FULL")
