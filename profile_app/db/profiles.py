@@ -28,7 +28,7 @@ FORGET_KEYS = (
     " (SELECT rowid FROM idempotency_keys WHERE created_at <= ? ORDER BY created_at LIMIT ?)"
 )
 FORGET_KEYS_BATCH = 500
-# profiles_since reads this many rows on the loop at most (about 0.1 ms), else in the reader
+# profiles_since reads this many rows on the loop at most (~50 µs; none: ~7), else in the reader
 FEW_PROFILES_SINCE = 64
 
 
