@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from profile_app.db.database import PROFILES_SINCE
 from profile_app.matching.index import MatchIndex
 
 CHANGED_PER_TASK = 10
@@ -121,10 +122,7 @@ def read_rows(path: str, since_rev: int = 0) -> list[tuple[str, str, str, int]]:
     uri = Path(path).resolve().as_uri() + "?mode=ro"
     conn = sqlite3.connect(uri, uri=True)
     try:
-        return conn.execute(
-            "SELECT user_id, interests, bio, rev FROM profiles WHERE rev > ? ORDER BY rev",
-            (since_rev,),
-        ).fetchall()
+        return conn.execute(PROFILES_SINCE, (since_rev,)).fetchall()
     finally:
         conn.close()
 

@@ -42,6 +42,7 @@ from profile_app.db.retention import PruneReport, RetentionStore
 from profile_app.db.schedules import ScheduleStore
 from profile_app.db.scheduling import KindLimits, SchedulingStore, Waiting
 from profile_app.db.sql import (
+    PROFILES_SINCE,
     Claims,
     SuccessEffect,
     Transaction,
@@ -57,6 +58,7 @@ __all__ = [
     "DEFAULT_OPTIONS",
     "FINISHED",
     "MIGRATIONS",
+    "PROFILES_SINCE",
     "UNFINISHED",
     "AttemptOutcome",
     "AttemptRecord",

@@ -18,7 +18,7 @@ from profile_app.db.records import (
     ProfileSubmission,
     QueueFull,
 )
-from profile_app.db.sql import INSERT_TASK, Claims, insert_task, no_claims, task_row
+from profile_app.db.sql import INSERT_TASK, PROFILES_SINCE, Claims, insert_task, no_claims, task_row
 
 # Expired Idempotency-Keys, oldest first through idempotency_keys_created, a batch a
 # transaction: one DELETE read the whole table and held the writer for every expired key at
@@ -180,11 +180,10 @@ class ProfileStore(DatabaseCore):
         `FEW_PROFILES_SINCE` are read right on the loop, which costs less than a trip to the
         reader thread; more, or a busy file, go through the reader thread.
         """
-        sql = "SELECT user_id, interests, bio, rev FROM profiles WHERE rev > ? ORDER BY rev"
-        few = self._read_on_loop(f"{sql} LIMIT ?", (rev, FEW_PROFILES_SINCE + 1))
+        few = self._read_on_loop(f"{PROFILES_SINCE} LIMIT ?", (rev, FEW_PROFILES_SINCE + 1))
         if few is not None and len(few) <= FEW_PROFILES_SINCE:
             return few
-        return [tuple(row) for row in await self._read(sql, (rev,))]  # type: ignore[misc]
+        return [tuple(row) for row in await self._read(PROFILES_SINCE, (rev,))]  # type: ignore[misc]
 
     async def get_profile(self, user_id: str) -> ProfileRecord | None:
         rows = list(

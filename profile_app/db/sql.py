@@ -196,6 +196,11 @@ def in_transaction(conn: sqlite3.Connection, work: Callable[[sqlite3.Connection]
     return result
 
 
+# The profiles written after a rev, oldest write first: what a worker's resident index
+# lacks (the `match` kind's workers, and Dask's through the server).
+PROFILES_SINCE = "SELECT user_id, interests, bio, rev FROM profiles WHERE rev > ? ORDER BY rev"
+
+
 def connect_read_only(path: str | Path, timeout_s: float) -> sqlite3.Connection:
     """A plain sqlite3 connection that can only read the database at `path`."""
     uri = Path(path).resolve().as_uri() + "?mode=ro"

@@ -10,7 +10,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any
 
-from profile_app.db.database import connect_read_only
+from profile_app.db.database import PROFILES_SINCE, connect_read_only
 from profile_app.executors.context import current_task, report_progress
 from profile_app.matching.index import MatchIndex
 
@@ -42,9 +42,7 @@ def resident_index(db_path: str) -> MatchIndex:
             entry = _resident.get(db_path)
             if entry is None or entry.instance_id != instance_id:
                 entry = _resident[db_path] = _ResidentIndex(instance_id)
-            rows = conn.execute(
-                "SELECT user_id, interests, bio, rev FROM profiles WHERE rev > ? ORDER BY rev", (entry.rev,)
-            )
+            rows = conn.execute(PROFILES_SINCE, (entry.rev,))
             for user_id, interests, bio, rev in rows:
                 entry.index.upsert(user_id, _json_list(interests), bio)
                 entry.rev = rev
