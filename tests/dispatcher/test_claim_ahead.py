@@ -10,6 +10,7 @@ shutdown while it waits costs no worker and no attempt, and long kinds never cla
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import sqlite3
@@ -72,22 +73,19 @@ def test_a_task_claimed_ahead_waits_for_its_kinds_slot_and_its_time_limit_starts
     client: TestClient,
 ) -> None:
     wait_for_task(client, submit(client, "naps", {}))  # now the kind is known to be short
-    first, second, third = (submit(client, "naps", {}) for _ in range(3))
-    # One worker, one ahead: the second is claimed while the first runs, not the third.
-    assert [status(client, first), status(client, second), status(client, third)] == [
-        "running",
-        "running",
-        "queued",
-    ]
-    done = [wait_for_task(client, task_id) for task_id in (first, second, third)]
-    assert [task["status"] for task in done] == ["succeeded"] * 3, [task["error"] for task in done]
-    runs = [stored_task(client, task_id).result for task_id in (first, second, third)]
-    # Never two at once, though two were `running`: one worker runs them in turn.
-    assert runs[0]["ran_to"] <= runs[1]["ran_from"] and runs[1]["ran_to"] <= runs[2]["ran_from"]
-    # The second was claimed before the first had finished, so its time from claim to
-    # result passed its time limit: the limit counted only its run.
-    assert done[1]["started_at"] < done[0]["finished_at"]
-    assert _seconds(done[1]["finished_at"]) - _seconds(done[1]["started_at"]) > NAP_LIMIT_S
+    tasks = [submit(client, "naps", {}) for _ in range(4)]
+    # One worker, two ahead: the second and third are claimed while the first runs, not the fourth.
+    assert [status(client, task_id) for task_id in tasks] == ["running", "running", "running", "queued"]
+    done = [wait_for_task(client, task_id) for task_id in tasks]
+    assert [task["status"] for task in done] == ["succeeded"] * 4, [task["error"] for task in done]
+    runs = [stored_task(client, task_id).result for task_id in tasks]
+    # Never two at once, though three were `running`: one worker runs them in turn.
+    assert all(one["ran_to"] <= then["ran_from"] for one, then in itertools.pairwise(runs))
+    # The second and third were claimed before the first had finished, so their time
+    # from claim to result passed their time limit: the limit counted only their run.
+    for waited in done[1:3]:
+        assert waited["started_at"] < done[0]["finished_at"]
+        assert _seconds(waited["finished_at"]) - _seconds(waited["started_at"]) > NAP_LIMIT_S
 
 
 def _seconds(iso: str) -> float:
