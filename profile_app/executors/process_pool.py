@@ -350,6 +350,10 @@ class ProcessPool:
                 worker.sent.popleft()
                 if head.token is not None:
                     self._tokens.discard(head.token)
+                following = next(iter(worker.live_calls()), None)
+                if following is not None and following.on_start is not None:  # the worker went on to it
+                    following.on_start()
+                    following.on_start = None
                 if head is sent:
                     break
         except get_cancelled_exc_class():
@@ -367,10 +371,6 @@ class ProcessPool:
             if self._withdraw(sent):
                 return Withdrawn()  # it never started: written again to another worker
             raise BrokenWorkerProcess(f"worker process {worker.pid} died") from exc
-        following = next(iter(worker.live_calls()), None)
-        if following is not None and following.on_start is not None:  # the worker went on to it
-            following.on_start()
-            following.on_start = None
         return value
 
     def _withdraw(self, sent: _Sent) -> bool:
@@ -382,6 +382,9 @@ class ProcessPool:
     async def _after_call(self, worker: _Worker, error: BaseException | None) -> None:
         """After one of `worker`'s calls: retire it if it must be, or if it fell idle, take
         over a call queued behind another worker's."""
+        if worker.lost:
+            self._notify()
+            return
         if not worker.retiring and (retirement := self._retirement(worker, error)) is not None:
             logger.info(
                 "process worker %d retired (%s) after %d task(s)", worker.pid, retirement, worker.tasks_run

@@ -207,3 +207,43 @@ async def test_a_worker_about_to_retire_takes_no_queued_call(tmp_path: Path) -> 
         assert len(set(pids)) == 2  # the second ran in the first's replacement
     finally:
         await pool.aclose()
+
+
+def touch_then_wait(started: str, go: str) -> tuple[int, float]:
+    Path(started).touch()
+    return wait_for_file(go)
+
+
+async def test_a_call_cancelled_after_it_ended_leaves_the_call_behind_it_running(
+    pool: ProcessPool, tmp_path: Path
+) -> None:
+    pid = await one_worker(pool)
+    first_go, second_started, second_go = tmp_path / "first", tmp_path / "started", tmp_path / "second"
+    first = anyio.CancelScope()
+    second_on_worker: list[float] = []
+    second_result: list[tuple[int, float]] = []
+
+    async def second() -> None:
+        on_worker = lambda: second_on_worker.append(time.monotonic())  # noqa: E731
+        second_result.append(
+            await pool.run_sync(touch_then_wait, str(second_started), str(second_go), on_worker=on_worker)
+        )
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(_run_in, first, pool, wait_for_file, str(first_go))
+        await until(lambda: bool(pool.pids()), "the first call runs")
+        group.start_soon(second)
+        await until(lambda: pool.queued() == 1, "the second call waits in the worker's pipe")
+        first_go.touch()
+        # Hold the event loop until the worker has gone on to the second call: the first's
+        # answer waits unread in the pipe when its caller is cancelled (a time limit met
+        # just as it ended). Nothing is left to kill: the second must run on.
+        deadline = time.monotonic() + DEADLINE_S
+        while not second_started.exists():
+            assert time.monotonic() < deadline, "the worker did not go on to the second call"
+            time.sleep(0.005)  # noqa: ASYNC251 - poll interval; blocking the loop is the point
+        first.cancel()
+        await until(lambda: bool(second_on_worker), "the second call's time limit starts")
+        assert pool.pids() == [pid] and not second_result
+        second_go.touch()
+    assert second_result[0][0] == pid and pool.pids() == [pid]
