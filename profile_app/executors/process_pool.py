@@ -41,6 +41,7 @@ START_TIMEOUT_S = 20.0
 MAX_HEADER_BYTES = 50
 # A queued call's command must fit in the pipe: its write never waits for the busy worker.
 MAX_QUEUED_COMMAND_BYTES = 32 * 1024
+MAX_UNREAD_COMMANDS = 3  # in one worker's pipe, withdrawn ones included: it never fills
 
 
 class Retirement(StrEnum):
@@ -301,6 +302,7 @@ class ProcessPool:
             for index, worker in enumerate(self._workers)
             if not worker.retiring
             and len(live := worker.live_calls()) == 1
+            and len(worker.sent) <= MAX_UNREAD_COMMANDS - 1  # withdrawn ones wait in the pipe too
             and (max_tasks is None or worker.tasks_run + 2 <= max_tasks)
         ]
         return min(candidates)[2] if candidates else None
