@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     # directory): its kinds are served beside the built-in ones (profile_app.tasks.loading).
     kinds: str | None = None
     auto_placement: bool = True  # let `auto` kinds move between threads and processes
-    claim_ahead: bool = True  # short process kinds claim two tasks ahead per worker
+    claim_ahead: bool = True  # short process kinds claim one task ahead per worker
     match_time_limit_s: Annotated[float, Field(gt=0, le=DAY_S)] = 60.0
     max_attempts: Annotated[int, Field(ge=1, le=100)] = 3
     retry_backoff_s: Annotated[float, Field(ge=0, le=DAY_S)] = 1.0

@@ -17,15 +17,17 @@ __all__ = ["AttemptObserver", "DispatcherConfig", "UnknownKind"]  # UnknownKind:
 
 CLAIM_ROUND_MAX_S = 5.0  # how long a drain waits for a claim round in flight (SQLite's busy timeout)
 CLAIM_AHEAD_BELOW_S = 1.0
-"""Process kinds whose attempts typically take less than this claim two tasks ahead per
-worker while only such kinds run in processes: one waits in the worker's pipe, which the
-worker takes the moment it is done (process_pool.py), the other in the server, to be
-written behind it then. A worker so never idles while its result commits (2-3 ms on a busy
-machine, a fifth of a 10 ms task), nor while the server reads its answer and writes the
-next (~1 ms). A task claimed ahead shows as `running` and waits for a worker, usually less
-than two such tasks' length (a worker that falls idle takes over a call queued behind
-another); its own time limit starts when it gets the worker. Longer tasks gain nothing
-from it and would make the ones behind them wait, so they never claim ahead."""
+"""Process kinds whose attempts typically take less than this claim one task ahead per
+worker while only such kinds run in processes: it waits in the worker's pipe, and the
+worker takes it the moment it is done (process_pool.py), instead of idling while its
+result commits (2-3 ms on a busy machine, a fifth of a 10 ms task) and while the server
+reads its answer and writes the next (~1 ms). A task claimed ahead shows as `running` and
+waits for a worker, usually less than one such task's length (a worker that falls idle
+takes over a call queued behind another); its own time limit starts when it gets the
+worker. Longer tasks gain nothing from it and would make the ones behind them wait, so
+they never claim ahead. (Two ahead per worker kept the workers busier still, but held
+more work on a busy event loop: /health p99 under a backlog of 1 ms tasks rose by ~1 ms;
+BENCHMARKS.md, run G.)"""
 DURATION_SMOOTHING = 0.3  # weight of the newest attempt in a kind's typical duration
 
 
@@ -45,4 +47,4 @@ class DispatcherConfig:
     placement_policy: PlacementPolicy = field(default_factory=PlacementPolicy)
     recycle: RecyclePolicy = field(default_factory=RecyclePolicy)  # when process workers are replaced
     task_max_memory_mb: int | None = None  # what one process attempt may allocate
-    claim_ahead: bool = True  # short process kinds claim two tasks ahead per worker (CLAIM_AHEAD_BELOW_S)
+    claim_ahead: bool = True  # short process kinds claim a task ahead per worker (CLAIM_AHEAD_BELOW_S)

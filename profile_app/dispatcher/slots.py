@@ -26,8 +26,7 @@ class Slots:
         running_of_kind = sum(1 for attempt in attempts if attempt.kind is kind)
         if placement is Placement.PROCESS:
             in_processes = [attempt.kind for attempt in attempts if attempt.placement is Placement.PROCESS]
-            # Short tasks: one running, one in the worker's pipe, one ready to follow it.
-            per_slot = 3 if self._claims_ahead([kind, *in_processes]) else 1
+            per_slot = 2 if self._claims_ahead([kind, *in_processes]) else 1
             return min(
                 (kind.concurrency or self.config.process_workers) * per_slot - running_of_kind,
                 self.config.process_workers * per_slot - len(in_processes),

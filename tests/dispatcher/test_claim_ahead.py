@@ -2,15 +2,15 @@
 
 A worker that finishes a short task takes the next one at once, instead of idling while
 its result commits. With one process worker, one task is claimed ahead of the one it
-runs. (A kind's own `concurrency` is service-wide and counts tasks claimed ahead as
-running: such a kind never claims past it.) What these tests pin down: the task claimed
-ahead never runs beside the worker's task, its time limit starts only when it gets a worker, a cancel or a
-shutdown while it waits costs no worker and no attempt, and long kinds never claim ahead.
+runs; it waits in the worker's pipe (executors/start_tokens.py). (A kind's own
+`concurrency` is service-wide and counts tasks claimed ahead as running: such a kind never
+claims past it.) What these tests pin down: the task claimed ahead never runs beside the
+worker's task, its time limit starts only when it gets a worker, a cancel or a shutdown
+while it waits costs no worker and no attempt, and long kinds never claim ahead.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import sqlite3
@@ -26,6 +26,7 @@ from starlette.testclient import TestClient
 
 from profile_app.dispatcher.config import CLAIM_AHEAD_BELOW_S
 from profile_app.executors.kinds import KindRegistry, Placement
+from profile_app.executors.process_pool import ProcessPool
 
 MAX_WARM_UPS = 20
 NAP_S = 0.5
@@ -65,27 +66,34 @@ def status(client: TestClient, task_id: str) -> str:
     return client.get(f"/tasks/{task_id}").json()["status"]
 
 
+def process_pool(client: TestClient) -> ProcessPool:
+    return client.app_state["executor"].runner(Placement.PROCESS).pool
+
+
 def pool_pids(client: TestClient) -> list[int]:
-    return client.app_state["executor"].runner(Placement.PROCESS).pool.pids()
+    return process_pool(client).pids()
 
 
 def test_a_task_claimed_ahead_waits_for_its_kinds_slot_and_its_time_limit_starts_there(
     client: TestClient,
 ) -> None:
     wait_for_task(client, submit(client, "naps", {}))  # now the kind is known to be short
-    tasks = [submit(client, "naps", {}) for _ in range(4)]
-    # One worker, two ahead: the second and third are claimed while the first runs, not the fourth.
-    assert [status(client, task_id) for task_id in tasks] == ["running", "running", "running", "queued"]
-    done = [wait_for_task(client, task_id) for task_id in tasks]
-    assert [task["status"] for task in done] == ["succeeded"] * 4, [task["error"] for task in done]
-    runs = [stored_task(client, task_id).result for task_id in tasks]
-    # Never two at once, though three were `running`: one worker runs them in turn.
-    assert all(one["ran_to"] <= then["ran_from"] for one, then in itertools.pairwise(runs))
-    # The second and third were claimed before the first had finished, so their time
-    # from claim to result passed their time limit: the limit counted only their run.
-    for waited in done[1:3]:
-        assert waited["started_at"] < done[0]["finished_at"]
-        assert _seconds(waited["finished_at"]) - _seconds(waited["started_at"]) > NAP_LIMIT_S
+    first, second, third = (submit(client, "naps", {}) for _ in range(3))
+    # One worker, one ahead: the second is claimed while the first runs, not the third.
+    assert [status(client, first), status(client, second), status(client, third)] == [
+        "running",
+        "running",
+        "queued",
+    ]
+    done = [wait_for_task(client, task_id) for task_id in (first, second, third)]
+    assert [task["status"] for task in done] == ["succeeded"] * 3, [task["error"] for task in done]
+    runs = [stored_task(client, task_id).result for task_id in (first, second, third)]
+    # Never two at once, though two were `running`: one worker runs them in turn.
+    assert runs[0]["ran_to"] <= runs[1]["ran_from"] and runs[1]["ran_to"] <= runs[2]["ran_from"]
+    # The second was claimed before the first had finished, so its time from claim to
+    # result passed its time limit: the limit counted only its run.
+    assert done[1]["started_at"] < done[0]["finished_at"]
+    assert _seconds(done[1]["finished_at"]) - _seconds(done[1]["started_at"]) > NAP_LIMIT_S
 
 
 def _seconds(iso: str) -> float:
@@ -100,11 +108,13 @@ def test_cancelling_a_task_that_waits_for_a_worker_kills_no_worker(
     assert [status(client, running), status(client, waiting)] == ["running", "running"]
     wait_until(lambda: len(pool_pids(client)) == 1, 10, "one worker runs the first task")
     workers = pool_pids(client)
+    # The task claimed ahead waits in the worker's pipe, for it to take next.
+    wait_until(lambda: process_pool(client).queued() == 1, 10, "the second task is queued in the worker")
 
     assert client.delete(f"/tasks/{waiting}").json()["status"] == "cancelled"
     go_first.touch()
     assert wait_for_task(client, running)["status"] == "succeeded"
-    assert pool_pids(client) == workers  # the waiting task had no worker to kill
+    assert pool_pids(client) == workers  # the waiting task was withdrawn: no worker to kill
     assert stored_task(client, running).result == workers[0]
     assert client.get(f"/tasks/{waiting}").json()["attempts"] == 1
 
