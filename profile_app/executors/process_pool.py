@@ -8,7 +8,9 @@ after `max_tasks` tasks, once its resident memory passes `max_rss_mb`, or when t
 its task raised says the worker must not be trusted again (`retire_reason`).
 
 A call that is cancelled (a time limit, DELETE, a drain) kills its worker with SIGKILL,
-as anyio does: CPU work cannot be interrupted any other way.
+as anyio does: CPU work cannot be interrupted any other way. A worker that runs a call
+may hold one more in its pipe, to take the moment it is done (ProcessPool); that one is
+withdrawn, not killed, while it has not started (start_tokens.py).
 """
 
 from __future__ import annotations
