@@ -188,7 +188,9 @@ class ProcessPool:
         self._command = command or WORKER_COMMAND
         self._workers: list[_Worker] = []
         self._starting = 0
-        self._changed = anyio.Event()  # set (and replaced) when a worker may have room
+        # When a worker may have room: a count, and an event made only while a call waits.
+        self._changes = 0
+        self._changed: anyio.Event | None = None
         self._tokens = StartTokens()
         self._numbers = itertools.count(1)
         self._closed = False
@@ -241,7 +243,7 @@ class ProcessPool:
         while True:
             if self._closed:
                 raise BrokenWorkerProcess("the process pool is closed")
-            changed = self._changed
+            changes = self._changes
             worker = await self._idle_worker()
             if worker is None and len(self._workers) + self._starting < self.size:
                 worker = await self._started_worker()
@@ -262,7 +264,10 @@ class ProcessPool:
                 self._tokens.discard(token)
                 if worker.lost:
                     continue
-            await changed.wait()
+            if changes == self._changes:  # nothing changed while it looked
+                if self._changed is None:
+                    self._changed = anyio.Event()
+                await self._changed.wait()
 
     async def _send(
         self, worker: _Worker, sent: _Sent, command: tuple[Any, ...], limit: int | None = None
@@ -274,13 +279,18 @@ class ProcessPool:
             return False
         worker.sent.append(sent)
         try:
-            # Whole or not at all: half a command would leave the pipe unreadable.
-            with CancelScope(shield=True):
-                await worker.stdin.send(data)
+            await worker.stdin.send(data)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             worker.sent.remove(sent)
             await self._lose(worker)
             return False
+        except get_cancelled_exc_class():
+            # Only a command too large for the pipe's buffer waits here: cut short, it
+            # would leave the pipe unreadable, so its worker goes (and what it ran, if
+            # anything, with it: the calls in it see their worker die).
+            worker.sent.remove(sent)
+            await self._lose(worker)
+            raise
         return True
 
     async def _idle_worker(self) -> _Worker | None:
@@ -324,16 +334,10 @@ class ProcessPool:
         """`sent`'s answer, once every answer before it is read; None if it was withdrawn
         before it started (its caller writes it again)."""
         try:
-            with CancelScope() as sent.waiting:
-                await worker.reading.acquire()
-        except get_cancelled_exc_class():
-            sent.waiting, sent.caller_left = None, True
-            if not self._withdraw(sent):  # it runs: a kill is the only way to stop it
-                await self._lose(worker)
-            raise
-        if sent.waiting.cancelled_caught:  # withdrawn while it waited: taken over
-            return None
-        sent.waiting = None
+            worker.reading.acquire_nowait()  # its turn already (a call to an idle worker)
+        except anyio.WouldBlock:
+            if not await self._wait_for_turn(worker, sent):
+                return None
         try:
             value = await self._read_through(worker, sent)
         finally:
@@ -343,6 +347,21 @@ class ProcessPool:
         worker.tasks_run += 1
         await self._after_call(worker, None if sent.returned else value)
         return sent.returned, value
+
+    async def _wait_for_turn(self, worker: _Worker, sent: _Sent) -> bool:
+        """Wait while the answers before `sent`'s are read; False if it was withdrawn
+        meanwhile (taken over by a worker that fell idle), then it holds no lock."""
+        try:
+            with CancelScope() as sent.waiting:
+                await worker.reading.acquire()
+        except get_cancelled_exc_class():
+            sent.waiting, sent.caller_left = None, True
+            if not self._withdraw(sent):  # it runs: a kill is the only way to stop it
+                await self._lose(worker)
+            raise
+        taken_over = sent.waiting.cancelled_caught
+        sent.waiting = None
+        return not taken_over
 
     async def _read_through(self, worker: _Worker, sent: _Sent) -> Any:
         """Holding the worker's read lock: read the answers up to `sent`'s (those before it
@@ -430,8 +449,10 @@ class ProcessPool:
         self._notify()
 
     def _notify(self) -> None:
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._changes += 1
+        if self._changed is not None:
+            self._changed.set()
+            self._changed = None
 
     async def _start_worker(self) -> _Worker:
         # stderr is the server's: what a dying worker's interpreter prints reaches its log.
