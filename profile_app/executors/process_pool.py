@@ -82,6 +82,7 @@ class _Sent:
     number: int  # the pool's count of calls written: which of two is older
     token: str | None  # queued behind another call: its start token; None: it started on arrival
     on_start: Callable[[], None] | None = None  # a queued call's: called once it starts
+    written: bool = False  # all of it is in the pipe (and its caller waits for its turn to read)
     caller_left: bool = False  # its caller was cancelled: its answer is read and dropped
     withdrawn: bool = False  # the pool took its token: the worker skips it
     returned: bool = False  # its answer is a value, not an exception (once its header is read)
@@ -160,13 +161,13 @@ class _Worker:
 class ProcessPool:
     """Up to `size` worker processes, started when first needed and kept while healthy.
 
-    With `queue_calls`, a call that finds every worker busy is written into the pipe of
-    one that runs a single call, behind it: the worker takes it the moment it is done,
-    without waiting for the server to read its answer and send the next (a round trip of
-    ~1 ms on a busy 2-core machine, a tenth of a 10 ms task). Such a call starts when the
-    one before it ends (`on_worker` is called then); until it starts it can be withdrawn
-    (start_tokens.py): a cancel then kills no worker, a worker that falls idle takes it
-    over, and a worker that crashes or retires hands it to another.
+    A call that finds every worker busy is written into the pipe of one that runs a single
+    call, behind it: the worker takes it the moment it is done, without waiting for the
+    server to read its answer and send the next (a round trip of ~1 ms on a busy 2-core
+    machine, a tenth of a 10 ms task). Such a call starts when the one before it ends
+    (`on_worker` is called then); until it starts it can be withdrawn (start_tokens.py): a
+    cancel then kills no worker, a worker that falls idle takes it over, and a worker that
+    crashes or retires hands it to another.
     """
 
     def __init__(
@@ -175,14 +176,11 @@ class ProcessPool:
         recycle: RecyclePolicy = KEEP_WORKERS,
         on_retire: Callable[[Retirement], None] | None = None,
         command: list[str] | None = None,
-        *,
-        queue_calls: bool = True,
     ) -> None:
         self.size = size
-        self.queue_calls = queue_calls
         # Calls in the pool at once: one running per worker, and one queued behind it.
         # A call that finds room goes on to await a worker: no need to yield first.
-        self._room = anyio.Semaphore(size * (2 if queue_calls else 1), fast_acquire=True)
+        self._room = anyio.Semaphore(2 * size, fast_acquire=True)
         self.recycle = recycle
         self._on_retire = on_retire
         self._command = command or WORKER_COMMAND
@@ -291,6 +289,8 @@ class ProcessPool:
             worker.sent.remove(sent)
             await self._lose(worker)
             raise
+        sent.written = True
+        self._notify()  # a call may now be queued behind it
         return True
 
     async def _idle_worker(self) -> _Worker | None:
@@ -306,14 +306,13 @@ class ProcessPool:
 
     def _worker_to_queue_on(self) -> _Worker | None:
         """The busy worker whose only call was written first (it likely ends first)."""
-        if not self.queue_calls:
-            return None
         max_tasks = self.recycle.max_tasks
         candidates = [
             (live[0].number, index, worker)
             for index, worker in enumerate(self._workers)
             if not worker.retiring
             and len(live := worker.live_calls()) == 1
+            and live[0].written  # so its caller reads before this one: answers come in order
             and len(worker.sent) <= MAX_UNREAD_COMMANDS - 1  # withdrawn ones wait in the pipe too
             and (max_tasks is None or worker.tasks_run + 2 <= max_tasks)
         ]

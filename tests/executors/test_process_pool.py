@@ -11,6 +11,7 @@ to another worker, unharmed.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -247,3 +248,38 @@ async def test_a_call_cancelled_after_it_ended_leaves_the_call_behind_it_running
         assert pool.pids() == [pid] and not second_result
         second_go.touch()
     assert second_result[0][0] == pid and pool.pids() == [pid]
+
+
+def wait_for_file_with(path: str, ballast: bytes) -> int:
+    """`wait_for_file`, with an argument too large for the pipe's buffer."""
+    wait_for_file(path)
+    return len(ballast)
+
+
+async def test_no_call_is_queued_behind_one_still_being_written(pool: ProcessPool, tmp_path: Path) -> None:
+    pid = await one_worker(pool)
+    go, ran = tmp_path / "go", tmp_path / "ran"
+    ballast = b"x" * 4_000_000
+    results: dict[str, object] = {}
+
+    async def first() -> None:
+        results["first"] = await pool.run_sync(wait_for_file_with, str(go), ballast)
+
+    async def second() -> None:
+        results["second"] = (await pool.run_sync(mark_and_return, str(ran)))[0]
+
+    os.kill(pid, signal.SIGSTOP)  # the worker reads nothing: the large command waits for the pipe
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(first)
+            await anyio.wait_all_tasks_blocked()
+            group.start_soon(second)
+            await anyio.wait_all_tasks_blocked()
+            # Queued now, its caller would read the answer to the first call as its own.
+            assert pool.queued() == 0
+            os.kill(pid, signal.SIGCONT)
+            await until(lambda: pool.queued() == 1, "the second call is queued once the first is written")
+            go.touch()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    assert results == {"first": len(ballast), "second": pid}
