@@ -30,7 +30,11 @@ from profile_app.web.middleware import ExecutorMiddleware
 from profile_app.web.queue import TaskQueue
 from profile_app.web.request_log import RequestLogMiddleware
 from profile_app.web.routes import service_routes
-from profile_app.web.signals import exit_after_queue_failure, exit_zero_after_graceful_stop
+from profile_app.web.signals import (
+    exit_after_queue_failure,
+    exit_zero_after_graceful_stop,
+    first_interrupt_stops_gracefully,
+)
 
 
 def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None = None) -> Starlette:
@@ -53,6 +57,7 @@ def create_app(settings: Settings | None = None, *, kinds: KindRegistry | None =
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         configure_logging(settings.log_level, settings.log_format)
         exit_zero_after_graceful_stop()  # plain uvicorn: a SIGTERM stop exits 0, as under serve
+        first_interrupt_stops_gracefully()  # Ctrl-C to `serve --workers N`: every process drains
         security.startup_warnings(settings)
         # The same queue lifespan an embedding app runs (web/queue.py); its services are
         # this app's request.state.

@@ -6,7 +6,8 @@ default handler, the process dies of it (status -15), which supervisors report a
 failure. `serve` installs a no-op handler before uvicorn starts; under plain uvicorn the
 app is loaded after uvicorn has installed its handler, so instead this wraps that handler:
 uvicorn still stops gracefully, but is not asked to raise SIGTERM again. A second SIGINT
-(Ctrl-C twice) still forces uvicorn's exit.
+(Ctrl-C twice) still forces uvicorn's exit; the first never does, even once a SIGTERM has
+begun the stop (`first_interrupt_stops_gracefully`).
 """
 
 from __future__ import annotations
@@ -31,23 +32,56 @@ def exit_zero_after_graceful_stop() -> None:
     The wrapper stays a method of uvicorn's Server, as the handler it wraps is: the
     dashboard reads `should_exit` through it (dashboard.server_stopping).
     """
+    handler, server = _uvicorn_handler(signal.SIGTERM)
+    if server is None or getattr(handler, "__func__", None) is _graceful:
+        return  # not uvicorn's handler (serve's no-op, or another server), or wrapped already
+    server._profile_app_uvicorn_handler = handler
+    signal.signal(signal.SIGTERM, types.MethodType(_graceful, server))
+
+
+def first_interrupt_stops_gracefully() -> None:
+    """Wrap uvicorn's SIGINT handler (in the main thread, under uvicorn; else nothing): a
+    process's first SIGINT never forces its exit, even once a SIGTERM has begun the stop.
+
+    A Ctrl-C reaches every process of the terminal's process group, and under `serve
+    --workers N` uvicorn's supervisor also sends each server process SIGTERM. A server
+    process that handled that SIGTERM before the group's SIGINT took the SIGINT for a
+    second Ctrl-C and exited at once, without the lifespan's drain: its running tasks came
+    back only when their leases were taken back, each charged an attempt.
+    """
+    handler, server = _uvicorn_handler(signal.SIGINT)
+    if server is None or getattr(handler, "__func__", None) is _interrupt:
+        return
+    server._profile_app_uvicorn_interrupt = handler
+    server._profile_app_interrupted = False
+    signal.signal(signal.SIGINT, types.MethodType(_interrupt, server))
+
+
+def _uvicorn_handler(signum: int) -> tuple[Any, Any]:
+    """The handler of `signum` and the uvicorn Server it is a method of; (None, None) when
+    it is not uvicorn's (or not in the main thread: a TestClient or an embedding owns
+    the signals)."""
     if threading.current_thread() is not threading.main_thread():
-        return  # signals are the main thread's: a TestClient or an embedding owns them
-    handler = signal.getsignal(signal.SIGTERM)
+        return None, None
+    handler = signal.getsignal(signum)
     server: Any = getattr(handler, "__self__", None)
     captured = getattr(server, "_captured_signals", None)  # uvicorn.Server's, read on exit
     if not callable(handler) or not isinstance(captured, list):
-        return  # not uvicorn's handler (serve's no-op, or another server): leave it
-    if getattr(handler, "__func__", None) is _graceful:
-        return  # wrapped already
-    server._profile_app_uvicorn_handler = handler
-    signal.signal(signal.SIGTERM, types.MethodType(_graceful, server))
+        return None, None
+    return handler, server
 
 
 def _graceful(server: Any, signum: int, frame: FrameType | None) -> None:
     server._profile_app_uvicorn_handler(signum, frame)  # uvicorn's: should_exit
     with contextlib.suppress(ValueError):
         server._captured_signals.remove(signum)  # stopped gracefully: nothing to raise again
+
+
+def _interrupt(server: Any, signum: int, frame: FrameType | None) -> None:
+    first, server._profile_app_interrupted = not server._profile_app_interrupted, True
+    if first and server.should_exit:
+        return  # the stop under way is the one this Ctrl-C asks for: let it drain
+    server._profile_app_uvicorn_interrupt(signum, frame)  # uvicorn's: stop, or force a second time
 
 
 def exit_after_queue_failure() -> None:  # called while the error is being handled

@@ -14,6 +14,7 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import EXAMPLES, Server, wait_until
 from load import submit_burns
 
@@ -53,3 +54,34 @@ def test_a_signal_to_the_process_group_lets_running_tasks_finish(
     assert set(outcomes.values()) <= {("succeeded", 1), ("queued", 0)}, outcomes
     assert {outcomes[task_id] for task_id in running} == {("succeeded", 1)}, (outcomes, server.output())
     assert "died" not in server.output()
+
+
+def _refuses_connections(server: Server) -> bool:
+    try:
+        server.get("/health")
+    except requests.ConnectionError:
+        return True
+    return False
+
+
+def test_a_sigint_after_a_sigterm_does_not_force_the_exit(db_path: Path) -> None:
+    # The order a Ctrl-C to `serve --workers N` may reach a server process in: the
+    # supervisor's SIGTERM, then the process group's SIGINT. uvicorn takes a SIGINT during
+    # a stop for a second Ctrl-C and exits at once, skipping the lifespan's drain.
+    env = {"PROFILE_APP_SHUTDOWN_GRACE_S": str(GRACE_S), "PROFILE_APP_PROCESS_WORKERS": "2"}
+    server = Server(db_path, env, args=["--kinds", "my_kinds:kinds"], cwd=EXAMPLES).start()
+    try:
+        assert server.process is not None
+        task_ids = submit_burns(server, 2, BURN_MS)
+        wait_until(lambda: server.get("/health").json()["running"] == 2, 30, "both tasks running")
+        server.process.send_signal(signal.SIGTERM)
+        wait_until(lambda: _refuses_connections(server), 10, "the stop began")
+        server.process.send_signal(signal.SIGINT)
+        assert server.process.wait(GRACE_S + 30) == 0, server.output()
+    finally:
+        server.stop()
+    with sqlite3.connect(db_path) as conn:
+        rows = conn.execute(
+            f"SELECT status, attempts FROM tasks WHERE id IN ({','.join('?' * len(task_ids))})", task_ids
+        ).fetchall()
+    assert rows == [("succeeded", 1)] * 2, server.output()  # drained: both finished
