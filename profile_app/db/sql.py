@@ -74,7 +74,17 @@ def owner_is_dead(owner: str) -> bool:
         return True
     except PermissionError:
         return False
-    return False
+    return _exited(pid)
+
+
+def _exited(pid: int) -> bool:
+    """Whether `pid` has exited but is not reaped yet (a zombie, Linux): it still answers
+    kill(pid, 0) until its parent waits for it, which a busy supervisor may do seconds late."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat:
+            return stat.read().rsplit(b")", 1)[1].split()[0] == b"Z"
+    except (OSError, IndexError):
+        return False
 
 
 INSERT_TASK = (

@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 import socket
 import sqlite3
+import subprocess
+import sys
+import time
 import uuid
 from contextlib import closing
 from pathlib import Path
@@ -205,6 +208,36 @@ async def test_tasks_of_a_dead_local_process_are_taken_back_at_once(db_path: Pat
         assert await db.recover_lost() == 1
         stored = await db.get_task(task.id)
     assert stored is not None and stored.status is TaskStatus.QUEUED
+
+
+def _exited_unreaped_child() -> subprocess.Popen[bytes]:
+    """A child process that has exited and that nothing has waited for yet (a zombie)."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    with open(f"/proc/{child.pid}/stat", "rb") as stat:
+        deadline = time.monotonic() + 30
+        while stat.read().rsplit(b")", 1)[1].split()[0] != b"Z":
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.01)  # poll interval
+            stat.seek(0)
+    return child
+
+
+async def test_tasks_of_a_local_process_that_exited_unreaped_are_taken_back_at_once(db_path: Path) -> None:
+    # A server process killed under `serve --workers N` stays a zombie until uvicorn's
+    # supervisor reaps it, which a busy machine may do seconds later: it is gone already.
+    exited = _exited_unreaped_child()
+    try:
+        async with Database(db_path) as db:
+            await db.enqueue(new_task())
+            (task,) = await db.claim("work", "process", 1, lease_s=3600)
+        with sqlite3.connect(db_path) as conn:
+            conn.execute("UPDATE tasks SET lease_owner = ?", (f"{socket.gethostname()}:{exited.pid}:gone",))
+        async with Database(db_path) as db:
+            assert await db.recover_lost() == 1
+            stored = await db.get_task(task.id)
+        assert stored is not None and stored.status is TaskStatus.QUEUED
+    finally:
+        exited.wait()
 
 
 async def test_a_failed_attempt_is_retried_after_its_backoff(db_path: Path) -> None:
