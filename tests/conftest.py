@@ -257,6 +257,15 @@ def make_server(db_path: Path) -> Iterator[Callable[..., Server]]:
         server.stop()
 
 
+def exited(pid: int) -> bool:
+    """Whether process `pid` has ended: gone, or exited and not yet reaped (a zombie, Linux)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(b")", 1)[1].split()[0] == b"Z"
+
+
 def wait_until(
     condition: Callable[[], bool], timeout_s: float, what: str | Callable[[], str], poll_s: float = 0.02
 ) -> None:

@@ -7,13 +7,13 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from contextlib import closing
 from pathlib import Path
 
 import anyio
 import pytest
+from conftest import exited, wait_until
 
 from profile_app.db import tasks as tasks_module
 from profile_app.db.database import (
@@ -213,12 +213,7 @@ async def test_tasks_of_a_dead_local_process_are_taken_back_at_once(db_path: Pat
 def _exited_unreaped_child() -> subprocess.Popen[bytes]:
     """A child process that has exited and that nothing has waited for yet (a zombie)."""
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    with open(f"/proc/{child.pid}/stat", "rb") as stat:
-        deadline = time.monotonic() + 30
-        while stat.read().rsplit(b")", 1)[1].split()[0] != b"Z":
-            assert time.monotonic() < deadline, "the child did not exit"
-            time.sleep(0.01)  # poll interval
-            stat.seek(0)
+    wait_until(lambda: exited(child.pid), 30, "the child exited")  # not waited for: a zombie
     return child
 
 

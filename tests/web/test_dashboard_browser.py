@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Server, Webhook, profile, wait_for_task
+from conftest import Server, Webhook, exited, profile, wait_for_task
 from selenium import webdriver
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
@@ -81,14 +81,6 @@ def worker_processes(server: Server) -> list[int]:
     return [pid for pid in children if b"anyio.to_process" in Path(f"/proc/{pid}/cmdline").read_bytes()]
 
 
-def is_gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] == "Z"  # killed, not yet reaped
-
-
 def post(server: Server, user_id: str, interests: list[str], bio: str) -> str:
     response = server.post("/profile", json=profile(user_id, interests, bio, name=user_id.title()))
     assert response.status_code == 202, response.text
@@ -140,7 +132,7 @@ def test_the_dashboard_shows_a_new_task_and_cancels_it(
     assert server.get(f"/tasks/{stuck}").json()["status"] == "cancelled"
     wait.until(lambda d: not row(d, "running", stuck))
     deadline = time.monotonic() + 2
-    while not is_gone(worker):
+    while not exited(worker):
         assert time.monotonic() < deadline, "the cancelled task's worker process was not killed"
         time.sleep(0.02)
     for task_id in (ahead, waiting):

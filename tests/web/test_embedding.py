@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import requests
-from conftest import ROOT, Server, wait_until
+from conftest import ROOT, Server, exited, wait_until
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
@@ -63,15 +63,6 @@ def embedded(tmp_path: Path) -> Iterator[Callable[..., Server]]:
     yield start
     for server in servers:
         server.stop()
-
-
-def alive(pid: int) -> bool:
-    """Whether `pid` still runs (a killed worker that is not yet reaped counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def pid_from(path: Path, timeout_s: float = 30) -> int:
@@ -132,7 +123,7 @@ def test_a_call_past_its_time_limit_kills_its_worker(
     assert response.status_code == 504, response.text
     assert "time limit of 3 s" in response.json()["detail"]
     pid = pid_from(pid_file)
-    wait_until(lambda: not alive(pid), 10, f"worker {pid} killed")
+    wait_until(lambda: exited(pid), 10, f"worker {pid} killed")
     assert server.post("/add", params={"a": 2, "b": 3}).json() == {"process": 5, "thread": 5}
 
 
@@ -144,8 +135,8 @@ def test_a_client_that_goes_away_kills_the_worker(embedded: Callable[..., Server
         head = f"POST /spin?pid_file={pid_file} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n"
         client.sendall(head.encode())
         pid = pid_from(pid_file, timeout_s=60)
-        assert alive(pid)
-    wait_until(lambda: not alive(pid), 15, f"worker {pid} killed after the client left")
+        assert not exited(pid)
+    wait_until(lambda: exited(pid), 15, f"worker {pid} killed after the client left")
     assert server.get("/ping").status_code == 200
 
 
