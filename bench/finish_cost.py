@@ -5,7 +5,7 @@ store the result, point the profile at it (the kind's `on_success`), and claim t
 due task, in one durable transaction through profile_app's own `Database` (group commit,
 aiosqlite's writer thread, `synchronous = FULL`). One finish after another, on a copy of
 the seeded database with a backlog queued, for `seconds`; the CPU of each thread of this
-process is read from /proc (Linux) before and after.
+process is read (psutil) before and after.
 
 Compare its two numbers with the server's own split under the 100k backlog (BENCHMARKS.md,
 run H): what the same statements cost when the workers are not sharing the cores.
@@ -17,13 +17,13 @@ Run from the repository root: `.venv/bin/python -m bench.finish_cost [--size 100
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import anyio
+import psutil
 
 from bench import datasets, report
 from bench.overhead import SIZES, seeded
@@ -39,14 +39,8 @@ RESULT = [{"user_id": f"user{rank:06d}", "score": 0.9 - rank / 100} for rank in 
 
 
 def thread_cpu_s() -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of this process, by thread id."""
-    ticks = os.sysconf("SC_CLK_TCK")
-    cpu = {}
-    for thread_id in os.listdir("/proc/self/task"):
-        with open(f"/proc/self/task/{thread_id}/stat") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        cpu[int(thread_id)] = (int(fields[11]) + int(fields[12])) / ticks
-    return cpu
+    """CPU seconds (user + system) of each thread of this process, by native thread id."""
+    return {thread.id: thread.user_time + thread.system_time for thread in psutil.Process().threads()}
 
 
 async def finish_in_turn(db: Path, seconds: float) -> str:
