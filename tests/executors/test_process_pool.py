@@ -48,9 +48,12 @@ def exit_when(path: str) -> None:
 
 
 async def until(condition: Callable[[], bool], what: str) -> None:
-    with anyio.fail_after(DEADLINE_S):
+    """Poll `condition` until it holds; fail naming `what` after DEADLINE_S."""
+    with anyio.move_on_after(DEADLINE_S):
         while not condition():  # noqa: ASYNC110 - worker processes' progress has no event to wait on
             await anyio.sleep(0.01)  # poll interval
+        return
+    pytest.fail(f"not within {DEADLINE_S:g} s: {what}")
 
 
 async def one_worker(pool: ProcessPool) -> int:
