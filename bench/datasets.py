@@ -12,7 +12,8 @@ import sqlite3
 import subprocess
 import sys
 import time
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 from bench.servers import ROOT
@@ -47,10 +48,14 @@ def seed_database(path: Path, count: int) -> Path:
 
 
 def copy_database(source: Path, target: Path) -> Path:
-    """A copy of a (closed, checkpointed) database file for one server to use alone."""
+    """A copy of a (closed, checkpointed) database file for one server to use alone. A
+    write-ahead log left at `target` by an earlier server goes: SQLite would replay it
+    into the copy, whose pages it does not belong to."""
     for suffix in ("", "-wal", "-shm"):
         if Path(f"{source}{suffix}").exists():
             shutil.copyfile(f"{source}{suffix}", f"{target}{suffix}")
+        else:
+            Path(f"{target}{suffix}").unlink(missing_ok=True)
     return target
 
 
@@ -85,23 +90,42 @@ def queue_match_tasks(path: Path, users: list[str], count: int) -> list[str]:
     dispatcher claims them on its next poll. The profiles themselves are not rewritten.
     Returns the task ids.
     """
-    now = time.time()
     tasks = [(new_task_id(), users[number % len(users)]) for number in range(count)]
     latest = {user_id: task_id for task_id, user_id in tasks}
-    with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as conn:
-        conn.execute("PRAGMA synchronous = FULL")
-        conn.execute("BEGIN IMMEDIATE")
-        conn.executemany(
-            "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after)"
-            " VALUES (?, 'match', ?, 'queued', 'process', 3, ?, ?)",
-            [(task_id, json.dumps({"user_id": user_id}), now, now) for task_id, user_id in tasks],
-        )
+    with _writing(path) as conn:
+        _insert_tasks(conn, "match", [(task_id, {"user_id": user_id}) for task_id, user_id in tasks], 3)
         conn.executemany(
             "UPDATE profiles SET task_id = ? WHERE user_id = ?",
             [(task_id, user_id) for user_id, task_id in latest.items()],
         )
-        conn.execute("COMMIT")
     return [task_id for task_id, _ in tasks]
+
+
+def queue_tasks(path: Path, kind: str, count: int, payload: dict[str, object] | None = None) -> None:
+    """Queue `count` tasks of `kind` with `payload` (one attempt each), as `match`'s above."""
+    with _writing(path) as conn:
+        _insert_tasks(conn, kind, [(new_task_id(), payload or {}) for _ in range(count)], 1)
+
+
+@contextmanager
+def _writing(path: Path) -> Iterator[sqlite3.Connection]:
+    """One durable write transaction from this process, committed when the block ends."""
+    with closing(sqlite3.connect(path, timeout=30, isolation_level=None)) as conn:
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("BEGIN IMMEDIATE")
+        yield conn
+        conn.execute("COMMIT")
+
+
+def _insert_tasks(
+    conn: sqlite3.Connection, kind: str, tasks: list[tuple[str, dict[str, object]]], max_attempts: int
+) -> None:
+    now = time.time()
+    conn.executemany(
+        "INSERT INTO tasks (id, kind, payload, status, executor, max_attempts, created_at, run_after)"
+        " VALUES (?, ?, ?, 'queued', 'process', ?, ?, ?)",
+        [(task_id, kind, json.dumps(payload), max_attempts, now, now) for task_id, payload in tasks],
+    )
 
 
 def finished_between(path: Path, kind: str, start: float, end: float) -> int:

@@ -4,22 +4,27 @@ What the server does when a worker's match result comes back, with no worker and
 store the result, point the profile at it (the kind's `on_success`), and claim the next
 due task, in one durable transaction through profile_app's own `Database` (group commit,
 aiosqlite's writer thread, `synchronous = FULL`). One finish after another, on a copy of
-the seeded database with a backlog queued, for `seconds`; the CPU of each thread of this
+the seeded database with a backlog queued, for `seconds`; the CPU of each thread of the
 process is read (psutil) before and after.
 
-Compare its two numbers with the server's own split under the 100k backlog (BENCHMARKS.md,
-run H): what the same statements cost when the workers are not sharing the cores.
+`make bench` runs it (`measure`, in a fresh process) right after the 100k backlog window:
+it is the floor of the server's CPU per task while each result commits on its own, and
+with the task's own CPU it bounds `cpu_efficiency_ratio` (bench/results.py,
+`cpu_efficiency_bound`). Compare it with the server's own CPU per task in that window.
 
-Run from the repository root: `.venv/bin/python -m bench.finish_cost [--size 100k]`
+Alone, from the repository root: `.venv/bin/python -m bench.finish_cost [--size 100k]`
 (seeded databases are kept in /tmp/profile_app_overhead, see bench/overhead.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import multiprocessing
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
@@ -38,12 +43,23 @@ LEASE_S = 30.0
 RESULT = [{"user_id": f"user{rank:06d}", "score": 0.9 - rank / 100} for rank in range(MATCH_COUNT)]
 
 
+@dataclass(frozen=True)
+class FinishCost:
+    per_s: float  # finishing transactions committed per second, one after another
+    loop_ms: float  # CPU per finish on the event loop's thread
+    writer_ms: float  # ... and on the writer's thread
+
+    @property
+    def total_ms(self) -> float:
+        return self.loop_ms + self.writer_ms
+
+
 def thread_cpu_s() -> dict[int, float]:
     """CPU seconds (user + system) of each thread of this process, by native thread id."""
     return {thread.id: thread.user_time + thread.system_time for thread in psutil.Process().threads()}
 
 
-async def finish_in_turn(db: Path, seconds: float) -> str:
+async def finish_in_turn(db: Path, seconds: float) -> FinishCost:
     on_success = builtin_kinds(Settings.load())[MATCH].on_success
 
     def next_one(_ending: frozenset[str]) -> list[ClaimRequest]:
@@ -63,10 +79,22 @@ async def finish_in_turn(db: Path, seconds: float) -> str:
     per_finish_ms = {thread: (after[thread] - before.get(thread, 0.0)) / finished * 1e3 for thread in after}
     loop_ms = per_finish_ms.pop(loop_thread)
     writer_ms = max(per_finish_ms.values(), default=0.0)  # the reader thread does nothing here
-    return (
-        f"{finished / elapsed:,.0f} finishes/s; CPU per finish: event loop {loop_ms:.3f} ms,"
-        f" writer's thread {writer_ms:.3f} ms"
-    )
+    return FinishCost(finished / elapsed, loop_ms, writer_ms)
+
+
+def _finish_round(source: str, users: list[str], seconds: float) -> FinishCost:
+    with tempfile.TemporaryDirectory(prefix="profile_app_finish_cost_") as tmp:
+        db = datasets.copy_database(Path(source), Path(tmp) / "finish.db")
+        datasets.queue_match_tasks(db, users, BACKLOG)
+        return anyio.run(finish_in_turn, db, seconds, backend_options={"use_uvloop": True})
+
+
+def measure(source: Path, users: list[str], seconds: float) -> FinishCost:
+    """One round on a copy of `source` with a backlog of `users`' match tasks, in a fresh
+    process (spawned: nothing of the bench's own threads or memory is counted)."""
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        return pool.submit(_finish_round, str(source), users, seconds).result()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,12 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     source = seeded(args.cache, args.size)
     users = datasets.user_ids(source, 200)
-    with tempfile.TemporaryDirectory(prefix="profile_app_finish_cost_") as tmp:
-        for round_number in range(1, args.rounds + 1):
-            db = datasets.copy_database(source, Path(tmp) / f"round_{round_number}.db")
-            datasets.queue_match_tasks(db, users, BACKLOG)
-            line = anyio.run(finish_in_turn, db, args.seconds, backend_options={"use_uvloop": True})
-            report.out(f"round {round_number} ({args.size}): {line}")
+    for round_number in range(1, args.rounds + 1):
+        cost = _finish_round(str(source), users, args.seconds)
+        report.out(
+            f"round {round_number} ({args.size}): {cost.per_s:,.0f} finishes/s; CPU per finish:"
+            f" event loop {cost.loop_ms:.3f} ms, writer's thread {cost.writer_ms:.3f} ms"
+        )
     return 0
 
 

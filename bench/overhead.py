@@ -128,14 +128,11 @@ def measure_tasks(tmp: Path, cache: Path, backlog: int, seconds: float, profile_
         health.warm_up(server, bodies)
         with server.connect() as conn:
             wait_until_idle(conn)
-        own_before, workers_before = server.cpu_split()
         result = tasks.throughput(server, tmp / "tasks.db", users, backlog, seconds, task_cpu_s)
-        own_after, workers_after = server.cpu_split()
-    done = max(1, result.completed)
     report.out(
         f"tasks (100k): {result.tasks_per_s:.1f} tasks/s, cpu_efficiency {result.cpu_efficiency:.2f};"
-        f" server CPU {(own_after - own_before) / done * 1e3:.3f} ms per task,"
-        f" workers {(workers_after - workers_before) / done * 1e3:.2f} ms per task"
+        f" server CPU {result.server_cpu_ms_per_task:.3f} ms per task,"
+        f" workers {result.workers_cpu_ms_per_task:.2f} ms per task"
         f" (in-process task {task_cpu_s * 1e3:.2f} ms); CPU busy {result.cpu_busy:.2f}",
     )
 

@@ -17,19 +17,17 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bench.noop_tasks import noop
+from bench.noop_tasks import NOOP, noop_kinds
 from profile_app import create_app
-from profile_app.executors.kinds import KindRegistry, Placement
+from profile_app.executors.kinds import Placement
 from profile_app.settings import Settings
 
-NOOP = "bench_noop"
 IO = "bench_io"
 IO_SLEEP_S = 0.005
 IO_CONCURRENCY = 64
 RESULT_TIMEOUT_S = 10.0
 
-kinds = KindRegistry()
-kinds.kind(NOOP, runs_on=Placement.PROCESS, time_limit_s=RESULT_TIMEOUT_S, max_attempts=1)(noop)
+kinds = noop_kinds()
 
 
 @kinds.kind(

@@ -37,8 +37,17 @@ def keys(m: Measurements, config: Config) -> dict[str, float]:
         "noop_overhead_ms": m.noop["profile_app"].median_ms - m.noop_floor.floor_ms,
         "dask_scaling_ratio": m.dask["dask_scaling_ratio"],
     }
+    at_ceiling_ms = m.throughput.task_cpu_s / m.ceiling * 1e3  # one task's CPU as the ceiling ran it
+    noop_server_ms = m.noop_backlog.server_cpu_ms_per_task
     extra = {
         "cpu_efficiency_ceiling": m.ceiling,
+        # where cpu_efficiency_ratio's gap goes, and how far this design can close it (run I)
+        "server_cpu_ms_per_task": m.throughput.server_cpu_ms_per_task,
+        "workers_cpu_ms_per_task": m.throughput.workers_cpu_ms_per_task,
+        "task_cpu_ms_at_ceiling": at_ceiling_ms,
+        "server_cpu_ms_per_task_noop": noop_server_ms,
+        "finish_floor_ms": m.finish_floor.total_ms,
+        "cpu_efficiency_bound": at_ceiling_ms / (at_ceiling_ms + noop_server_ms),
         **{f"cpu_efficiency_10k_{name}": run.cpu_efficiency for name, run in runs.items()},
         "short_tasks_per_s": m.short["profile_app"].per_s,
         "short_tasks_per_s_huey": m.short["huey"].per_s,
@@ -90,6 +99,16 @@ def details(m: Measurements) -> dict[str, Any]:
             "tasks_per_s": m.throughput.tasks_per_s,
             "cpu_busy": m.throughput.cpu_busy,
             "task_cpu_s": m.throughput.task_cpu_s,
+        },
+        "noop_backlog": {
+            "tasks_per_s": m.noop_backlog.tasks_per_s,
+            "cpu_busy": m.noop_backlog.cpu_busy,
+            "workers_cpu_ms_per_task": m.noop_backlog.workers_cpu_ms_per_task,
+        },
+        "finish_floor": {
+            "per_s": m.finish_floor.per_s,
+            "loop_ms": m.finish_floor.loop_ms,
+            "writer_ms": m.finish_floor.writer_ms,
         },
         "noop_p90_ms": {name: result.p90_ms for name, result in m.noop.items()},
         "short_tasks": {
@@ -145,6 +164,19 @@ def rows(m: Measurements, k: dict[str, float]) -> list[Row]:
             {"profile_app": fmt(k["cpu_efficiency_ratio"])},
             ">= 0.95",
             k["cpu_efficiency_ratio"] >= 0.95,
+        ),
+        Row(
+            "  CPU ms per task: workers / server (backlog)",
+            {"profile_app": f"{fmt(k['workers_cpu_ms_per_task'])} / {fmt(k['server_cpu_ms_per_task'])}"},
+        ),
+        Row("  one task at the machine ceiling, CPU ms", {"profile_app": fmt(k["task_cpu_ms_at_ceiling"])}),
+        Row(
+            "  server CPU ms per no-op task / match finish alone",
+            {"profile_app": f"{fmt(k['server_cpu_ms_per_task_noop'])} / {fmt(k['finish_floor_ms'])}"},
+        ),
+        Row(
+            "  bound: at ceiling / (at ceiling + no-op's server CPU)",
+            {"profile_app": fmt(k["cpu_efficiency_bound"])},
         ),
         Row(
             "no-op round trip, median ms",

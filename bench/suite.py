@@ -11,6 +11,7 @@ from bench import (
     claim_cost,
     dask_scaling,
     datasets,
+    finish_cost,
     health,
     ingest,
     inprocess,
@@ -37,6 +38,7 @@ COMPARISON_APPS = {
     "fastapi_queue": "bench.fastapi_queue_app:app",  # the seed's FastAPI app with queue.run_in_process
 }
 USERS_PER_SIZE = 1000
+NOOP_KINDS = "bench.noop_tasks:kinds"  # served by the no-op backlog's server
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,9 @@ class Config:
     backlog: int = 3000  # profile_app: match tasks queued at the start of the loaded window
     throughput_s: float = 8.0  # profile_app at 100k: the window tasks are counted in
     ceiling_s: float = 3.0  # the in-process parallel ceiling: each loop's length
+    noop_backlog: int = 20_000  # no-op process tasks queued at the start of their window
+    noop_backlog_s: float = 4.0  # ... and the window they are counted in
+    finish_s: float = 3.0  # the finishing transaction alone (bench/finish_cost.py), one after another
     latency_tasks: int = 7  # match tasks timed one at a time, per table size
     noop_count: int = 300  # no-op round trips per system (after noop_warm_up)
     noop_warm_up: int = 30
@@ -66,6 +71,8 @@ class Config:
             burst=30,
             throughput_s=3.0,
             ceiling_s=1.5,
+            noop_backlog_s=2.0,
+            finish_s=1.5,
             latency_tasks=3,
             noop_count=60,
             noop_warm_up=10,
@@ -90,6 +97,9 @@ class Measurements:
     dask: dict[str, Any]  # bench.dask_scaling.measure: two Dask workers against one
     claim: dict[str, float]  # bench.claim_cost.measure: the claim with 1k and 1M queued
     noop_floor: roundtrip.Floor  # what the no-op round trip cannot go below, timed in this run
+    # The floors of the server's CPU per task, each timed apart in this run (cpu_efficiency_bound):
+    noop_backlog: tasks.Backlog  # a backlog of no-op process tasks
+    finish_floor: finish_cost.FinishCost  # a match task's finishing transaction alone
 
 
 def step(text: str) -> None:
@@ -112,6 +122,8 @@ def measure_everything(tmp: Path, config: Config, sampler: HealthSampler) -> Mea
 
     runs = measure_health(tmp, config, sampler, dbs[HEALTH_SIZE], users[HEALTH_SIZE], bodies, in_process)
     latency, throughput, ceiling = measure_tasks(tmp, config, dbs, users, bodies)
+    floor_db, floor_users = dbs[THROUGHPUT_SIZE], users[THROUGHPUT_SIZE]
+    noop_backlog, finish_floor = measure_server_floors(tmp, config, floor_db, floor_users)
 
     step("no-op round trips: profile_app, huey, anyio.to_process, and durable commits alone")
     commit_before = report.commit_ms(tmp, config.floor_commits)
@@ -154,6 +166,8 @@ def measure_everything(tmp: Path, config: Config, sampler: HealthSampler) -> Mea
         dask,
         claim,
         noop_floor,
+        noop_backlog,
+        finish_floor,
     )
 
 
@@ -224,6 +238,23 @@ def measure_tasks(
                 )
     assert throughput is not None and ceiling is not None
     return latency, throughput, ceiling
+
+
+def measure_server_floors(
+    tmp: Path, config: Config, db: Path, users: list[str]
+) -> tuple[tasks.Backlog, finish_cost.FinishCost]:
+    """What the server's CPU per match task cannot go below, each part timed apart right
+    after the backlog: its CPU per task with a backlog of no-op process tasks (the same
+    dispatch, pipe and finish, nothing to compute), and the match's finishing transaction
+    alone, with no worker and no HTTP."""
+    step(f"the server's CPU per task: a backlog of no-op process tasks ({THROUGHPUT_SIZE} profiles)")
+    copy = datasets.copy_database(db, tmp / "noop_backlog.db")
+    port = free_port()
+    env = {"PROFILE_APP_KINDS": NOOP_KINDS}
+    with running("profile_app_noop_backlog", profile_app_command(port, copy), port, tmp, env) as server:
+        noop_backlog = tasks.noop_backlog(server, copy, config.noop_backlog, config.noop_backlog_s)
+    step(f"a match task's finishing transaction alone at {THROUGHPUT_SIZE} (bench/finish_cost.py)")
+    return noop_backlog, finish_cost.measure(db, users, config.finish_s)
 
 
 def measure_ingest(

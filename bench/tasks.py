@@ -5,24 +5,32 @@ the next. The task's time is the server's own record, `finished_at - started_at`
 -> result stored), on a warm worker; the client's POST -> "succeeded" time is kept too.
 
 `throughput`: write `backlog` match tasks into the queue (bench/datasets.py), count the
-tasks that finish in the next `window_s` seconds and the CPU the server's processes use.
+tasks that finish in the next `window_s` seconds and the CPU the server's processes use,
+the server's own apart from its workers'. `noop_backlog`: the same with no-op tasks.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 from bench import datasets
 from bench.health import CORES, cpu_efficiency
+from bench.load import wait_until_idle
+from bench.noop_tasks import NOOP
 from bench.servers import Server
+from profile_app.tasks.match import MATCH
 
 POLL_S = 0.002
 TASK_TIMEOUT_S = 120.0
+WARM_UP_TASKS = 20  # no-op tasks run before the no-op backlog's window
 
 
 @dataclass(frozen=True)
@@ -32,15 +40,34 @@ class Latency:
 
 
 @dataclass(frozen=True)
-class Throughput:
+class Backlog:
+    """A window of a backlog: the tasks of one kind it finished, and the CPU they cost."""
+
     completed: int
     window_s: float
-    cpu_busy: float
-    task_cpu_s: float
+    server_cpu_s: float  # the server process's own CPU in the window (its loop and threads)
+    workers_cpu_s: float  # its worker processes' CPU in the window
 
     @property
     def tasks_per_s(self) -> float:
         return self.completed / self.window_s
+
+    @property
+    def cpu_busy(self) -> float:
+        return (self.server_cpu_s + self.workers_cpu_s) / (self.window_s * CORES)
+
+    @property
+    def server_cpu_ms_per_task(self) -> float:
+        return self.server_cpu_s / self.completed * 1e3 if self.completed else math.nan
+
+    @property
+    def workers_cpu_ms_per_task(self) -> float:
+        return self.workers_cpu_s / self.completed * 1e3 if self.completed else math.nan
+
+
+@dataclass(frozen=True)
+class Throughput(Backlog):
+    task_cpu_s: float  # the reference: one warm match task's CPU in-process
 
     @property
     def cpu_efficiency(self) -> float:
@@ -76,11 +103,31 @@ def one_at_a_time(server: Server, bodies: list[bytes]) -> Latency:
 def throughput(
     server: Server, db: Path, users: list[str], backlog: int, window_s: float, task_cpu_s: float
 ) -> Throughput:
-    cpu_before = server.cpu_seconds()
+    window = _backlog_window(
+        server, db, MATCH, partial(datasets.queue_match_tasks, db, users, backlog), window_s
+    )
+    return Throughput(**asdict(window), task_cpu_s=task_cpu_s)
+
+
+def noop_backlog(server: Server, db: Path, backlog: int, window_s: float) -> Backlog:
+    """The same window with a backlog of no-op process tasks (a server serving
+    bench.noop_tasks:kinds): the server's own CPU per task when the task costs nothing,
+    its workers never the bottleneck, and its caches not shared with a match index."""
+    with server.connect() as conn:  # the workers start (and their start costs CPU) first
+        datasets.queue_tasks(db, NOOP, WARM_UP_TASKS)
+        wait_until_idle(conn)
+    return _backlog_window(server, db, NOOP, partial(datasets.queue_tasks, db, NOOP, backlog), window_s)
+
+
+def _backlog_window(
+    server: Server, db: Path, kind: str, queue: Callable[[], object], window_s: float
+) -> Backlog:
+    """Queue a backlog of `kind` (`queue`), then count what finishes within `window_s`."""
+    server_before, workers_before = server.cpu_split()
     started = time.time()
-    datasets.queue_match_tasks(db, users, backlog)
+    queue()
     time.sleep(max(0.0, started + window_s - time.time()))
-    cpu_used = server.cpu_seconds() - cpu_before
+    server_after, workers_after = server.cpu_split()
     ended = time.time()
-    completed = datasets.finished_between(db, "match", started, ended)
-    return Throughput(completed, ended - started, cpu_used / ((ended - started) * CORES), task_cpu_s)
+    completed = datasets.finished_between(db, kind, started, ended)
+    return Backlog(completed, ended - started, server_after - server_before, workers_after - workers_before)
