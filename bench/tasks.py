@@ -103,7 +103,7 @@ def one_at_a_time(server: Server, bodies: list[bytes]) -> Latency:
 def throughput(
     server: Server, db: Path, users: list[str], backlog: int, window_s: float, task_cpu_s: float
 ) -> Throughput:
-    window = _backlog_window(
+    window = backlog_window(
         server, db, MATCH, partial(datasets.queue_match_tasks, db, users, backlog), window_s
     )
     return Throughput(**asdict(window), task_cpu_s=task_cpu_s)
@@ -116,10 +116,10 @@ def noop_backlog(server: Server, db: Path, backlog: int, window_s: float) -> Bac
     with server.connect() as conn:  # the workers start (and their start costs CPU) first
         datasets.queue_tasks(db, NOOP, WARM_UP_TASKS)
         wait_until_idle(conn)
-    return _backlog_window(server, db, NOOP, partial(datasets.queue_tasks, db, NOOP, backlog), window_s)
+    return backlog_window(server, db, NOOP, partial(datasets.queue_tasks, db, NOOP, backlog), window_s)
 
 
-def _backlog_window(
+def backlog_window(
     server: Server, db: Path, kind: str, queue: Callable[[], object], window_s: float
 ) -> Backlog:
     """Queue a backlog of `kind` (`queue`), then count what finishes within `window_s`."""

@@ -1,0 +1,113 @@
+"""The server's CPU per task by what its tasks do: where the match task's server cost goes.
+
+One profile_app server on a copy of the 100k database serves the match kind and
+bench/noop_tasks.py's kinds; a backlog of each is queued in turn, `rounds` times, and for
+each window it prints the tasks/s and the CPU per finished task of the server's event loop,
+its writer's thread, its other threads and its workers:
+
+* `match`: the real task (~7 ms of CPU over a 100k-profile index in each worker);
+* `bench_spin`: as much CPU, in a loop whose working set fits in any cache;
+* `bench_nap`: as long, asleep: the cores stay idle, one result at a time;
+* `bench_noop`: nothing: the server is the bottleneck and its group commits hold several
+  results each (the floor `make bench` divides by, `server_cpu_ms_per_task_noop`).
+
+The server's work per task is the same in all four (claim, call, result, commit); what
+differs is what shares the cores with it and how many results each wake-up finds.
+
+Run from the repository root: `.venv/bin/python -m bench.kind_cost [--rounds 2 --seconds 4]`
+(seeded databases are kept in /tmp/profile_app_overhead, see bench/overhead.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import psutil
+
+from bench import datasets, health, report, tasks
+from bench.load import wait_until_idle
+from bench.noop_tasks import NAP, NOOP, SPIN
+from bench.overhead import profile_app, seeded
+from bench.servers import Server
+from profile_app.tasks.match import MATCH
+
+TASK_MS = 7.0  # spin and nap take about what a 100k match takes
+# Queued per window: more than the window finishes at the rates seen on 2 cores, so that
+# no window runs dry, and few enough that the rest drains in seconds.
+BACKLOG = {MATCH: 1500, SPIN: 1500, NAP: 2000, NOOP: 10_000}
+KINDS_MODULE = "bench.noop_tasks:kinds"
+
+
+@dataclass(frozen=True)
+class ThreadCost:
+    loop_ms: float
+    writer_ms: float
+    other_ms: float
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`, by thread id."""
+    return {thread.id: thread.user_time + thread.system_time for thread in psutil.Process(pid).threads()}
+
+
+def split_by_thread(
+    pid: int, before: dict[int, float], after: dict[int, float], tasks_done: int
+) -> ThreadCost:
+    """The main thread is the event loop's; the busiest other one is the writer's."""
+    per_task = {tid: (after[tid] - before.get(tid, 0.0)) / tasks_done * 1e3 for tid in after}
+    loop_ms = per_task.pop(pid, 0.0)
+    writer_ms = max(per_task.values(), default=0.0)
+    return ThreadCost(loop_ms, writer_ms, sum(per_task.values()) - writer_ms)
+
+
+def queue_backlog(db: Path, kind: str, users: list[str]) -> None:
+    if kind == MATCH:
+        datasets.queue_match_tasks(db, users, BACKLOG[kind])
+    else:
+        datasets.queue_tasks(db, kind, BACKLOG[kind], {} if kind == NOOP else {"ms": TASK_MS})
+
+
+def one_window(server: Server, db: Path, kind: str, users: list[str], seconds: float) -> str:
+    threads_before = thread_cpu_s(server.pid)
+    window = tasks.backlog_window(server, db, kind, partial(queue_backlog, db, kind, users), seconds)
+    threads = split_by_thread(server.pid, threads_before, thread_cpu_s(server.pid), max(1, window.completed))
+    with server.connect() as conn:  # the rest of the backlog runs out before the next window
+        wait_until_idle(conn)
+    return (
+        f"{kind:<10} {window.tasks_per_s:7.0f} tasks/s; CPU ms per task:"
+        f" server {window.server_cpu_ms_per_task:.2f}"
+        f" (loop {threads.loop_ms:.2f}, writer {threads.writer_ms:.2f}, other {threads.other_ms:.2f}),"
+        f" workers {window.workers_cpu_ms_per_task:.2f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument(
+        "--kinds", default=",".join(BACKLOG), help="comma-separated, in this order each round"
+    )
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/profile_app_overhead"))
+    args = parser.parse_args(argv)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    source = seeded(args.cache, "100k")
+    users = datasets.user_ids(source, 1000)
+    tmp = args.cache / f"kinds_{time.strftime('%H%M%S')}"
+    tmp.mkdir()
+    env = {"PROFILE_APP_KINDS": KINDS_MODULE}
+    with profile_app(tmp, source, "kinds", None, env) as server:
+        health.warm_up(server, datasets.profile_bodies(2, "warm"))  # workers up, index built
+        db = tmp / "kinds.db"
+        for number in range(1, args.rounds + 1):
+            for kind in args.kinds.split(","):
+                report.out(f"round {number}: {one_window(server, db, kind, users, args.seconds)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
