@@ -22,6 +22,7 @@ from profile_app.matching.synthetic import synthetic_profiles
 
 SEED = 7  # the stored profiles: the same rows on every run
 BODY_SEED = 1234  # request bodies come from another seed than the stored profiles
+START_POLL_S = 0.005  # how often wait_for_a_start reads whether a queued task has started
 
 
 def seed_database(path: Path, count: int) -> Path:
@@ -128,10 +129,26 @@ def _insert_tasks(
     )
 
 
+def wait_for_a_start(path: Path, kind: str, queued_from: float, timeout_s: float) -> None:
+    """Return once a task of `kind` queued since `queued_from` has started (read-only polls)."""
+    deadline = time.monotonic() + timeout_s
+    with closing(_read_only(path)) as conn:
+        while not conn.execute(
+            "SELECT 1 FROM tasks WHERE kind = ? AND created_at >= ? AND status != 'queued' LIMIT 1",
+            (kind, queued_from),
+        ).fetchall():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {kind} task started within {timeout_s:g} s of being queued")
+            time.sleep(START_POLL_S)
+
+
+def _read_only(path: Path) -> sqlite3.Connection:
+    return sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True, timeout=30)
+
+
 def finished_between(path: Path, kind: str, start: float, end: float) -> int:
     """How many tasks of `kind` succeeded with finished_at in [start, end] (read-only)."""
-    uri = path.resolve().as_uri() + "?mode=ro"
-    with closing(sqlite3.connect(uri, uri=True, timeout=30)) as conn:
+    with closing(_read_only(path)) as conn:
         ((count,),) = conn.execute(
             "SELECT COUNT(*) FROM tasks WHERE kind = ? AND status = 'succeeded'"
             " AND finished_at BETWEEN ? AND ?",

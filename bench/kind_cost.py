@@ -2,8 +2,9 @@
 
 One profile_app server on a copy of the 100k database serves the match kind and
 bench/noop_tasks.py's kinds; a backlog of each is queued in turn, `rounds` times, and for
-each window it prints the tasks/s and the CPU per finished task of the server's event loop,
-its writer's thread, its other threads and its workers:
+each window it prints the tasks/s, the CPU per finished task of the server's event loop,
+its writer's thread, its other threads and its workers, and the share of the window the
+workers slept (waiting for their next call, from /proc/<pid>/schedstat):
 
 * `match`: the real task (~7 ms of CPU over a 100k-profile index in each worker);
 * `bench_spin`: as much CPU, in a loop whose working set fits in any cache;
@@ -64,6 +65,29 @@ def split_by_thread(
     return ThreadCost(loop_ms, writer_ms, sum(per_task.values()) - writer_ms)
 
 
+def schedstat_s(pids: list[int]) -> dict[int, tuple[float, float]]:
+    """Seconds each process has run on a CPU and waited for one (Linux schedstat)."""
+    times = {}
+    for pid in pids:
+        with open(f"/proc/{pid}/schedstat") as stat:
+            run_ns, wait_ns, _slices = stat.read().split()
+        times[pid] = (int(run_ns) / 1e9, int(wait_ns) / 1e9)
+    return times
+
+
+def asleep_share(
+    before: dict[int, tuple[float, float]], after: dict[int, tuple[float, float]], seconds: float
+) -> float:
+    """The workers' mean share of the window neither running nor waiting for a core: waiting
+    for their next call."""
+    shares = [
+        1 - (after[pid][0] - before[pid][0] + after[pid][1] - before[pid][1]) / seconds
+        for pid in before
+        if pid in after
+    ]
+    return sum(shares) / len(shares) if shares else float("nan")
+
+
 def queue_backlog(db: Path, kind: str, users: list[str]) -> None:
     if kind == MATCH:
         datasets.queue_match_tasks(db, users, BACKLOG[kind])
@@ -72,16 +96,18 @@ def queue_backlog(db: Path, kind: str, users: list[str]) -> None:
 
 
 def one_window(server: Server, db: Path, kind: str, users: list[str], seconds: float) -> str:
-    threads_before = thread_cpu_s(server.pid)
+    workers = [process.pid for process in server.tree() if process.pid != server.pid]
+    threads_before, sched_before = thread_cpu_s(server.pid), schedstat_s(workers)
     window = tasks.backlog_window(server, db, kind, partial(queue_backlog, db, kind, users), seconds)
     threads = split_by_thread(server.pid, threads_before, thread_cpu_s(server.pid), max(1, window.completed))
+    asleep = asleep_share(sched_before, schedstat_s(workers), window.window_s)
     with server.connect() as conn:  # the rest of the backlog runs out before the next window
         wait_until_idle(conn)
     return (
         f"{kind:<10} {window.tasks_per_s:7.0f} tasks/s; CPU ms per task:"
         f" server {window.server_cpu_ms_per_task:.2f}"
         f" (loop {threads.loop_ms:.2f}, writer {threads.writer_ms:.2f}, other {threads.other_ms:.2f}),"
-        f" workers {window.workers_cpu_ms_per_task:.2f}"
+        f" workers {window.workers_cpu_ms_per_task:.2f}, asleep {asleep:.0%} of the window"
     )
 
 

@@ -122,11 +122,19 @@ def noop_backlog(server: Server, db: Path, backlog: int, window_s: float) -> Bac
 def backlog_window(
     server: Server, db: Path, kind: str, queue: Callable[[], object], window_s: float
 ) -> Backlog:
-    """Queue a backlog of `kind` (`queue`), then count what finishes within `window_s`."""
+    """Queue a backlog of `kind` (`queue`); once the server has started one of its tasks,
+    count what finishes within `window_s`, and the CPU it took.
+
+    The server finds tasks another process wrote at its next poll (every 0.5 s by
+    default), where a submit or a POST wakes it at once: the window opens after that, so
+    that it holds the executor's steady state, not how tasks were put in the queue.
+    """
+    queued_from = time.time()
+    queue()
+    datasets.wait_for_a_start(db, kind, queued_from, TASK_TIMEOUT_S)
     server_before, workers_before = server.cpu_split()
     started = time.time()
-    queue()
-    time.sleep(max(0.0, started + window_s - time.time()))
+    time.sleep(window_s)
     server_after, workers_after = server.cpu_split()
     ended = time.time()
     completed = datasets.finished_between(db, kind, started, ended)
