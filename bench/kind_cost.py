@@ -1,7 +1,7 @@
 """The server's CPU per task by what its tasks do: where the match task's server cost goes.
 
 One profile_app server on a copy of the 100k database serves the match kind and
-bench/noop_tasks.py's kinds; a backlog of each is queued in turn, `rounds` times, and for
+bench/task_kinds.py's kinds; a backlog of each is queued in turn, `rounds` times, and for
 each window it prints the tasks/s, the CPU per finished task of the server's event loop,
 its writer's thread, its other threads and its workers, and the share of the window the
 workers slept (waiting for their next call, from /proc/<pid>/schedstat):
@@ -31,16 +31,15 @@ import psutil
 
 from bench import datasets, health, report, tasks
 from bench.load import wait_until_idle
-from bench.noop_tasks import NAP, NOOP, SPIN
 from bench.overhead import profile_app, seeded
 from bench.servers import Server
+from bench.task_kinds import NAP, NOOP, SERVED, SPIN
 from profile_app.tasks.match import MATCH
 
 TASK_MS = 7.0  # spin and nap take about what a 100k match takes
 # Queued per window: more than the window finishes at the rates seen on 2 cores, so that
 # no window runs dry, and few enough that the rest drains in seconds.
 BACKLOG = {MATCH: 1500, SPIN: 1500, NAP: 2000, NOOP: 10_000}
-KINDS_MODULE = "bench.noop_tasks:kinds"
 
 
 @dataclass(frozen=True)
@@ -125,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     users = datasets.user_ids(source, 1000)
     tmp = args.cache / f"kinds_{time.strftime('%H%M%S')}"
     tmp.mkdir()
-    env = {"PROFILE_APP_KINDS": KINDS_MODULE}
+    env = {"PROFILE_APP_KINDS": SERVED}
     with profile_app(tmp, source, "kinds", None, env) as server:
         health.warm_up(server, datasets.profile_bodies(2, "warm"))  # workers up, index built
         db = tmp / "kinds.db"

@@ -1,21 +1,11 @@
-"""The benchmark's own task functions (importable by every worker process): a no-op, and
-two that take the match task's time without its memory, one computing and one waiting.
-
-`kinds` serves them as `process` kinds: `profile-app serve --kinds bench.noop_tasks:kinds`
-(the no-op backlog of bench/tasks.py, and `bench.overhead --only kinds`);
-bench/profile_app_noop.py adds its own kinds beside them.
-"""
+"""The benchmark's own task functions (importable by every worker process, with nothing of
+profile_app's: Huey's consumer and a bare `anyio.to_process` call run `noop` too): a no-op,
+and two that take a match task's time without its memory, one computing, one waiting.
+bench/task_kinds.py registers them as profile_app kinds."""
 
 from __future__ import annotations
 
 import time
-
-from profile_app.executors.kinds import KindRegistry, Placement
-
-NOOP = "bench_noop"
-SPIN = "bench_spin"
-NAP = "bench_nap"
-TIME_LIMIT_S = 10.0
 
 
 def noop() -> int:
@@ -34,14 +24,3 @@ def nap(ms: float) -> int:
     """Wait `ms` without using the CPU."""
     time.sleep(ms / 1000)
     return 1
-
-
-def noop_kinds() -> KindRegistry:
-    """A registry of the three as `process` kinds, one attempt each."""
-    registry = KindRegistry()
-    for name, func in ((NOOP, noop), (SPIN, spin), (NAP, nap)):
-        registry.kind(name, runs_on=Placement.PROCESS, time_limit_s=TIME_LIMIT_S, max_attempts=1)(func)
-    return registry
-
-
-kinds = noop_kinds()

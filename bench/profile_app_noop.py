@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from bench.noop_tasks import NOOP, noop_kinds
+from bench.task_kinds import NOOP, registry
 from profile_app import create_app
 from profile_app.executors.kinds import Placement
 from profile_app.settings import Settings
@@ -27,7 +27,7 @@ IO_SLEEP_S = 0.005
 IO_CONCURRENCY = 64
 RESULT_TIMEOUT_S = 10.0
 
-kinds = noop_kinds()
+kinds = registry()
 
 
 @kinds.kind(

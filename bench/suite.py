@@ -20,6 +20,7 @@ from bench import (
     report,
     roundtrip,
     short_tasks,
+    task_kinds,
     tasks,
 )
 from bench.health import HealthRun
@@ -38,7 +39,6 @@ COMPARISON_APPS = {
     "fastapi_queue": "bench.fastapi_queue_app:app",  # the seed's FastAPI app with queue.run_in_process
 }
 USERS_PER_SIZE = 1000
-NOOP_KINDS = "bench.noop_tasks:kinds"  # served by the no-op backlog's server
 
 
 @dataclass(frozen=True)
@@ -250,7 +250,7 @@ def measure_server_floors(
     step(f"the server's CPU per task: a backlog of no-op process tasks ({THROUGHPUT_SIZE} profiles)")
     copy = datasets.copy_database(db, tmp / "noop_backlog.db")
     port = free_port()
-    env = {"PROFILE_APP_KINDS": NOOP_KINDS}
+    env = {"PROFILE_APP_KINDS": task_kinds.SERVED}
     with running("profile_app_noop_backlog", profile_app_command(port, copy), port, tmp, env) as server:
         noop_backlog = tasks.noop_backlog(server, copy, config.noop_backlog, config.noop_backlog_s)
     step(f"a match task's finishing transaction alone at {THROUGHPUT_SIZE} (bench/finish_cost.py)")

@@ -24,8 +24,8 @@ from pathlib import Path
 from bench import datasets
 from bench.health import CORES, cpu_efficiency
 from bench.load import wait_until_idle
-from bench.noop_tasks import NOOP
 from bench.servers import Server
+from bench.task_kinds import NOOP
 from profile_app.tasks.match import MATCH
 
 POLL_S = 0.002
@@ -111,7 +111,7 @@ def throughput(
 
 def noop_backlog(server: Server, db: Path, backlog: int, window_s: float) -> Backlog:
     """The same window with a backlog of no-op process tasks (a server serving
-    bench.noop_tasks:kinds): the server's own CPU per task when the task costs nothing,
+    bench.task_kinds:kinds): the server's own CPU per task when the task costs nothing,
     its workers never the bottleneck, and its caches not shared with a match index."""
     with server.connect() as conn:  # the workers start (and their start costs CPU) first
         datasets.queue_tasks(db, NOOP, WARM_UP_TASKS)
