@@ -5,7 +5,7 @@ store the result, point the profile at it (the kind's `on_success`), and claim t
 due task, in one durable transaction through profile_app's own `Database` (group commit,
 aiosqlite's writer thread, `synchronous = FULL`). One finish after another, on a copy of
 the seeded database with a backlog queued, for `seconds`; the CPU of each thread of the
-process is read (psutil) before and after.
+process is read before and after.
 
 `make bench` runs it (`measure`, in a fresh process) right after the 100k backlog window:
 it is the floor of the server's CPU per task while each result commits on its own, and
@@ -20,18 +20,18 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing
+import os
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import psutil
 
 from bench import datasets, report
 from bench.overhead import SIZES, seeded
+from bench.servers import split_by_thread, thread_cpu_s
 from profile_app.db.database import ClaimRequest, Database
 from profile_app.settings import Settings
 from profile_app.tasks.builtin import builtin_kinds
@@ -54,11 +54,6 @@ class FinishCost:
         return self.loop_ms + self.writer_ms
 
 
-def thread_cpu_s() -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of this process, by native thread id."""
-    return {thread.id: thread.user_time + thread.system_time for thread in psutil.Process().threads()}
-
-
 async def finish_in_turn(db: Path, seconds: float) -> FinishCost:
     on_success = builtin_kinds(Settings.load())[MATCH].on_success
 
@@ -67,19 +62,17 @@ async def finish_in_turn(db: Path, seconds: float) -> FinishCost:
 
     async with Database(db) as store:
         (task,) = await store.claim(MATCH, "process", 1, LEASE_S)
-        before, started, finished = thread_cpu_s(), time.monotonic(), 0
+        before, started, finished = thread_cpu_s(os.getpid()), time.monotonic(), 0
         while time.monotonic() - started < seconds:
             _stored, claimed = await store.succeed_and_claim(
                 task, RESULT, on_success, "", claims=next_one, lease_s=LEASE_S
             )
             (task,) = claimed[MATCH]
             finished += 1
-        elapsed, after = time.monotonic() - started, thread_cpu_s()
-    loop_thread = threading.get_native_id()
-    per_finish_ms = {thread: (after[thread] - before.get(thread, 0.0)) / finished * 1e3 for thread in after}
-    loop_ms = per_finish_ms.pop(loop_thread)
-    writer_ms = max(per_finish_ms.values(), default=0.0)  # the reader thread does nothing here
-    return FinishCost(finished / elapsed, loop_ms, writer_ms)
+        elapsed, after = time.monotonic() - started, thread_cpu_s(os.getpid())
+    # The loop runs on the main thread; the reader thread does nothing here.
+    threads = split_by_thread(os.getpid(), before, after, finished)
+    return FinishCost(finished / elapsed, threads.loop_ms, threads.writer_ms)
 
 
 def _finish_round(source: str, users: list[str], seconds: float) -> FinishCost:

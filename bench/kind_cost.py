@@ -23,16 +23,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-
-import psutil
 
 from bench import datasets, health, report, tasks
 from bench.load import wait_until_idle
 from bench.overhead import profile_app, seeded
-from bench.servers import Server
+from bench.servers import Server, split_by_thread, thread_cpu_s
 from bench.task_kinds import NAP, NOOP, SERVED, SPIN
 from profile_app.tasks.match import MATCH
 
@@ -40,28 +37,6 @@ TASK_MS = 7.0  # spin and nap take about what a 100k match takes
 # Queued per window: more than the window finishes at the rates seen on 2 cores, so that
 # no window runs dry, and few enough that the rest drains in seconds.
 BACKLOG = {MATCH: 1500, SPIN: 1500, NAP: 2000, NOOP: 10_000}
-
-
-@dataclass(frozen=True)
-class ThreadCost:
-    loop_ms: float
-    writer_ms: float
-    other_ms: float
-
-
-def thread_cpu_s(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of each thread of process `pid`, by thread id."""
-    return {thread.id: thread.user_time + thread.system_time for thread in psutil.Process(pid).threads()}
-
-
-def split_by_thread(
-    pid: int, before: dict[int, float], after: dict[int, float], tasks_done: int
-) -> ThreadCost:
-    """The main thread is the event loop's; the busiest other one is the writer's."""
-    per_task = {tid: (after[tid] - before.get(tid, 0.0)) / tasks_done * 1e3 for tid in after}
-    loop_ms = per_task.pop(pid, 0.0)
-    writer_ms = max(per_task.values(), default=0.0)
-    return ThreadCost(loop_ms, writer_ms, sum(per_task.values()) - writer_ms)
 
 
 def schedstat_s(pids: list[int]) -> dict[int, tuple[float, float]]:

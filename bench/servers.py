@@ -41,6 +41,28 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+@dataclass(frozen=True)
+class ThreadCost:
+    """A server process's CPU per unit of work (ms), split by thread."""
+
+    loop_ms: float  # the main thread: the event loop's
+    writer_ms: float  # the busiest other thread: the database writer's
+    other_ms: float  # every other thread together
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """CPU seconds (user + system) of each thread of process `pid`, by thread id."""
+    return {thread.id: thread.user_time + thread.system_time for thread in psutil.Process(pid).threads()}
+
+
+def split_by_thread(pid: int, before: dict[int, float], after: dict[int, float], units: int) -> ThreadCost:
+    """Process `pid`'s CPU between two `thread_cpu_s` readings, per unit of work."""
+    per_unit = {tid: (after[tid] - before.get(tid, 0.0)) / units * 1e3 for tid in after}
+    loop_ms = per_unit.pop(pid, 0.0)
+    writer_ms = max(per_unit.values(), default=0.0)
+    return ThreadCost(loop_ms, writer_ms, sum(per_unit.values()) - writer_ms)
+
+
 @dataclass
 class Server:
     """A running server process on `port`, with its log file."""
