@@ -11,6 +11,7 @@ import shutil
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import closing, contextmanager
@@ -22,6 +23,7 @@ from profile_app.matching.synthetic import synthetic_profiles
 
 SEED = 7  # the stored profiles: the same rows on every run
 BODY_SEED = 1234  # request bodies come from another seed than the stored profiles
+FEED_EVERY_S = 0.01  # MatchTaskFeed: how often it queues the tasks due by then
 START_POLL_S = 0.005  # how often wait_for_a_start reads whether a queued task has started
 
 
@@ -100,6 +102,44 @@ def queue_match_tasks(path: Path, users: list[str], count: int) -> list[str]:
             [(task_id, user_id) for user_id, task_id in latest.items()],
         )
     return [task_id for task_id, _ in tasks]
+
+
+class MatchTaskFeed:
+    """Queues `match` tasks at a steady `per_s` from a thread of this process (a batch every
+    `FEED_EVERY_S`), from `start()` to `stop()`: a server that polls as often takes them
+    at that pace, the way POSTs arriving at that rate would queue them."""
+
+    def __init__(self, path: Path, users: list[str], per_s: float) -> None:
+        self.path, self.users, self.per_s = path, users, per_s
+        self.queued = 0
+        self.failure: Exception | None = None
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._feed, name="match task feed", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop queueing; raises what stopped the feed early, if anything did."""
+        self._stopping.set()
+        self._thread.join()
+        if self.failure is not None:
+            raise RuntimeError("the match task feed stopped early") from self.failure
+
+    def _feed(self) -> None:
+        try:
+            self._feed_until_stopped()
+        except Exception as exc:  # a daemon thread's error would vanish: stop() raises it
+            self.failure = exc
+
+    def _feed_until_stopped(self) -> None:
+        began = time.monotonic()
+        while not self._stopping.wait(FEED_EVERY_S):
+            due = int((time.monotonic() - began) * self.per_s) - self.queued
+            if due > 0:
+                users = self.users[self.queued % len(self.users) :] + self.users
+                queue_match_tasks(self.path, users, due)
+                self.queued += due
 
 
 def queue_tasks(path: Path, kind: str, count: int, payload: dict[str, object] | None = None) -> None:

@@ -29,6 +29,9 @@ class Ingest:
     loaded: list[Sample]
     server_cpu_s: float  # CPU time of the server process (its event loop) during the load
     workers_cpu_s: float  # ... and of its worker processes (the match tasks the POSTs queued)
+    window: tuple[float, float]  # when the load began and ended (time.time())
+    # Match tasks finished per second meanwhile, on this server or beside it (suite.py sets it)
+    match_tasks_per_s: float | None = None
 
     @property
     def per_s(self) -> float:
@@ -61,11 +64,21 @@ def measure(
     if sampler is not None:
         future = sampler.start(server.port, time.time(), duration_s, interval_s)
     server_before, workers_before = server.cpu_split()
+    began = time.time()
     load = post_for(server.port, "/profile", rest, CONNECTIONS, duration_s)
+    ended = time.time()
     server_after, workers_after = server.cpu_split()
     if sampler is not None:
         loaded = future.result()
-    return Ingest(name, load, idle, loaded, server_after - server_before, workers_after - workers_before)
+    return Ingest(
+        name,
+        load,
+        idle,
+        loaded,
+        server_after - server_before,
+        workers_after - workers_before,
+        (began, ended),
+    )
 
 
 def bodies_needed(duration_s: float, max_per_s: float = 20000) -> int:

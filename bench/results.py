@@ -7,7 +7,15 @@ from typing import Any
 
 from bench.health import HealthRun
 from bench.report import Row, fmt
-from bench.suite import COMPARISON_APPS, INGEST_PAUSED, SIZES, THROUGHPUT_SIZE, Config, Measurements
+from bench.suite import (
+    COMPARISON_APPS,
+    INGEST_PAUSED,
+    PLAIN_BESIDE_TASKS,
+    SIZES,
+    THROUGHPUT_SIZE,
+    Config,
+    Measurements,
+)
 
 APPS = ("profile_app", *COMPARISON_APPS)
 
@@ -39,6 +47,7 @@ def keys(m: Measurements, config: Config) -> dict[str, float]:
     }
     at_ceiling_ms = m.throughput.task_cpu_s / m.ceiling * 1e3  # one task's CPU as the ceiling ran it
     noop_server_ms = m.noop_backlog.server_cpu_ms_per_task
+    beside = m.ingest[PLAIN_BESIDE_TASKS]
     extra = {
         "cpu_efficiency_ceiling": m.ceiling,
         # where cpu_efficiency_ratio's gap goes, and how far this design can close it (run I)
@@ -59,6 +68,13 @@ def keys(m: Measurements, config: Config) -> dict[str, float]:
         "ingest_per_s_paused": m.ingest[INGEST_PAUSED].per_s,
         "ingest_vs_plain_durable_paused": m.ingest[INGEST_PAUSED].per_s / m.ingest["plain_durable"].per_s,
         "server_cpu_ms_per_post_paused": m.ingest[INGEST_PAUSED].server_cpu_ms_per_request,
+        # with tasks running, beside the same work: the plain handler next to a queue
+        # service of its own running match tasks on the same cores (run J)
+        "ingest_per_s_plain_durable_beside_tasks": beside.per_s,
+        "ingest_vs_plain_durable_beside_tasks": m.ingest["profile_app"].per_s / beside.per_s,
+        "server_cpu_ms_per_post_plain_durable_beside_tasks": beside.server_cpu_ms_per_request,
+        "match_tasks_per_s_during_ingest": m.ingest["profile_app"].match_tasks_per_s or 0.0,
+        "match_tasks_per_s_beside_plain_durable": beside.match_tasks_per_s or 0.0,
         "durable_commit_ms": m.noop_floor.one_commit_ms,
         "dask_scaling_ceiling": m.dask["dask_scaling_ceiling"],
         # plain Dask, the same work a future per task: Dask's own scaling here (run E)
@@ -122,6 +138,7 @@ def details(m: Measurements) -> dict[str, Any]:
                 "seconds": r.load.seconds,
                 "server_cpu_ms_per_request": r.server_cpu_ms_per_request,
                 "workers_cpu_s": r.workers_cpu_s,
+                "match_tasks_per_s": r.match_tasks_per_s,
             }
             for name, r in m.ingest.items()
         },
@@ -211,6 +228,23 @@ def rows(m: Measurements, k: dict[str, float]) -> list[Row]:
             {"profile_app": fmt(k["ingest_vs_plain_durable"])},
             ">= 1.0",
             k["ingest_vs_plain_durable"] >= 1.0,
+        ),
+        Row(
+            "  plain durable handler beside match tasks, POST/s",
+            {"plain_durable": fmt(k["ingest_per_s_plain_durable_beside_tasks"], 0)},
+        ),
+        Row(
+            "  match tasks/s meanwhile (its own / beside it)",
+            {
+                "profile_app": fmt(k["match_tasks_per_s_during_ingest"], 0),
+                "plain_durable": fmt(k["match_tasks_per_s_beside_plain_durable"], 0),
+            },
+        ),
+        Row(
+            "ingest / plain durable beside the same tasks",
+            {"profile_app": fmt(k["ingest_vs_plain_durable_beside_tasks"])},
+            ">= 1.0",
+            k["ingest_vs_plain_durable_beside_tasks"] >= 1.0,
         ),
         Row(
             "  server CPU ms per POST",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,8 @@ from profile_app.tasks.match import MATCH
 SIZES = {"1k": 1_000, "10k": 10_000, "100k": 100_000}
 HEALTH_SIZE = "10k"  # the table size of the /health and ingest runs (every app the same)
 INGEST_PAUSED = "profile_app_paused"  # POST /profile with the match kind paused: the request path alone
+# The plain durable handler while a profile_app server of its own runs match tasks beside it
+PLAIN_BESIDE_TASKS = "plain_durable_beside_tasks"
 THROUGHPUT_SIZE = "100k"  # the table size of cpu_efficiency (the most CPU per match task)
 COMPARISON_APPS = {
     "naive": "bench.naive_app:app",
@@ -134,10 +137,10 @@ def measure_everything(tmp: Path, config: Config, sampler: HealthSampler) -> Mea
     short = short_tasks.measure_all(tmp, config.short_tasks)
 
     step(
-        "ingest: a bare Starlette POST handler, a plain durable one, then profile_app's POST /profile"
-        " (match tasks running, then the match kind paused)"
+        "ingest: a bare Starlette POST handler, a plain durable one, profile_app's POST /profile (match"
+        " tasks running), the plain one beside as many match tasks, profile_app with the match kind paused"
     )
-    ingests = measure_ingest(tmp, config, sampler, dbs[HEALTH_SIZE], bodies)
+    ingests = measure_ingest(tmp, config, sampler, dbs[HEALTH_SIZE], users[HEALTH_SIZE], bodies)
 
     step(f"memory: profile_app with 0 and {config.rss_queued:,} tasks queued")
     memories = {}
@@ -258,24 +261,22 @@ def measure_server_floors(
 
 
 def measure_ingest(
-    tmp: Path, config: Config, sampler: HealthSampler, db: Path, bodies: list[bytes]
+    tmp: Path, config: Config, sampler: HealthSampler, db: Path, users: list[str], bodies: list[bytes]
 ) -> dict[str, ingest.Ingest]:
     results = {}
     port = free_port()
     with running("bare_ingest", uvicorn_command("bench.bare_app:app", port), port, tmp) as server:
         results["bare"] = ingest.measure("bare", server, bodies, config.ingest_s)
-    port = free_port()
-    env = {"BENCH_DB": str(tmp / "plain_durable.db")}
-    command = uvicorn_command("bench.plain_durable_app:app", port)
-    with running("plain_durable_ingest", command, port, tmp, env) as server:
-        results["plain_durable"] = ingest.measure("plain_durable", server, bodies, config.ingest_s)
+    results["plain_durable"] = plain_durable_ingest("plain_durable", tmp, config, bodies)
     copy = datasets.copy_database(db, tmp / "ingest.db")
     port = free_port()
     env = {"PROFILE_APP_MAX_QUEUED": "100000000"}
     with running("profile_app_ingest", profile_app_command(port, copy), port, tmp, env) as server:
-        results["profile_app"] = ingest.measure(
-            "profile_app", server, bodies, config.ingest_s, sampler, config.interval_s
-        )
+        found = ingest.measure("profile_app", server, bodies, config.ingest_s, sampler, config.interval_s)
+    began, ended = found.window
+    tasks_per_s = datasets.finished_between(copy, MATCH, began, ended) / (ended - began)
+    results["profile_app"] = replace(found, match_tasks_per_s=tasks_per_s)
+    results[PLAIN_BESIDE_TASKS] = plain_durable_beside_tasks(tmp, config, db, users, bodies, tasks_per_s)
     # The request path alone: the same POSTs with the match kind paused, so that no task
     # competes with them for the cores (they are queued as before, and wait).
     copy = datasets.copy_database(db, tmp / "ingest_paused.db")
@@ -284,3 +285,34 @@ def measure_ingest(
         pause_kind(port, MATCH)
         results[INGEST_PAUSED] = ingest.measure(INGEST_PAUSED, server, bodies, config.ingest_s)
     return results
+
+
+def plain_durable_ingest(name: str, tmp: Path, config: Config, bodies: list[bytes]) -> ingest.Ingest:
+    """POST /profile to the plain durable handler (bench/plain_durable_app.py), on a new file."""
+    port = free_port()
+    env = {"BENCH_DB": str(tmp / f"{name}.db")}
+    command = uvicorn_command("bench.plain_durable_app:app", port)
+    with running(f"{name}_ingest", command, port, tmp, env) as server:
+        return ingest.measure(name, server, bodies, config.ingest_s)
+
+
+def plain_durable_beside_tasks(
+    tmp: Path, config: Config, db: Path, users: list[str], bodies: list[bytes], tasks_per_s: float
+) -> ingest.Ingest:
+    """The plain durable handler's ingest while a profile_app server of its own (on a copy
+    of the same profiles, serving no HTTP) runs match tasks on the same cores, queued at
+    `tasks_per_s` (the rate profile_app ran its own during its ingest): the work that
+    profile_app's ingest carries and the plain handler alone does not. So the two compare
+    a request path beside the same tasks: in the app itself, or in a queue service next
+    to it. That server polls every 10 ms, so that it takes the tasks as they come."""
+    copy = datasets.copy_database(db, tmp / "beside_tasks.db")
+    port = free_port()
+    env = {"PROFILE_APP_POLL_INTERVAL_S": "0.01"}
+    feed = datasets.MatchTaskFeed(copy, users, tasks_per_s)
+    with running("profile_app_beside_tasks", profile_app_command(port, copy), port, tmp, env) as tasks_server:
+        during = partial(plain_durable_ingest, PLAIN_BESIDE_TASKS, tmp, config, bodies)
+        try:
+            backlog, found = tasks.backlog_during(tasks_server, copy, MATCH, feed.start, during)
+        finally:
+            feed.stop()
+    return replace(found, match_tasks_per_s=backlog.tasks_per_s)

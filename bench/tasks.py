@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 from bench import datasets
 from bench.health import CORES, cpu_efficiency
@@ -31,6 +32,8 @@ from profile_app.tasks.match import MATCH
 POLL_S = 0.002
 TASK_TIMEOUT_S = 120.0
 WARM_UP_TASKS = 20  # no-op tasks run before the no-op backlog's window
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -123,7 +126,17 @@ def backlog_window(
     server: Server, db: Path, kind: str, queue: Callable[[], object], window_s: float
 ) -> Backlog:
     """Queue a backlog of `kind` (`queue`); once the server has started one of its tasks,
-    count what finishes within `window_s`, and the CPU it took.
+    count what finishes within `window_s`, and the CPU it took."""
+    window, _slept = backlog_during(server, db, kind, queue, partial(time.sleep, window_s))
+    return window
+
+
+def backlog_during(
+    server: Server, db: Path, kind: str, queue: Callable[[], object], during: Callable[[], T]
+) -> tuple[Backlog, T]:
+    """Queue a backlog of `kind` (`queue`); once the server has started one of its tasks,
+    call `during()` (a sleep, or another server's load) and count what finished meanwhile,
+    and the CPU it took. Returns that window and what `during` returned.
 
     The server finds tasks another process wrote at its next poll (every 0.5 s by
     default), where a submit or a POST wakes it at once: the window opens after that, so
@@ -134,8 +147,9 @@ def backlog_window(
     datasets.wait_for_a_start(db, kind, queued_from, TASK_TIMEOUT_S)
     server_before, workers_before = server.cpu_split()
     started = time.time()
-    time.sleep(window_s)
+    value = during()
     server_after, workers_after = server.cpu_split()
     ended = time.time()
     completed = datasets.finished_between(db, kind, started, ended)
-    return Backlog(completed, ended - started, server_after - server_before, workers_after - workers_before)
+    window = Backlog(completed, ended - started, server_after - server_before, workers_after - workers_before)
+    return window, value
