@@ -1,4 +1,5 @@
-"""The plain durable baseline of `ingest_vs_plain_durable`: one INSERT and one COMMIT per request.
+"""The plain durable baselines: one INSERT and one COMMIT per request (`ingest_vs_plain_durable`),
+and a no-op task round trip stored before and after (`noop_roundtrip_ms_plain_durable`).
 
 What a Starlette user writes with nothing clever: POST /profile parses the JSON body,
 inserts the profile with aiosqlite and commits (WAL, `synchronous=FULL`, so the 202 comes
@@ -6,6 +7,10 @@ after the row is on disk), then answers 202. No task, no validation, no idempote
 group commit: a lock keeps each request's INSERT and COMMIT together, since two requests
 interleaving on the one connection would otherwise share a transaction (a group commit by
 accident, which this baseline must not have).
+
+POST /noop is the round trip written the same way: insert the task's row and commit, run
+`noop` in an anyio worker process, store its result and commit, answer. Both commits are
+durable, as profile_app's are; there is no claim, lease, retry, time limit or queue.
 
 Run: `BENCH_DB=plain.db uvicorn bench.plain_durable_app:app`
 """
@@ -19,13 +24,19 @@ from contextlib import asynccontextmanager
 
 import aiosqlite
 import anyio
+import anyio.to_process
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from bench.noop_tasks import noop
+
 SCHEMA = """CREATE TABLE IF NOT EXISTS plain_profiles (
     user_id TEXT PRIMARY KEY, name TEXT NOT NULL, interests TEXT NOT NULL, bio TEXT NOT NULL
+)"""
+TASKS_SCHEMA = """CREATE TABLE IF NOT EXISTS plain_tasks (
+    id INTEGER PRIMARY KEY, status TEXT NOT NULL, result TEXT
 )"""
 INSERT = "INSERT OR REPLACE INTO plain_profiles (user_id, name, interests, bio) VALUES (?, ?, ?, ?)"
 
@@ -36,6 +47,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await db.execute("PRAGMA journal_mode = WAL")
         await db.execute("PRAGMA synchronous = FULL")
         await db.execute(SCHEMA)
+        await db.execute(TASKS_SCHEMA)
         await db.commit()
         app.state.db = db
         app.state.lock = anyio.Lock()
@@ -56,11 +68,28 @@ async def post_profile(request: Request) -> Response:
     return JSONResponse({"status": "stored", "user_id": profile["user_id"]}, status_code=202)
 
 
+async def run_noop(request: Request) -> Response:
+    db, lock = request.app.state.db, request.app.state.lock
+    async with lock:
+        cursor = await db.execute("INSERT INTO plain_tasks (status) VALUES ('running')")
+        await db.commit()
+    result = await anyio.to_process.run_sync(noop)
+    async with lock:
+        stored = (json.dumps(result), cursor.lastrowid)
+        await db.execute("UPDATE plain_tasks SET status = 'succeeded', result = ? WHERE id = ?", stored)
+        await db.commit()
+    return JSONResponse({"result": result})
+
+
 async def health(request: Request) -> Response:
     return JSONResponse({"status": "ok"})
 
 
 app = Starlette(
-    routes=[Route("/profile", post_profile, methods=["POST"]), Route("/health", health, methods=["GET"])],
+    routes=[
+        Route("/profile", post_profile, methods=["POST"]),
+        Route("/noop", run_noop, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+    ],
     lifespan=lifespan,
 )

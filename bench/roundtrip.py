@@ -5,6 +5,8 @@
 * huey: bench/huey_app.py, SqliteHuey (fsync) with a separate process consumer polling
   every 10 ms (its best case), the endpoint waiting for the stored result.
 * anyio: bench/bare_app.py, a bare `anyio.to_process.run_sync` call (nothing durable).
+* plain_durable: bench/plain_durable_app.py, the same call between two aiosqlite commits
+  (the task's row, then its result): the round trip written by hand, with no queue.
 
 `Floor`: what profile_app's no-op round trip cannot go below on this machine, from parts
 timed alone in the same run: two durable SQLite commits (the task's insert and its result,
@@ -74,4 +76,9 @@ def measure_all(tmp: Path, count: int, warm_up: int) -> dict[str, RoundTrips]:
     port = free_port()
     with running("bare_app", uvicorn_command("bench.bare_app:app", port), port, tmp):
         results["anyio"] = RoundTrips("anyio", round_trips(port, "/noop", count, warm_up))
+
+    port = free_port()
+    env = {"BENCH_DB": str(tmp / "plain_noop.db")}
+    with running("plain_durable_noop", uvicorn_command("bench.plain_durable_app:app", port), port, tmp, env):
+        results["plain_durable"] = RoundTrips("plain_durable", round_trips(port, "/noop", count, warm_up))
     return results
