@@ -20,7 +20,6 @@ import itertools
 import logging
 import os
 import pickle
-import subprocess
 import sys
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +33,7 @@ from anyio.abc import ByteReceiveStream, ByteSendStream, Process
 from anyio.streams.buffered import BufferedByteReceiveStream
 
 from profile_app.executors.start_tokens import StartTokens, Withdrawn, run_unless_withdrawn
+from profile_app.executors.worker_spawn import open_worker_process
 
 logger = logging.getLogger("profile_app.process_pool")
 
@@ -455,17 +455,12 @@ class ProcessPool:
 
     async def _start_worker(self) -> _Worker:
         # stderr is the server's: what a dying worker's interpreter prints reaches its log.
-        # A session of its own: a SIGTERM or SIGINT sent to the server's whole process group
-        # (systemd's KillMode=control-group, Ctrl-C) must not kill a running task, even in a
-        # worker too new to have set its own handlers; the server's drain decides, and the
-        # worker still ends with the server (its stdin closes; PR_SET_PDEATHSIG, process.py).
-        process = await anyio.open_process(
-            self._command,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=None,
-            start_new_session=True,
-        )
+        # A process group of its own: a SIGTERM or SIGINT sent to the server's whole group
+        # (Ctrl-C) must not kill a running task, even in a worker too new to have set its
+        # own handlers; the server's drain decides, and the worker still ends with the
+        # server (its stdin closes; PR_SET_PDEATHSIG, process.py). In the server's session,
+        # for the scheduler's sake (worker_spawn.py).
+        process = await open_worker_process(self._command)
         worker = _Worker(process)
         try:
             with anyio.fail_after(START_TIMEOUT_S):

@@ -40,6 +40,8 @@ def add_in_process(a: int, b: int) -> dict:
         "pid": os.getpid(),
         "nice": os.nice(0),
         "policy": os.sched_getscheduler(0),
+        "session": os.getsid(0),
+        "process_group": os.getpgid(0),
         # every thread of the worker, those started before the first task included
         "thread_priorities": sorted(
             {(os.getpriority(os.PRIO_PROCESS, tid), os.sched_getscheduler(tid)) for tid in threads}
@@ -130,6 +132,19 @@ def test_process_kinds_run_in_another_process_at_lower_priority(app_client: Test
     # SCHED_IDLE: any thread of the server that wakes preempts the worker at once.
     assert (os.sched_getscheduler(0), result["policy"]) == (os.SCHED_OTHER, os.SCHED_IDLE)
     assert result["thread_priorities"] == [[result["nice"], os.SCHED_IDLE]]
+
+
+def test_process_workers_share_the_servers_session_in_a_process_group_of_their_own(
+    app_client: TestClient,
+) -> None:
+    # A group of its own: a signal to the server's process group (Ctrl-C) misses it. The
+    # server's session: with autogroup scheduling a session is a scheduling group, and
+    # only inside the server's does SCHED_IDLE rank the worker below the server's loop.
+    task_id = submit(app_client, "add_in_process", {"a": 1, "b": 1})
+    wait_for_task(app_client, task_id)
+    result = stored_task(app_client, task_id).result
+    assert result["session"] == os.getsid(0)
+    assert result["process_group"] == result["pid"] != os.getpgid(0)
 
 
 def test_process_workers_can_keep_the_normal_scheduling_policy(
