@@ -9,8 +9,8 @@
   is a scheduling group, weighed as an equal of every other. Inside the server's group a
   worker's nice and SCHED_IDLE (process.py) rank it below the server's threads; in a group
   of its own they would rank it only against itself. With a session per worker the
-  server's event loop waited for a core 13-21 % of the bench's loaded /health window, and
-  3-5 % with every process in one group (BENCHMARKS.md, run J).
+  server's event loop waited for a core 16-21 % of the bench's loaded /health window; in
+  the server's session, 5-6 % (BENCHMARKS.md, run J).
 
 `anyio.open_process` offers `start_new_session` but not a process group, so this calls
 the backend anyio itself calls (anyio is pinned in requirements.txt), with the option
