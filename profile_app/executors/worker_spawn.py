@@ -49,5 +49,6 @@ def _own_process_group() -> dict[str, Any]:
 
 
 def _leave_process_group() -> None:
-    # In the forked child, before exec: only async-signal-safe work (one system call).
+    # In the forked child, before exec: one system call, and nothing that could wait for
+    # a lock another thread of the server held at the fork.
     os.setpgid(0, 0)
