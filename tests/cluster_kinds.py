@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import time
 from pathlib import Path
 
@@ -62,3 +63,22 @@ def waits_for_go(started_file: str, go_file: str) -> dict:
 def raises(message: str) -> None:
     logging.getLogger("cluster_kinds").warning("about to raise")  # kept with the task
     raise ValueError(message)
+
+
+@kinds.kind(runs_on=Placement.PROCESS, max_attempts=1)
+def faults_per_large_allocation(size: int, rounds: int) -> dict:
+    """Allocate, write every page of and free a `size`-byte buffer `rounds` times: the page
+    faults this thread took for the rounds after the first, per round, and the environment
+    the worker was started with."""
+    faults = []
+    for _ in range(rounds):
+        before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+        buffer = bytearray(size)
+        buffer[::4096] = b"\1" * len(range(0, size, 4096))
+        del buffer
+        faults.append(resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before)
+    return {
+        "faults_per_round": sum(faults[1:]) / (rounds - 1),
+        "pages_per_round": len(range(0, size, 4096)),
+        "trim_threshold_env": os.environ.get("MALLOC_TRIM_THRESHOLD_"),
+    }

@@ -24,6 +24,7 @@ import anyio.to_thread
 
 from profile_app.executors.dask.on_worker import run_on_worker, stop_if_unwanted
 from profile_app.executors.dask.submission import Where
+from profile_app.executors.dask.worker_malloc import release_free_memory
 from profile_app.matching.index import MatchIndex
 from profile_app.tasks.match import match_in
 
@@ -180,6 +181,7 @@ def worker_index(snapshot: bytes, base: BaseSnapshot, delta: bytes) -> MatchInde
     worker_indexes.move_to_end(base.database)
     if base.version > entry.rev:
         _apply(entry, pickle.loads(snapshot))
+        release_free_memory()  # the unpickled rows and the build's temporaries
     _apply(entry, pickle.loads(delta))
     return entry.index
 

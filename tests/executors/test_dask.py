@@ -34,7 +34,7 @@ distributed = pytest.importorskip("distributed")
 from cluster_kinds import kinds as cluster_kinds  # noqa: E402  (after the skip: workers import it)
 from dask_cluster import WORKERS, Cluster  # noqa: E402
 
-DASK_KINDS = "match,dies_once,spins_briefly,spins,waits_for_go,raises"
+DASK_KINDS = "match,dies_once,spins_briefly,spins,waits_for_go,raises,faults_per_large_allocation"
 
 
 @pytest.fixture(scope="module")
@@ -176,6 +176,19 @@ def test_a_task_that_raises_on_a_worker_fails_with_its_error_and_output(dask_cli
         if line.startswith('profile_app_dask_attempts_total{kind="raises",outcome="raised",worker="tcp://')
     ]
     assert len(raised) == 1 and raised[0].endswith(" 1.0"), raised
+
+
+def test_large_allocations_on_a_worker_come_from_the_heap(dask_client: TestClient) -> None:
+    """Dask's nanny pins glibc's trim threshold, which pins the mmap one at 128 KiB: each
+    8 MiB buffer would be a fresh mmap, 2,048 pages faulted in (executors/dask/worker_malloc.py)."""
+    task_id = submit(dask_client, "faults_per_large_allocation", {"size": 8 << 20, "rounds": 6})
+
+    task = wait_for_task(dask_client, task_id)
+
+    assert (task["status"], task["executor"][:5]) == ("succeeded", "dask:"), task
+    result = stored_task(dask_client, task_id).result
+    assert result["trim_threshold_env"] is not None  # what the nanny does, and what this is about
+    assert result["faults_per_round"] < result["pages_per_round"] / 10, result
 
 
 def test_progress_of_a_task_on_a_worker_shows_while_it_runs(dask_client: TestClient, tmp_path: Path) -> None:

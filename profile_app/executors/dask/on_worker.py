@@ -19,6 +19,7 @@ from typing import Any
 
 from profile_app.executors.calls import AttemptError, CallResult, call_in_task_context, error_line
 from profile_app.executors.context import TaskContext
+from profile_app.executors.dask.worker_malloc import keep_large_allocations
 from profile_app.executors.task_output import TaskOutput
 
 PROGRESS_TOPIC = "profile_app-progress"  # the Dask event topic the server's client subscribes to
@@ -82,6 +83,7 @@ def run_on_worker(
 
     task_id, kind, attempt = where
     address = get_worker().address
+    keep_large_allocations()  # once per worker process: see worker_malloc.py
     context = TaskContext(task_id, kind, attempt, "", _WorkerProgress(task_id, attempt))  # no SQLite here
     output = TaskOutput()
     try:
