@@ -125,6 +125,17 @@ class Cluster:
         scheduler, *workers = self.processes
         return tree_cpu_s(scheduler.pid), sum(tree_cpu_s(worker.pid) for worker in workers)
 
+    def worker_rss_mb(self) -> float:
+        """The largest resident set of the worker processes (each `dask worker`'s child)."""
+        import psutil
+
+        sizes = [
+            child.memory_info().rss
+            for nanny in self.processes[1:]
+            for child in psutil.Process(nanny.pid).children(recursive=True)
+        ]
+        return round(max(sizes) / 1e6, 1)
+
     def __exit__(self, *exc_info: object) -> None:
         for process in self.processes:
             with contextlib.suppress(ProcessLookupError):
@@ -251,6 +262,7 @@ async def measure_cluster(
                 "delta_bytes_per_task": round((stats.delta_bytes - before_bytes) / tasks, 1),
                 "delta_rows_per_task": round((stats.delta_rows - before_rows) / tasks, 1),
                 "warm_up_s": round(warm_up_s, 2),
+                "worker_rss_mb": cluster.worker_rss_mb(),  # its index, after the timed run
                 "snapshot_bytes": stats.snapshot_bytes,
                 "rebases": stats.rebases,
                 "tasks_counted": stats.tasks - before_tasks,
@@ -394,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
             f" workers {run['workers_cpu_ms_per_task']:.2f}; {run['cores_busy']} cores busy;"
             f" loop lag p99 {run['loop_lag_p99_ms']} ms;"
             f" delta {run['delta_bytes_per_task']:.0f} B/task;"
-            f" warm-up {run['warm_up_s']} s; snapshot {run['snapshot_bytes'] / 1e6:.1f} MB"
+            f" warm-up {run['warm_up_s']} s; snapshot {run['snapshot_bytes'] / 1e6:.1f} MB;"
+            f" worker RSS {run['worker_rss_mb']} MB"
         )
     writes = two["with_writes"]
     out(

@@ -114,6 +114,11 @@ class MatchIndex:
 
     # ------------------------------------------------------------ maintenance
 
+    def settle(self) -> None:
+        """Count the pending rows and merge them if due, as the next query would: after a
+        bulk load, the build is paid here and its temporaries are freed before any query."""
+        self._maybe_merge()
+
     def _flush(self) -> None:
         """Count the pending rows' tokens and append them to the row-major store."""
         n_new = len(self._p_tok_len)

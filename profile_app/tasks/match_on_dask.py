@@ -181,7 +181,8 @@ def worker_index(snapshot: bytes, base: BaseSnapshot, delta: bytes) -> MatchInde
     worker_indexes.move_to_end(base.database)
     if base.version > entry.rev:
         _apply(entry, pickle.loads(snapshot))
-        release_free_memory()  # the unpickled rows and the build's temporaries
+        entry.index.settle()
+        release_free_memory()  # what the unpickled rows and the build used (worker_malloc.py)
     _apply(entry, pickle.loads(delta))
     return entry.index
 

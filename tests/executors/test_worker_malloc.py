@@ -36,10 +36,11 @@ print(json.dumps({"before": before, "raised": raised, "after": after}))
 """
 
 
-def probe(**environ: str) -> dict:
+def probe(script: str = PROBE, **environ: str) -> dict:
+    """Run `script` in a fresh interpreter with only `environ`'s malloc settings: its JSON line."""
     env = {key: value for key, value in os.environ.items() if "MALLOC" not in key and key != "GLIBC_TUNABLES"}
     done = subprocess.run(
-        [sys.executable, "-c", PROBE],
+        [sys.executable, "-c", script],
         env={**env, "PYTHONPATH": str(ROOT), **environ},
         capture_output=True,
         text=True,
@@ -77,3 +78,26 @@ def test_a_chosen_mmap_threshold_or_none_pinned_is_left_alone() -> None:
 )
 def test_which_environments_pin_the_thresholds(environ: dict[str, str], pinned: bool) -> None:
     assert thresholds_pinned(environ) is pinned
+
+
+RELEASE = """
+import json, os
+from profile_app.executors.dask.worker_malloc import keep_large_allocations, release_free_memory
+
+def rss_mb():
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
+
+keep_large_allocations()
+buffers = [bytearray(1 << 20) for _ in range(200)]  # 200 MiB in the heap, each page written
+del buffers[:-1]  # freed, but below the last one: no trim at the top of the heap reaches them
+held = rss_mb()
+release_free_memory()
+print(json.dumps({"held": held, "released": rss_mb()}))
+"""
+
+
+def test_what_the_heap_holds_free_is_released_on_request() -> None:
+    result = probe(RELEASE, MALLOC_TRIM_THRESHOLD_="65536")
+
+    assert result["held"] - result["released"] > 150, result  # of the 199 MiB freed
