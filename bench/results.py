@@ -153,6 +153,22 @@ def details(m: Measurements) -> dict[str, Any]:
         "dask_scaling_ceiling_rounds": m.dask["dask_scaling_ceiling_rounds"],
         "dask_scaling_rounds": m.dask["dask_scaling_rounds"],
         "dask_bare_scaling_rounds": m.dask["dask_bare_scaling_rounds"],
+        # The median round's clusters: tasks/s, the CPU per task of each part, the worker's RSS.
+        "dask_runs": {
+            str(run["workers"]): {
+                key: run[key]
+                for key in (
+                    "tasks_per_s",
+                    "server_cpu_ms_per_task",
+                    "scheduler_cpu_ms_per_task",
+                    "workers_cpu_ms_per_task",
+                    "cores_busy",
+                    "worker_rss_mb",
+                )
+            }
+            | {"plain_dask_tasks_per_s": run["bare"]["tasks_per_s"]}
+            for run in (m.dask["one_worker"], m.dask["two_workers"])
+        },
         "memory_queued_seen": {str(queued): result.queued for queued, result in m.memory.items()},
     }
 
