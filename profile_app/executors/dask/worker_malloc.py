@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import sys
 
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -40,6 +41,8 @@ def thresholds_pinned(environ: dict[str, str] | os._Environ[str]) -> bool:
 
 @functools.cache
 def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):  # where CDLL(None) is the process's own libc
+        return None
     try:
         libc = ctypes.CDLL(None)
     except OSError:
