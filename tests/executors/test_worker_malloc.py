@@ -17,7 +17,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 # The page faults of allocating, writing and freeing an 8 MiB buffer, before and after.
 PROBE = """
 import json, resource
-from profile_app.executors.dask.worker_malloc import keep_large_allocations, release_free_memory
+from profile_app.executors.dask.worker_malloc import keep_large_allocations
 
 def faults(rounds=4):
     counts = []
@@ -31,7 +31,6 @@ def faults(rounds=4):
 before = faults()
 raised = keep_large_allocations()
 after = faults()
-release_free_memory()
 print(json.dumps({"before": before, "raised": raised, "after": after}))
 """
 

@@ -13,8 +13,8 @@ So the first task in a worker process sets both thresholds to the ceilings glibc
 adjustment reaches on 64-bit (32 MiB for mmap, twice that for trimming), but only where
 the trim threshold came pinned from the environment and the mmap one did not: a cluster
 that sets `MALLOC_MMAP_THRESHOLD_` keeps its choice. What a large build frees stays in
-the heap under the raised trim threshold, so `release_free_memory` hands it back after
-one (glibc's `malloc_trim`). Elsewhere than glibc (musl, macOS) both do nothing.
+the heap, so `release_free_memory` hands it back after one (glibc's `malloc_trim`).
+Elsewhere than glibc (musl, macOS) both do nothing.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import ctypes
 import functools
 import os
 import sys
+from collections.abc import Mapping
 
 M_TRIM_THRESHOLD = -1  # glibc's <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -30,7 +31,7 @@ MMAP_THRESHOLD = 32 * 1024 * 1024  # DEFAULT_MMAP_THRESHOLD_MAX on 64-bit
 TRIM_THRESHOLD = 2 * MMAP_THRESHOLD  # what glibc sets beside a raised mmap threshold
 
 
-def thresholds_pinned(environ: dict[str, str] | os._Environ[str]) -> bool:
+def thresholds_pinned(environ: Mapping[str, str]) -> bool:
     """True where the trim threshold was set and the mmap threshold left to glibc, which
     then keeps it at 128 KiB (Dask's nanny sets only the first)."""
     tunables = environ.get("GLIBC_TUNABLES", "")
@@ -63,7 +64,8 @@ def keep_large_allocations() -> bool:
 
 
 def release_free_memory() -> None:
-    """Give the system back what the heap holds free, where the thresholds were raised."""
+    """Give the system back what the heap holds free: after a large build, whatever the
+    thresholds, since freed chunks below the heap's top are never trimmed by themselves."""
     libc = _glibc()
-    if libc is not None and keep_large_allocations():
+    if libc is not None:
         libc.malloc_trim(0)
