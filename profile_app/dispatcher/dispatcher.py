@@ -37,6 +37,7 @@ from profile_app.dispatcher.config import (
     DispatcherConfig,
 )
 from profile_app.dispatcher.housekeeping import Housekeeping
+from profile_app.dispatcher.request_rate import RequestRate
 from profile_app.dispatcher.slots import Slots
 from profile_app.dispatcher.waiting import Waiting
 from profile_app.executors.calls import Runner
@@ -80,6 +81,7 @@ class Dispatcher(AttemptLifecycle, Housekeeping, Waiting, Slots):
         self._attempts: dict[str, Attempt] = {}
         self._placements: dict[str, PlacementRecord] = {}  # learned placements of `auto` kinds
         self._typical_s: dict[str, float] = {}  # per kind: its attempts' smoothed running time
+        self.requests = RequestRate()  # the web layer counts its requests: claim-ahead yields to them
         self._live_progress: dict[str, tuple[int, float]] = {}
         self._attempt_ended: dict[str, AttemptEnd] = {}  # for `wait`: set when an attempt ends
         self._wakeup = anyio.Event()

@@ -39,9 +39,12 @@ class Slots:
         return free
 
     def _claims_ahead(self, kinds: list[TaskKind]) -> bool:
-        """Whether process slots may take a task ahead: every kind involved is known to be short."""
-        return self.config.claim_ahead and all(
-            self._typical_s.get(kind.name, math.inf) < CLAIM_AHEAD_BELOW_S for kind in kinds
+        """Whether process slots may take a task ahead: every kind involved is known to be
+        short, and the request path is not busy (request_rate.py)."""
+        return (
+            self.config.claim_ahead
+            and all(self._typical_s.get(kind.name, math.inf) < CLAIM_AHEAD_BELOW_S for kind in kinds)
+            and not self.requests.busy()
         )
 
     def _note_duration(self, kind: TaskKind, seconds: float) -> None:

@@ -14,7 +14,8 @@ from profile_app.web.http_io import error
 
 
 class ExecutorMiddleware:
-    """Gives every request the app's executor (`request.state.executor`), or refuses it.
+    """Gives every request the app's executor (`request.state.executor`), or refuses it,
+    and counts it (the dispatcher's claim-ahead yields to a busy request path).
 
     Before the lifespan has started the executor, and while it drains for shutdown, a
     request that would queue work gets 503 with Retry-After: nothing is accepted that
@@ -34,6 +35,7 @@ class ExecutorMiddleware:
                 response = error(503, f"the server is {why}", {"Retry-After": str(self.retry_after_s)})
                 await response(scope, receive, send)
                 return
+            executor.requests.note()
         await self.app(scope, receive, send)
 
 

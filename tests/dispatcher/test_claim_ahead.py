@@ -6,7 +6,8 @@ runs; it waits in the worker's pipe (executors/start_tokens.py). (A kind's own
 `concurrency` is service-wide and counts tasks claimed ahead as running: such a kind never
 claims past it.) What these tests pin down: the task claimed ahead never runs beside the
 worker's task, its time limit starts only when it gets a worker, a cancel or a shutdown
-while it waits costs no worker and no attempt, and long kinds never claim ahead.
+while it waits costs no worker and no attempt, long kinds never claim ahead, and none is
+claimed ahead while requests keep the server busy.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from conftest import stored_task, submit, wait_for_task, wait_until
 from starlette.testclient import TestClient
 
 from profile_app.dispatcher.config import CLAIM_AHEAD_BELOW_S
+from profile_app.dispatcher.request_rate import RequestRate
 from profile_app.executors.kinds import KindRegistry, Placement
 from profile_app.executors.process_pool import ProcessPool
 
@@ -161,6 +163,19 @@ def test_claiming_ahead_can_be_turned_off(make_client: Callable[..., TestClient]
     wait_for_task(client, submit(client, "waits_for", {"go_file": __file__}))  # known to be short
     go = tmp_path / "go"
     running, behind = (submit(client, "waits_for", {"go_file": str(go)}) for _ in range(2))
+    assert [status(client, running), status(client, behind)] == ["running", "queued"]
+    go.touch()
+    assert wait_for_task(client, behind)["status"] == "succeeded"
+
+
+def test_claiming_ahead_yields_to_a_busy_request_path(client: TestClient, tmp_path: Path) -> None:
+    # Any request within the last minute counts as busy here (the default: over 200 per s).
+    client.app_state["executor"].requests = RequestRate(busy_per_s=0, bucket_s=60)
+    assert client.get("/health").status_code == 200  # a request: busy now
+
+    go = tmp_path / "go"
+    running, behind = (submit(client, "waits_for", {"go_file": str(go)}) for _ in range(2))
+
     assert [status(client, running), status(client, behind)] == ["running", "queued"]
     go.touch()
     assert wait_for_task(client, behind)["status"] == "succeeded"
