@@ -5,7 +5,7 @@ more short tasks per second, and each task costs the server's event loop and wri
 about 1-2 ms. While requests keep that same loop busy, those tasks are taken out of the
 requests' share: POST /profile with match tasks running took 0.82 of a plain durable
 handler's rate with claim-ahead, 1.07-1.20 without it, while the match tasks ran at half
-the rate (BENCHMARKS.md, run K). So claim-ahead stops while requests arrive faster than
+the rate (BENCHMARKS.md, run L). So claim-ahead stops while requests arrive faster than
 `busy_per_s`, and resumes once they slow: the tasks wait in the queue, durable, and
 catch up when the burst ends.
 """
