@@ -34,7 +34,7 @@ class RequestRate:
         self.busy_per_s = busy_per_s
         self.bucket_s = bucket_s
         self._clock = clock
-        self._bucket = 0  # the current bucket's number (monotonic time / bucket_s)
+        self._bucket = 0  # the current bucket: clock() / bucket_s, rounded down
         self._count = 0  # requests in it
         self._previous = 0  # requests in the bucket before it
 
